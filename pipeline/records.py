@@ -1,0 +1,128 @@
+"""The record contract between stages (see DESIGN.md) and plain-file artifact I/O.
+
+A record is a dict: `id`, `pipeline`, `messages` (OpenAI style), optional `tools`,
+`meta` (dict), and `reject_reason` for rejected records. Files are JSONL that
+`datasets.load_dataset("json", ...)` reads; writes are atomic (temp file + rename)
+so a killed stage never leaves half a file behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+
+def stable_hash(*parts: Any, length: int = 16) -> str:
+    """A short hex digest of JSON-serialisable parts (key order normalised)."""
+    text = json.dumps(parts, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def record_id(pipeline: str, prompt: Any, response: Any) -> str:
+    return stable_hash(pipeline, prompt, response)
+
+
+def make_record(
+    pipeline: str,
+    messages: list[dict[str, Any]],
+    meta: dict[str, Any] | None = None,
+    tools: list[dict[str, Any]] | None = None,
+    reject_reason: str | None = None,
+) -> dict[str, Any]:
+    """Build a record; its id hashes the pipeline, the prompt turns and the final turn."""
+    prompt, response = messages[:-1], messages[-1:]
+    record: dict[str, Any] = {
+        "id": record_id(pipeline, prompt, response),
+        "pipeline": pipeline,
+        "messages": messages,
+    }
+    if tools:
+        record["tools"] = tools
+    record["meta"] = meta or {}
+    if reject_reason is not None:
+        record["reject_reason"] = reject_reason
+    return record
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    return list(iter_jsonl(path))
+
+
+def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{number}: not valid JSON: {exc}") from None
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
+    """Atomically write records as JSONL; returns the count."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                count += 1
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return count
+
+
+def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
+    """Append one record and flush it to disk (for resumable caches)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Atomically write a JSON report."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, ensure_ascii=False, sort_keys=False)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: str | Path) -> Any:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def conservation_stats(
+    accepted: list[dict[str, Any]], rejected: list[dict[str, Any]], generated: int
+) -> dict[str, Any]:
+    """Counts per reject reason; raises if generated != accepted + rejected."""
+    if generated != len(accepted) + len(rejected):
+        raise AssertionError(
+            f"counts not conserved: generated {generated} != accepted {len(accepted)}"
+            f" + rejected {len(rejected)}"
+        )
+    missing = [r["id"] for r in rejected if not r.get("reject_reason")]
+    if missing:
+        raise AssertionError(f"rejected records without reject_reason: {missing[:5]}")
+    return {
+        "generated": generated,
+        "accepted": len(accepted),
+        "rejected": len(rejected),
+        "acceptance_rate": round(len(accepted) / generated, 4) if generated else 0.0,
+        "reject_reasons": dict(Counter(r["reject_reason"] for r in rejected).most_common()),
+    }
