@@ -54,9 +54,11 @@ def teacher_path() -> Path:
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype="float32"
     )
-    # transformers refuses to save a config that still names the GGUF quantisation.
+    # The weights are already de-quantised to float32; transformers refuses to save a
+    # model that still names the GGUF quantisation (config and quantizer).
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.hf_quantizer = None
     tokenizer.add_bos_token = False  # ChatML; some versions wrongly prepend a BOS
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{TEACHER_NAME}."))
