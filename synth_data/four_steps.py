@@ -1,0 +1,176 @@
+"""The paper's four steps, the same for every synthetic-data pipeline.
+
+A pipeline is one module `synth_data/<name>.py` that defines, in this order:
+
+    class Config(pipeline.recipe.Section):      # its `generate.<name>:` recipe subsection
+        count: int = 16                         # prompts to sample
+        seed: int = 0
+    REJECT_REASONS = ("empty", "truncated", "wrong_answer")   # the fixed code list
+
+    def sample_prompts(cfg, rng) -> list[dict]:                     # (i) seeded, from real sources
+        return [{"id": f"x{i}", "question": q} for i, q in enumerate(rng.sample(QUESTIONS, cfg.count))]
+
+    def generate(prompts, engine, cfg) -> list[dict]:               # (ii) candidates
+        sampling = Sampling(max_tokens=64, n=2)
+        convs = [[{"role": "user", "content": p["question"]}] for p in prompts]
+        outs = engine.chat(convs, sampling)
+        return [candidate(conv, c, meta={"seed_id": p["id"], "teacher": engine.model,
+                                          "sampling": asdict(sampling)})
+                for p, conv, cs in zip(prompts, convs, outs) for c in cs]
+
+    def validate(candidates, cfg) -> list[dict]:                    # (iii) filter / rank
+        for c in candidates:
+            c["reject_reason"] = rejected_if_malformed(c) or (None if ok(c) else "wrong_answer")
+            c["scores"] = {...}
+        return candidates
+
+    def post_edit(candidate, cfg) -> dict:                          # (iv) fix format -> record
+        messages = strip_artifacts(candidate["messages"])
+        return make_record(NAME, messages, {**candidate["meta"], "post_edit": [...]})
+
+A candidate is a dict with `messages` (the prompt turns + the teacher's answer as the
+last assistant turn), optional `tools`, `meta`, `completion` (finish_reason, tokens),
+and after validation `reject_reason` (a code from REJECT_REASONS or None) and
+`scores`. `run` calls the four steps in order, turns every rejected candidate into a
+record carrying its reason, and writes accepted.jsonl, rejected.jsonl and stats.json,
+checking that generated = accepted + rejected.
+"""
+
+from __future__ import annotations
+
+import importlib
+import random
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from pydantic import ValidationError
+
+from pipeline.recipe import Recipe, RecipeError
+from pipeline.records import conservation_stats, make_record, write_json, write_jsonl
+
+# name -> module path; imported only when that pipeline runs.
+PIPELINES: dict[str, str] = {
+    "tool_use": "synth_data.tool_use",
+    "steerability": "synth_data.steerability",
+    "table_qa": "synth_data.table_qa",
+    "doc_qa": "synth_data.doc_qa",
+    "needle": "synth_data.needle",
+    "chat": "synth_data.chat",
+}
+
+# Codes any pipeline may use besides its own list: malformed teacher output.
+COMMON_REASONS = ("empty", "truncated")
+
+
+def load_pipeline(name: str) -> ModuleType:
+    if name not in PIPELINES:
+        raise RecipeError(f"unknown pipeline {name!r} (known: {', '.join(PIPELINES)})")
+    return importlib.import_module(PIPELINES[name])
+
+
+def validate_config(name: str, raw: dict[str, Any] | None, source: Any = "recipe") -> Any:
+    """The pipeline's Config from its `generate.<name>` subsection; one RecipeError
+    naming every bad key."""
+    module = load_pipeline(name)
+    try:
+        return module.Config.model_validate(raw or {})
+    except ValidationError as exc:
+        problems = [
+            f"generate.{name}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+            f" (got {err.get('input')!r})"
+            for err in exc.errors()
+        ]
+        raise RecipeError(f"{source}:\n  " + "\n  ".join(problems)) from None
+
+
+def validate_generate_section(recipe: Recipe) -> dict[str, Any]:
+    """Validate every pipeline subsection of a recipe's `generate:` section."""
+    raw = recipe.raw.get("generate") or {}
+    configs, problems = {}, []
+    for name, sub in raw.items():
+        try:
+            configs[name] = validate_config(name, sub, recipe.path)
+        except RecipeError as exc:
+            problems.append(str(exc).split(":\n", 1)[-1] if ":\n" in str(exc) else str(exc))
+    if problems:
+        raise RecipeError(f"recipe {recipe.path}:\n  " + "\n  ".join(problems))
+    return configs
+
+
+def candidate(
+    messages: list[dict[str, Any]], completion: Any, meta: dict[str, Any],
+    tools: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """A candidate: the prompt turns plus the teacher's completion as the answer."""
+    return {
+        "messages": [*messages, {"role": "assistant", "content": completion.text}],
+        "tools": tools,
+        "meta": meta,
+        "completion": {"finish_reason": completion.finish_reason, "tokens": completion.tokens},
+    }
+
+
+def rejected_if_malformed(c: dict[str, Any]) -> str | None:
+    """`empty` / `truncated` for malformed teacher output, else None."""
+    text = c["messages"][-1].get("content") or ""
+    if not text.strip() and not c["messages"][-1].get("tool_calls"):
+        return "empty"
+    if c.get("completion", {}).get("finish_reason") == "length":
+        return "truncated"
+    return None
+
+
+def _rejected_record(name: str, c: dict[str, Any]) -> dict[str, Any]:
+    meta = {**c.get("meta", {}), "scores": c.get("scores", {})}
+    return make_record(name, c["messages"], meta, c.get("tools"), reject_reason=c["reject_reason"])
+
+
+def run(module: ModuleType, cfg: Any, engine: Any, out_dir: Path) -> dict[str, Any]:
+    """Run the four steps of one pipeline and write its three files. Returns stats."""
+    name = module.__name__.rsplit(".", 1)[-1]
+    allowed = set(module.REJECT_REASONS) | set(COMMON_REASONS)
+    started = time.monotonic()
+    rng = random.Random(getattr(cfg, "seed", 0))
+
+    prompts = module.sample_prompts(cfg, rng)  # (i)
+    candidates = module.generate(prompts, engine, cfg)  # (ii)
+    generated = len(candidates)
+    candidates = module.validate(candidates, cfg)  # (iii)
+    if len(candidates) != generated:
+        raise AssertionError(f"{name}.validate returned {len(candidates)} of {generated} candidates")
+
+    accepted, rejected = [], []
+    for c in candidates:
+        if "reject_reason" not in c:
+            raise AssertionError(f"{name}.validate left a candidate without reject_reason")
+        if c["reject_reason"] is None:
+            record = module.post_edit(c, cfg)  # (iv); may still reject (unfixable)
+            if record.get("reject_reason"):
+                c = {**c, "reject_reason": record["reject_reason"]}
+            else:
+                accepted.append(record)
+                continue
+        if c["reject_reason"] not in allowed:
+            raise AssertionError(f"{name}: reject reason {c['reject_reason']!r} not in REJECT_REASONS")
+        rejected.append(_rejected_record(name, c))
+
+    stats = conservation_stats(accepted, rejected, generated)
+    passed = sum(c["reject_reason"] is None for c in candidates)
+    stats["steps"] = {
+        "sample_prompts": len(prompts),
+        "generate": generated,
+        "validate_passed": passed,
+        "post_edit_accepted": len(accepted),
+    }
+    stats["pipeline"] = name
+    stats["teacher"] = {"engine": engine.name, "model": engine.model}
+    stats["config"] = cfg.model_dump()
+    stats["elapsed_s"] = round(time.monotonic() - started, 2)
+    out_dir = Path(out_dir)
+    write_jsonl(out_dir / "accepted.jsonl", accepted)
+    write_jsonl(out_dir / "rejected.jsonl", rejected)
+    write_json(out_dir / "stats.json", stats)
+    return stats
+
