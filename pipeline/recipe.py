@@ -140,6 +140,26 @@ class DedupSection(Section):
     bfcl_heldout: bool = True  # the BFCL slice tool_use never samples from
 
 
+# -------------------------------------------------------------------------- review
+class ReviewSection(Section):
+    # auto: use the review server when one is configured and answers, otherwise pass
+    # the validators' verdicts through (and say so in review_stats.json), so the DAG
+    # never waits on a human; server: a server is required; off: never contact one.
+    mode: Literal["auto", "server", "off"] = "auto"
+    workspace: str = "posttrain"
+    # One Argilla dataset per pipeline, named "<dataset_prefix>-<pipeline>".
+    dataset_prefix: str = "posttrain"
+    # Records per pipeline sent for review (None = all), chosen by a seeded hash.
+    sample_per_pipeline: int | None = Field(default=None, ge=1)
+    seed: int = 0
+    # Records pushed but not reviewed yet: keep the automatic verdict, or hold them
+    # back as pending.
+    unreviewed: Literal["keep", "pending"] = "keep"
+    # Submitted responses a record needs before Argilla marks it completed.
+    min_submitted: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=256, ge=1, le=500)
+
+
 SECTIONS: dict[str, type[Section]] = {
     "model": ModelSection,
     "data": DataSection,
@@ -149,6 +169,7 @@ SECTIONS: dict[str, type[Section]] = {
     "teacher": TeacherSection,
     "generate": GenerateSection,
     "dedup": DedupSection,
+    "review": ReviewSection,
 }
 LIBRARY_SECTIONS = ("sft", "lora")
 

@@ -1,0 +1,204 @@
+"""What a reviewer sees: the Argilla dataset layout, and records in and out of it.
+
+One dataset per pipeline, named `<dataset_prefix>-<pipeline>`, all with the same
+layout so push and pull treat every pipeline alike:
+
+  fields      conversation (chat: system, user, assistant; tool calls and tool
+              results rendered as text), tools (JSON, tool-use records only),
+              source (the document or table the answer rests on, where there is one)
+  questions   verdict accept/reject (required), quality 1-5, corrected_answer
+              (a replacement for the assistant's final turn)
+  suggestions the validators' verdict on `verdict`, scored by their mean score
+  metadata    pipeline, length_bucket, teacher, validator_reasons (terms),
+              validator_score (float): filterable in the UI
+
+The Argilla record id is the record's stable id, so pushing twice adds nothing.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.records import iter_jsonl, stable_hash
+
+VERDICT, QUALITY, CORRECTION = "verdict", "quality", "corrected_answer"
+
+
+class ReviewInputError(ValueError):
+    """An input file or record that cannot be reviewed; the message names it."""
+
+
+# ---------------------------------------------------------------------- inputs
+def load_candidates(patterns: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Records from JSONL files (globs allowed), grouped by pipeline, checked for shape."""
+    paths = []
+    for pattern in patterns:
+        matched = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+        if not matched:
+            raise ReviewInputError(f"--input {pattern}: matches no file")
+        paths += matched
+    by_pipeline: dict[str, list[dict[str, Any]]] = {}
+    seen: dict[str, str] = {}
+    for path in paths:
+        if not Path(path).is_file():
+            raise ReviewInputError(f"--input {path}: no such file")
+        for number, record in enumerate(iter_jsonl(path), 1):
+            where = f"{path}:{number}"
+            problem = _shape_problem(record)
+            if problem:
+                raise ReviewInputError(f"{where}: record {record.get('id', '?')!r}: {problem}")
+            if record["id"] in seen:
+                raise ReviewInputError(f"{where}: record id {record['id']!r} already read at {seen[record['id']]}")
+            seen[record["id"]] = where
+            by_pipeline.setdefault(record["pipeline"], []).append(record)
+    return by_pipeline
+
+
+def _shape_problem(record: Any) -> str | None:
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    for key in ("id", "pipeline"):
+        if not isinstance(record.get(key), str) or not record[key]:
+            return f"missing or empty {key!r}"
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        return "'messages' must be a non-empty list of {role, content} objects"
+    if messages[-1].get("role") != "assistant":
+        return "the final turn is not the assistant's"
+    if not isinstance(record.get("meta", {}), dict):
+        return "'meta' must be an object"
+    return None
+
+
+def sample_for_review(records: list[dict[str, Any]], size: int | None, seed: int) -> set[str]:
+    """Ids chosen for review: all, or the `size` with the smallest seeded hash.
+
+    A hash rank instead of random.sample: adding records to the input keeps most
+    earlier choices, so a second push mostly extends the first."""
+    ids = [r["id"] for r in records]
+    if size is None or size >= len(ids):
+        return set(ids)
+    return set(sorted(ids, key=lambda i: stable_hash(seed, i))[:size])
+
+
+def dataset_name(prefix: str, pipeline: str) -> str:
+    return f"{prefix}-{pipeline}"
+
+
+# -------------------------------------------------------------------- settings
+def review_settings(min_submitted: int):
+    import argilla as rg
+
+    return rg.Settings(
+        guidelines=(
+            "Read the conversation (and the source, where there is one). Accept if the final"
+            " assistant turn is correct, grounded and well formatted; otherwise reject. If a"
+            " small edit would make it right, write the corrected final answer and accept."
+        ),
+        fields=[
+            rg.ChatField(name="conversation", title="Conversation", required=True),
+            rg.TextField(name="tools", title="Tools offered", required=False, use_markdown=True),
+            rg.TextField(name="source", title="Source (document or table)", required=False, use_markdown=True),
+        ],
+        questions=[
+            rg.LabelQuestion(name=VERDICT, title="Accept this example for training?",
+                             labels=["accept", "reject"], required=True),
+            rg.RatingQuestion(name=QUALITY, title="Quality (1 = poor, 5 = excellent)",
+                              values=[1, 2, 3, 4, 5], required=False),
+            rg.TextQuestion(name=CORRECTION, title="Corrected final answer (leave empty if none)",
+                            required=False, use_markdown=False),
+        ],
+        metadata=[
+            rg.TermsMetadataProperty(name="pipeline", title="Pipeline"),
+            rg.TermsMetadataProperty(name="length_bucket", title="Length bucket"),
+            rg.TermsMetadataProperty(name="teacher", title="Teacher"),
+            rg.TermsMetadataProperty(name="validator_reasons", title="Validator reasons"),
+            rg.FloatMetadataProperty(name="validator_score", title="Validator score"),
+        ],
+        distribution=rg.TaskDistribution(min_submitted=min_submitted),
+    )
+
+
+# ------------------------------------------------------------------ to Argilla
+def to_argilla_record(record: dict[str, Any]):
+    import argilla as rg
+
+    meta = record.get("meta") or {}
+    verdict, score, reasons = validator_summary(meta)
+    fields: dict[str, Any] = {"conversation": render_conversation(record["messages"])}
+    if record.get("tools"):
+        fields["tools"] = "```json\n" + json.dumps(record["tools"], indent=2, ensure_ascii=False) + "\n```"
+    source = meta.get("source")
+    if source:
+        fields["source"] = source if isinstance(source, str) else json.dumps(source, indent=2, ensure_ascii=False)
+    metadata = {
+        "pipeline": record["pipeline"],
+        "length_bucket": _term(meta.get("length_bucket")),
+        "teacher": _term(meta.get("teacher")),
+        "validator_reasons": reasons or None,
+        "validator_score": score,
+    }
+    return rg.Record(
+        id=record["id"],
+        fields=fields,
+        metadata={k: v for k, v in metadata.items() if v is not None},
+        suggestions=[rg.Suggestion(question_name=VERDICT, value=verdict, score=score, agent="validators")],
+    )
+
+
+def render_conversation(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """OpenAI-style messages as Argilla chat turns; every turn gets visible text."""
+    turns = []
+    for message in messages:
+        parts = [_content_text(message.get("content"))]
+        for call in message.get("tool_calls") or []:
+            function = call.get("function", call)
+            arguments = function.get("arguments", {})
+            if not isinstance(arguments, str):
+                arguments = json.dumps(arguments, ensure_ascii=False)
+            parts.append(f"→ call `{function.get('name', '?')}({arguments})`")
+        role = message.get("role", "?")
+        if role == "tool":
+            parts[0] = f"[result of {message.get('name') or message.get('tool_call_id') or 'tool'}] {parts[0]}"
+        text = "\n".join(p for p in parts if p).strip() or "(empty)"
+        turns.append({"role": role, "content": text})
+    return turns
+
+
+def _content_text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}]
+        return "\n".join(str(p.get("text", "")) if isinstance(p, dict) else str(p) for p in content)
+    return str(content)
+
+
+def _term(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def validator_summary(meta: dict[str, Any]) -> tuple[str, float | None, list[str]]:
+    """(verdict, mean score in [0, 1] or None, reason codes) from `meta.validators`.
+
+    `meta.validators` maps a validator's name to its result: a dict with any of
+    `passed`, `score`, `reason`, or a bare bool (passed) or number (score)."""
+    results = meta.get("validators") or {}
+    scores, reasons, failed = [], [], False
+    for name, result in results.items() if isinstance(results, dict) else []:
+        if isinstance(result, dict):
+            passed, score, reason = result.get("passed"), result.get("score"), result.get("reason")
+        elif isinstance(result, bool):
+            passed, score, reason = result, None, None
+        else:
+            passed, score, reason = None, result, None
+        if passed is False:
+            failed = True
+        if isinstance(score, (int, float)) and not isinstance(score, bool):
+            scores.append(min(max(float(score), 0.0), 1.0))
+        reasons.append(str(reason) if reason else str(name))
+    verdict = "reject" if failed else "accept"
+    score = round(sum(scores) / len(scores), 4) if scores else None
+    return verdict, score, reasons

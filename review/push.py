@@ -1,0 +1,106 @@
+"""`posttrain review push`: send validated candidates to Argilla for human review.
+
+Reads the synthetic-data stage's accepted records (`--input`, globs allowed), picks
+those to review per pipeline (all, or `review.sample_per_pipeline` chosen by a
+seeded hash), and adds to each pipeline's dataset the records it does not hold yet:
+pushing twice adds nothing, pushing after new records arrive adds only those.
+Batches of `review.batch_size`; a failed batch is retried with backoff, and since
+records are upserted by id a retry never duplicates one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from typing import Any
+
+from pipeline.recipe import load_recipe
+from review.dataset import dataset_name, load_candidates, review_settings, sample_for_review, to_argilla_record
+from review.server import ReviewServerError, argilla_client, reachable_server
+
+log = logging.getLogger(__name__)
+RETRIES = 3
+
+
+def main(args) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    cfg = recipe.review
+    candidates = load_candidates(args.input)
+    conn, note = reachable_server(cfg.mode)
+    if conn is None:
+        print(f"nothing pushed: {note}")
+        return 0
+    client = argilla_client(conn)
+    started = time.monotonic()
+    totals: dict[str, dict[str, int]] = {}
+    for pipeline, records in sorted(candidates.items()):
+        totals[pipeline] = push_pipeline(client, cfg, pipeline, records)
+    elapsed = time.monotonic() - started
+    for pipeline, counts in totals.items():
+        print(f"{pipeline}: {counts['added']} added, {counts['already']} already there,"
+              f" {counts['not_sampled']} not sampled  -> {dataset_name(cfg.dataset_prefix, pipeline)}")
+    added = sum(c["added"] for c in totals.values())
+    print(f"pushed {added} records to {conn.api_url} in {elapsed:.1f} s (workspace {cfg.workspace})")
+    return 0
+
+
+def push_pipeline(client, cfg, pipeline: str, records: list[dict[str, Any]]) -> dict[str, int]:
+    dataset = ensure_dataset(client, cfg, pipeline)
+    chosen = sample_for_review(records, cfg.sample_per_pipeline, cfg.seed)
+    existing = existing_ids(dataset)
+    new = [r for r in records if r["id"] in chosen and r["id"] not in existing]
+    for attempt in range(RETRIES + 1):
+        try:
+            if new:
+                dataset.records.log([to_argilla_record(r) for r in new], batch_size=cfg.batch_size)
+            break
+        except Exception as exc:  # the SDK raises its own errors and httpx's
+            if attempt == RETRIES or not _transient(exc):
+                raise ReviewServerError(
+                    f"pushing {pipeline} to {client.api_url} failed after {attempt + 1} attempt(s):"
+                    f" {type(exc).__name__}: {exc}"
+                ) from None
+            delay = 2.0**attempt
+            log.warning("push %s: %s; retrying in %.0f s", pipeline, exc, delay)
+            time.sleep(delay)
+            # What the failed call already stored stays; send only the rest.
+            existing = existing_ids(dataset)
+            new = [r for r in new if r["id"] not in existing]
+    return {
+        "added": len(new),
+        "already": sum(1 for r in records if r["id"] in chosen) - len(new),
+        "not_sampled": len(records) - len(chosen),
+    }
+
+
+def ensure_dataset(client, cfg, pipeline: str):
+    import argilla as rg
+
+    name = dataset_name(cfg.dataset_prefix, pipeline)
+    with warnings.catch_warnings():  # "not found" is the expected answer the first time
+        warnings.simplefilter("ignore")
+        workspace = client.workspaces(cfg.workspace)
+        if workspace is None:
+            workspace = rg.Workspace(name=cfg.workspace, client=client).create()
+        dataset = client.datasets(name, workspace=workspace)
+    if dataset is None:
+        dataset = rg.Dataset(
+            name=name, workspace=workspace, settings=review_settings(cfg.min_submitted), client=client
+        ).create()
+    return dataset
+
+
+def existing_ids(dataset) -> set[str]:
+    return {str(r.id) for r in dataset.records(with_suggestions=False, with_responses=False, batch_size=1000)}
+
+
+def _transient(exc: Exception) -> bool:
+    import httpx
+
+    status = getattr(exc, "status_code", None)
+    if status is not None:
+        return status >= 500 or status == 429
+    return isinstance(exc, (httpx.TransportError, ConnectionError, TimeoutError)) or isinstance(
+        exc.__cause__ or exc.__context__, httpx.TransportError
+    )
