@@ -91,6 +91,30 @@ class ExportSection(Section):
     tolerance: float = 1e-5
 
 
+# ----------------------------------------------------------------------------- mix
+class MixSection(Section):
+    # Category weights of the SFT mix (normalised). Jamba-1.5 keeps long-context and
+    # conversational data in the mix so that adding skills does not erase them.
+    ratios: dict[str, float] = Field(
+        default_factory=lambda: {"conversational": 0.3, "skill": 0.5, "long_context": 0.2}
+    )
+    categories: dict[str, str] = Field(
+        default_factory=lambda: {
+            "chat": "conversational",
+            "table_qa": "skill",
+            "doc_qa": "skill",
+            "tool_use": "skill",
+            "steerability": "skill",
+            "needle": "long_context",
+        }
+    )
+    # Records carrying meta.length_bucket count as long-context whatever their pipeline.
+    long_context_from_buckets: bool = True
+    eval_fraction: float = Field(0.1, ge=0, lt=1)
+    max_records: int | None = None
+    seed: int = 0
+
+
 # ------------------------------------------------------------------------- teacher
 class SamplingSection(Section):
     temperature: float = 0.7
@@ -170,6 +194,7 @@ SECTIONS: dict[str, type[Section]] = {
     "generate": GenerateSection,
     "dedup": DedupSection,
     "review": ReviewSection,
+    "mix": MixSection,
 }
 LIBRARY_SECTIONS = ("sft", "lora")
 
@@ -248,8 +273,10 @@ def validate_recipe(raw: dict[str, Any], path: Path) -> Recipe:
             for err in exc.errors():
                 key = ".".join(str(p) for p in (name, *err["loc"]))
                 problems.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
-    sft, sft_problems = check_library_fields("sft", raw.get("sft") or {}, sft_config_fields())
-    problems += sft_problems
+    sft: dict[str, Any] = {}
+    if raw.get("sft"):  # importing TRL takes seconds: only when there is something to check
+        sft, sft_problems = check_library_fields("sft", raw["sft"], sft_config_fields())
+        problems += sft_problems
     lora = None
     if raw.get("lora") is not None:
         lora, lora_problems = check_library_fields("lora", raw["lora"], lora_config_fields())
