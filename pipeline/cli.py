@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("sft.train", "supervised fine-tuning of the student (full or LoRA, + activation loss)"),
     "audit": ("activation_loss.fp16_audit", "FP16 audit: per-layer activation maxima, fp16 vs fp32 forward"),
     "export": ("sft.export", "export adapter / merged / vllm profiles, verified by reload"),
+    "plots": ("pipeline.plots", "PNG plots: loss curve, activation maxima, acceptance per pipeline"),
 }
 
 

@@ -212,11 +212,11 @@ def train(recipe: Recipe, output_dir: Path, resume: str | None = None) -> dict[s
             "mamba_path": mamba_path(model),
             "train_samples": len(train_set),
         })
-        if coverage is not None:
-            write_json(output_dir / "lora_coverage.json", coverage)
+        # Both reports are written on every run (DVC declares them), empty when off.
+        write_json(output_dir / "lora_coverage.json", coverage or {"lora": False})
         if penalty is not None:
             metrics["activation_loss"] = penalty.summary()
-            write_json(output_dir / "activation_stats.json", penalty.layer_stats())
+        write_json(output_dir / "activation_stats.json", penalty.layer_stats() if penalty else {})
         write_json(output_dir / "train_metrics.json", clean(metrics))
         log.info("trained %d steps, loss %s -> %s; saved %s", metrics["global_step"],
                  metrics["first_loss"], metrics["final_loss"], final_dir)
