@@ -11,39 +11,39 @@ import json
 import re
 from typing import Any
 
-CHATML_TOOLS_TEMPLATE = (
-    "{%- set sys = messages[0].content if messages and messages[0].role == 'system' else none -%}"
-    "{%- if tools -%}"
-    "<|im_start|>system\n"
-    "{%- if sys %}{{ sys }}\n\n{% else %}\n{% endif -%}"
-    "You can call functions. Their signatures:\n<tools>\n"
-    "{%- for tool in tools %}{{ (tool.function if tool.function is defined else tool) | tojson }}\n{% endfor -%}"
-    "</tools>\nFor each call, answer with <tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>.<|im_end|>\n"
-    "{%- elif sys is not none -%}"
-    "<|im_start|>system\n{{ sys }}<|im_end|>\n"
-    "{%- endif -%}"
-    "{%- for message in messages -%}"
-    "{%- if message.role == 'system' and loop.first -%}"
-    "{%- elif message.role == 'assistant' -%}"
-    "<|im_start|>assistant\n"
-    "{%- generation -%}"
-    "{{ message.content if message.content else '' }}"
-    "{%- if message.tool_calls -%}"
-    "{%- for call in message.tool_calls -%}"
-    "{%- set fn = call.function if call.function is defined else call -%}"
-    "{%- set arguments = fn.arguments if fn.arguments is string else (fn.arguments | tojson) -%}"
-    "<tool_call>{\"name\": {{ fn.name | tojson }}, \"arguments\": {{ arguments }}}</tool_call>"
-    "{%- endfor -%}"
-    "{%- endif -%}"
-    "<|im_end|>"
-    "{%- endgeneration -%}"
-    "\n"
-    "{%- else -%}"
-    "<|im_start|>{{ message.role }}\n{{ message.content if message.content else '' }}<|im_end|>\n"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}"
-)
+CHATML_TOOLS_TEMPLATE = r"""
+{%- set sys = messages[0].content if messages and messages[0].role == 'system' else none -%}
+{%- if tools -%}
+  {{- '<|im_start|>system\n' -}}
+  {%- if sys -%}{{- sys + '\n\n' -}}{%- endif -%}
+  {{- 'You can call functions. Their signatures:\n<tools>\n' -}}
+  {%- for tool in tools -%}
+    {{- (tool.function if tool.function is defined else tool) | tojson -}}{{- '\n' -}}
+  {%- endfor -%}
+  {{- '</tools>\nFor each call, answer with <tool_call>{"name": ..., "arguments": {...}' + '}</tool_call>.<|im_end|>\n' -}}
+{%- elif sys is not none -%}
+  {{- '<|im_start|>system\n' + sys + '<|im_end|>\n' -}}
+{%- endif -%}
+{%- for message in messages -%}
+  {%- if message.role == 'system' and loop.first -%}
+  {%- elif message.role == 'assistant' -%}
+    {{- '<|im_start|>assistant\n' -}}
+    {%- generation -%}
+      {{- message.content if message.content else '' -}}
+      {%- for call in (message.tool_calls or []) -%}
+        {%- set fn = call.function if call.function is defined else call -%}
+        {%- set arguments = fn.arguments if fn.arguments is string else (fn.arguments | tojson) -%}
+        {{- '<tool_call>{"name": ' + (fn.name | tojson) + ', "arguments": ' + arguments + '}' + '</tool_call>' -}}
+      {%- endfor -%}
+      {{- '<|im_end|>' -}}
+    {%- endgeneration -%}
+    {{- '\n' -}}
+  {%- else -%}
+    {{- '<|im_start|>' + message.role + '\n' + (message.content if message.content else '') + '<|im_end|>\n' -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}
+"""
 
 END_OF_TURN = "<|im_end|>"
 TOOL_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
