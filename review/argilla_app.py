@@ -1,11 +1,13 @@
-"""The argilla-server ASGI app, worker and owner account, with the SQL search engine.
+"""argilla-server with the SQL search engine registered: web server, worker, and app.
 
 Runs inside the server's own virtualenv (.venv-argilla), from the repository root:
-  python -m uvicorn review.argilla_app:app     the API and the web UI
-  python -m review.argilla_app worker          the background jobs (rq)
-  python -m review.argilla_app create-owner    the owner account, from the environment
+  python -m review.argilla_app serve PORT   migrate the database, make sure the
+                                            owner account exists, serve API + UI on
+                                            127.0.0.1:PORT
+  python -m review.argilla_app worker       the background jobs (rq)
 argilla_server looks its search engine up by name, so the "sql" engine must be
-registered before the app or a job touches it: hence one module for all three.
+registered before the app or a job touches it: hence this module. Migration and
+serving share one process because importing argilla_server takes ~8 s here.
 """
 
 import asyncio
@@ -13,7 +15,19 @@ import os
 import sys
 
 import review.sql_search  # noqa: F401  registers the "sql" search engine
-from argilla_server import app  # noqa: F401
+from argilla_server import app
+
+
+def serve(port: int) -> None:
+    import uvicorn
+    from argilla_server.cli.database.migrate import migrate_db
+    from argilla_server.cli.database.users.create_default import _create_default
+
+    migrate_db(revision="head")
+    # The owner's key and password come from the environment, not argv: a command
+    # line is visible to every user of the machine.
+    asyncio.run(_create_default(os.environ["ARGILLA_OWNER_API_KEY"], os.environ["ARGILLA_OWNER_PASSWORD"], True))
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
 def worker() -> None:
@@ -26,12 +40,8 @@ def worker() -> None:
     Worker([HIGH_QUEUE, DEFAULT_QUEUE], connection=REDIS_CONNECTION).work()
 
 
-def create_owner() -> None:
-    # Read from the environment, not argv: a command line is visible to every user.
-    from argilla_server.cli.database.users.create_default import _create_default
-
-    asyncio.run(_create_default(os.environ["ARGILLA_OWNER_API_KEY"], os.environ["ARGILLA_OWNER_PASSWORD"], True))
-
-
 if __name__ == "__main__":
-    {"worker": worker, "create-owner": create_owner}[sys.argv[1]]()
+    if sys.argv[1] == "serve":
+        serve(int(sys.argv[2]))
+    else:
+        worker()

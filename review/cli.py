@@ -14,6 +14,7 @@ the local server started by `serve` (its credentials are in .argilla/).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from pipeline.recipe import add_recipe_arguments
@@ -57,6 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from review.dataset import ReviewInputError
     from review.server import ReviewServerError
+
+    # One line per HTTP request drowns the progress bar and the summary.
+    for name in ("httpx", "argilla.sdk"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     if args.review_command in ("serve", "stop", "status"):
         from review import server

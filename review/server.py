@@ -158,14 +158,9 @@ def serve(
              "--save", "", "--appendonly", "no"],
             state_dir, "redis", env,
         )
-        _run([str(python), "-m", "argilla_server", "database", "migrate"], env, state_dir, "migrate")
-        _run([str(python), "-m", "review.argilla_app", "create-owner"], env, state_dir, "create-owner")
-        pids["server"] = _spawn(
-            [str(python), "-m", "uvicorn", "review.argilla_app:app", "--host", "127.0.0.1", "--port", str(port),
-             "--log-level", "warning"],
-            state_dir, "server", env,
-        )
+        # The worker starts alongside the server: on two cores the imports overlap.
         pids["worker"] = _spawn([str(python), "-m", "review.argilla_app", "worker"], state_dir, "worker", env)
+        pids["server"] = _spawn([str(python), "-m", "review.argilla_app", "serve", str(port)], state_dir, "server", env)
         _write_pids(state_dir, pids)
         _wait_until_up(conn, state_dir, pids, timeout)
     except BaseException:
@@ -240,13 +235,6 @@ def _spawn(cmd: list[str], state_dir: Path, name: str, env: dict) -> dict:
                             stdin=subprocess.DEVNULL, start_new_session=True)
     log.close()
     return {"pid": proc.pid, "start": _start_time(proc.pid)}
-
-
-def _run(cmd: list[str], env: dict, state_dir: Path, name: str) -> None:
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    (state_dir / "logs" / f"{name}.log").write_text(result.stdout + result.stderr)
-    if result.returncode != 0:
-        raise ReviewServerError(f"`{' '.join(cmd[1:4])}` failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
 
 
 def _wait_until_up(conn: Connection, state_dir: Path, pids: dict, timeout: float) -> None:

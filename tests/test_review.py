@@ -1,0 +1,297 @@
+"""Human review against a real local Argilla server (argilla-server + SQL search engine,
+real Redis, real SDK, real headless Chromium). No mocks.
+
+One server for the module (start-up is the expensive part); each test uses its own
+dataset prefix so tests do not see each other's records.
+"""
+
+import argparse
+import json
+import os
+import socket
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pipeline.records import make_record, read_json, read_jsonl, write_jsonl
+from review import pull, push, server
+
+pytestmark = pytest.mark.skipif(
+    not (server.SERVER_VENV / "bin" / "python").exists(), reason=".venv-argilla missing: run `make setup`"
+)
+ARTIFACTS = Path(os.environ.get("POSTTRAIN_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "outputs" / "test-artifacts"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def argilla(tmp_path_factory):
+    state = tmp_path_factory.mktemp("argilla-state")
+    conn = server.serve(state, port=free_port(), redis_port=free_port())
+    saved = {k: os.environ.get(k) for k in ("ARGILLA_API_URL", "ARGILLA_API_KEY")}
+    os.environ.update(ARGILLA_API_URL=conn.api_url, ARGILLA_API_KEY=conn.api_key)
+    try:
+        yield conn, state
+    finally:
+        server.stop(state)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def sdk(argilla):
+    conn, _ = argilla
+    return server.argilla_client(conn)
+
+
+def candidates(pipeline: str, n: int, start: int = 0) -> list[dict]:
+    records = []
+    for i in range(start, start + n):
+        messages = [
+            {"role": "system", "content": "Answer from the document."},
+            {"role": "user", "content": f"[{pipeline} #{i}] What colour is item {i}?"},
+        ]
+        tools = None
+        if pipeline == "tool_use":
+            tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+            messages.append({"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c0", "type": "function", "function": {"name": "lookup", "arguments": json.dumps({"item": i})}}]})
+        else:
+            messages.append({"role": "assistant", "content": f"Item {i} is blue."})
+        meta = {"teacher": "SmolLM2-135M-Instruct", "length_bucket": "short",
+                "validators": {"format": {"passed": True, "score": 0.9}, "grounded": {"passed": True, "score": 0.6}}}
+        if pipeline == "doc_qa":
+            meta["source"] = f"Item {i} is painted blue."
+        records.append(make_record(pipeline, messages, meta=meta, tools=tools))
+    return records
+
+
+def write_inputs(root: Path, records: list[dict]) -> list[str]:
+    paths = []
+    for pipeline in sorted({r["pipeline"] for r in records}):
+        path = root / "synth" / pipeline / "accepted.jsonl"
+        write_jsonl(path, [r for r in records if r["pipeline"] == pipeline])
+        paths.append(str(path))
+    return paths
+
+
+def recipe(root: Path, **review) -> str:
+    path = root / "recipe.yaml"
+    path.write_text("review:\n" + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in review.items()))
+    return str(path)
+
+
+def args(recipe_path: str, inputs: list[str], out: Path | None = None, overrides=()) -> argparse.Namespace:
+    return argparse.Namespace(recipe=recipe_path, overrides=list(overrides), input=inputs,
+                              out=str(out) if out else None)
+
+
+def prefix() -> str:
+    return "t" + uuid.uuid4().hex[:8]
+
+
+def submit(dataset, record_id: str, user_id, **answers) -> None:
+    """Answer one record as a reviewer does: every answer submitted."""
+    import argilla as rg
+
+    record = next(r for r in dataset.records(with_responses=True) if r.id == record_id)
+    for question, value in answers.items():
+        record.responses.add(rg.Response(question, value, user_id=user_id, status="submitted"))
+    dataset.records.log([record])
+
+
+# ------------------------------------------------------------------------ tests
+def test_round_trip_accept_reject_correct_and_pending(argilla, sdk, tmp_path):
+    records = candidates("doc_qa", 4) + candidates("tool_use", 2)
+    inputs = write_inputs(tmp_path, records)
+    name = prefix()
+    path = recipe(tmp_path, mode="server", dataset_prefix=name, unreviewed="pending")
+    assert push.main(args(path, inputs)) == 0
+
+    dataset = sdk.datasets(f"{name}-doc_qa", workspace="posttrain")
+    me = sdk.me.id
+    accepted, rejected, corrected, _ = [r["id"] for r in records[:4]]
+    submit(dataset, accepted, me, verdict="accept", quality=5)
+    submit(dataset, rejected, me, verdict="reject", quality=1)
+    submit(dataset, corrected, me, verdict="accept", corrected_answer="Item 2 is green.")
+
+    # A second reviewer agrees on two records (logged by the owner on their behalf,
+    # as the SDK allows an owner to).
+    import argilla as rg
+
+    second = rg.User(username=f"rev{uuid.uuid4().hex[:6]}", password=uuid.uuid4().hex, role="annotator",
+                     client=sdk).create()
+    second.add_to_workspace(sdk.workspaces("posttrain"))
+    submit(dataset, rejected, second.id, verdict="reject")
+    submit(dataset, accepted, second.id, verdict="accept", quality=4)
+
+    out = tmp_path / "review"
+    assert pull.main(args(path, inputs, out)) == 0
+    stats = read_json(out / "review_stats.json")
+    assert (stats["accepted"], stats["rejected"], stats["corrected"], stats["pending"]) == (1, 1, 1, 3)
+    assert stats["total"] == 6 == sum(stats[b] for b in pull.BUCKETS)
+    assert stats["per_pipeline"]["tool_use"]["pending"] == 2
+    assert stats["agreement"] == {"records_with_several_reviewers": 2, "unanimous_verdict": 2, "rate": 1.0}
+
+    reviewed = {r["id"]: r for r in read_jsonl(out / "reviewed.jsonl")}
+    assert set(reviewed) == {accepted, corrected}
+    assert reviewed[corrected]["messages"][-1] == {"role": "assistant", "content": "Item 2 is green."}
+    assert reviewed[corrected]["meta"]["review"]["original_final_turn"]["content"] == "Item 2 is blue."
+    assert reviewed[accepted]["meta"]["review"]["quality"] == 4.5
+    [rej] = read_jsonl(out / "rejected.jsonl")
+    assert rej["id"] == rejected and rej["reject_reason"] == "human_reject"
+    assert len(read_jsonl(out / "pending.jsonl")) == 3
+
+    # The recipe decides about unreviewed records: keep the automatic verdict.
+    assert pull.main(args(path, inputs, out, ["review.unreviewed=keep"])) == 0
+    stats = read_json(out / "review_stats.json")
+    assert (stats["accepted"], stats["rejected"], stats["corrected"], stats["pending"]) == (4, 1, 1, 0)
+
+
+def test_push_twice_holds_each_record_once_and_adds_only_new(argilla, sdk, tmp_path):
+    name = prefix()
+    path = recipe(tmp_path, mode="server", dataset_prefix=name, batch_size=3)
+    first = candidates("table_qa", 5)
+    inputs = write_inputs(tmp_path, first)
+    assert push.main(args(path, inputs)) == 0
+    assert push.main(args(path, inputs)) == 0
+    dataset = sdk.datasets(f"{name}-table_qa", workspace="posttrain")
+    ids = [r.id for r in dataset.records()]
+    assert sorted(ids) == sorted(r["id"] for r in first)
+
+    inputs = write_inputs(tmp_path, first + candidates("table_qa", 2, start=5))
+    assert push.main(args(path, inputs)) == 0
+    assert len([r.id for r in dataset.records()]) == 7
+
+
+def test_seeded_sample_is_pushed_and_the_rest_keeps_its_automatic_verdict(argilla, sdk, tmp_path):
+    name = prefix()
+    path = recipe(tmp_path, mode="server", dataset_prefix=name, sample_per_pipeline=3, seed=7, unreviewed="pending")
+    records = candidates("steerability", 8)
+    inputs = write_inputs(tmp_path, records)
+    assert push.main(args(path, inputs)) == 0
+    dataset = sdk.datasets(f"{name}-steerability", workspace="posttrain")
+    assert len(list(dataset.records())) == 3
+    out = tmp_path / "review"
+    assert pull.main(args(path, inputs, out)) == 0
+    stats = read_json(out / "review_stats.json")
+    assert (stats["accepted"], stats["pending"]) == (5, 3)
+    assert stats["per_pipeline"]["steerability"]["how"]["accepted:automatic:not_sampled"] == 5
+
+
+def test_sql_search_engine_answers_filters_text_and_progress(argilla, sdk, tmp_path):
+    import argilla as rg
+
+    name = prefix()
+    path = recipe(tmp_path, mode="server", dataset_prefix=name)
+    records = candidates("doc_qa", 6)
+    records[0]["meta"]["length_bucket"] = "long"
+    assert push.main(args(path, write_inputs(tmp_path, records))) == 0
+    dataset = sdk.datasets(f"{name}-doc_qa", workspace="posttrain")
+    submit(dataset, records[1]["id"], sdk.me.id, verdict="reject")
+
+    def found(query):
+        return sorted(r.id for r in dataset.records(query=query))
+
+    assert found(rg.Query(filter=rg.Filter(("metadata.length_bucket", "==", "long")))) == [records[0]["id"]]
+    assert found(rg.Query(query="item 3 green")) == []
+    assert found(rg.Query(query="ITEM 3")) == [records[3]["id"]]
+    assert found(rg.Query(filter=rg.Filter(("response.status", "==", "submitted")))) == [records[1]["id"]]
+    assert len(found(rg.Query(filter=rg.Filter(("response.status", "==", "pending"))))) == 5
+    assert len(found(rg.Query(filter=rg.Filter(("verdict.suggestion", "==", "accept"))))) == 6
+    progress = dataset.progress()
+    assert progress["total"] == 6 and progress["completed"] == 1
+
+
+def test_auto_mode_without_a_server_passes_automatic_verdicts_through(tmp_path, monkeypatch):
+    monkeypatch.setenv("ARGILLA_API_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("ARGILLA_API_KEY", "unused")
+    records = candidates("doc_qa", 3)
+    inputs = write_inputs(tmp_path, records)
+    out = tmp_path / "review"
+    assert pull.main(args(recipe(tmp_path, mode="auto"), inputs, out)) == 0
+    stats = read_json(out / "review_stats.json")
+    assert stats["accepted"] == 3 and stats["server"] is None and "unreachable" in stats["note"]
+    assert [r["id"] for r in read_jsonl(out / "reviewed.jsonl")] == [r["id"] for r in records]
+
+
+def test_wrong_api_key_is_one_clear_error(argilla, tmp_path, monkeypatch, capsys):
+    from review import cli
+
+    monkeypatch.setenv("ARGILLA_API_KEY", "not-the-key")
+    inputs = write_inputs(tmp_path, candidates("doc_qa", 2))
+    out = tmp_path / "review"
+    for command in ("push", "pull"):
+        ns = args(recipe(tmp_path, mode="auto"), inputs, out)
+        ns.review_command = command
+        assert cli.main(ns) == 2
+        err = capsys.readouterr().err
+        assert "rejected the API key" in err and argilla[0].api_url in err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_browser_reviewer_rejects_a_record_and_pull_sees_it(argilla, sdk, tmp_path):
+    from webdriver import Browser, chromium_available
+
+    if not chromium_available():
+        pytest.skip("chromium + chromium-driver not installed (CI installs them with apt)")
+    conn, state = argilla
+    creds = json.loads((state / "credentials.json").read_text())
+    name = prefix()
+    path = recipe(tmp_path, mode="server", dataset_prefix=name, unreviewed="pending")
+    records = candidates("doc_qa", 3)
+    inputs = write_inputs(tmp_path, records)
+    assert push.main(args(path, inputs)) == 0
+    dataset = sdk.datasets(f"{name}-doc_qa", workspace="posttrain")
+
+    browser = Browser()
+    try:
+        browser.open(f"{conn.api_url}/sign-in")
+        browser.type(browser.find("input[name=Username]"), creds["username"])
+        browser.type(browser.find("input[name=Password]"), creds["password"])
+        browser.click(browser.find("button[type=submit]"))
+        browser.find_text("body", "posttrain")  # the home page lists the workspace
+        browser.open(f"{conn.api_url}/dataset/{dataset.id}/annotation-mode")
+        browser.click(browser.find("label[for=verdict_reject]"))
+        page = browser.page_text()
+        shown = next(r for r in records if r["messages"][1]["content"] in page)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shot = browser.screenshot(ARTIFACTS / "review-annotation-page.png")
+        browser.click(browser.find("button.button--submit"))
+        browser.find_text("body", "Submitted\n1")  # the progress counter moved
+    finally:
+        browser.close()
+    assert shot.stat().st_size > 10_000
+
+    out = tmp_path / "review"
+    assert pull.main(args(path, inputs, out)) == 0
+    stats = read_json(out / "review_stats.json")
+    assert (stats["rejected"], stats["pending"]) == (1, 2)
+    [rej] = read_jsonl(out / "rejected.jsonl")
+    assert rej["id"] == shown["id"] and rej["reject_reason"] == "human_reject"
+
+
+def test_stopped_server_fails_fast_and_writes_nothing(argilla, tmp_path, capsys):
+    # Runs last: it stops the module's server, as a person running `review stop` would.
+    from review import cli
+
+    conn, state = argilla
+    assert server.stop(state) == ["worker", "server", "redis"]
+    inputs = write_inputs(tmp_path, candidates("doc_qa", 2))
+    out = tmp_path / "review"
+    for command in ("push", "pull"):
+        ns = args(recipe(tmp_path, mode="server"), inputs, out)
+        ns.review_command = command
+        assert cli.main(ns) == 2
+        err = capsys.readouterr().err
+        assert f"no Argilla server answers at {conn.api_url}" in err
+    assert not out.exists()
