@@ -142,6 +142,9 @@ class TeacherSection(Section):
     timeout_s: float = Field(120.0, gt=0)  # per HTTP request (openai)
     max_retries: int = Field(5, ge=0)  # openai: retries with backoff before failing
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # transformers engine: torch threads (None = torch's default). On a busy shared
+    # CPU, 1 thread is several times faster than threads that wait on each other.
+    threads: int | None = Field(None, gt=0)
 
 
 class GenerateSection(Section):

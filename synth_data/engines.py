@@ -112,11 +112,15 @@ def _model_label(model: str) -> str:
 class TransformersEngine:
     name = "transformers"
 
-    def __init__(self, model: str = "teacher", batch_size: int = 8, dtype: str = "float32"):
+    def __init__(self, model: str = "teacher", batch_size: int = 8, dtype: str = "float32",
+                 threads: int | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from pipeline.teacher import resolve_model_path
+
+        if threads:
+            torch.set_num_threads(threads)
 
         self.model = _model_label(model)
         path = resolve_model_path(model)
@@ -415,7 +419,9 @@ def build_engine(teacher: "TeacherSection", cache_dir: str | Path | None = None)
 
     For openai without base_url use `open_engine` (it also starts the local server)."""
     if teacher.engine == "transformers":
-        engine: Engine = TransformersEngine(teacher.model, min(teacher.batch_size, 8), teacher.dtype)
+        engine: Engine = TransformersEngine(
+            teacher.model, min(teacher.batch_size, 8), teacher.dtype, teacher.threads
+        )
     elif teacher.engine == "vllm":
         engine = VLLMEngine(teacher.model, teacher.dtype)
     elif teacher.engine == "openai":
