@@ -53,7 +53,7 @@ def push_pipeline(client, cfg, pipeline: str, records: list[dict[str, Any]]) -> 
     for attempt in range(RETRIES + 1):
         try:
             if new:
-                dataset.records.log([to_argilla_record(r) for r in new], batch_size=cfg.batch_size)
+                dataset.records.log([to_argilla_record(r) for r in new], batch_size=min(cfg.batch_size, len(new)))
             break
         except Exception as exc:  # the SDK raises its own errors and httpx's
             if attempt == RETRIES or not _transient(exc):
