@@ -12,7 +12,8 @@ Only submitted responses count; drafts and discards are "not reviewed".
 Writes to --out: reviewed.jsonl (accepted + corrected: what enters training),
 rejected.jsonl, pending.jsonl and review_stats.json, all at the end and atomically,
 so a failure mid-way leaves the previous outputs untouched. Reviews keep changing
-on the server, so the DAG stage is marked always_changed: rerunning is safe.
+on the server while the inputs do not, so DVC cannot see new reviews: rerun the
+stage with `dvc repro --force review_pull`. Rerunning is always safe.
 """
 
 from __future__ import annotations
