@@ -1,0 +1,220 @@
+"""`posttrain export RECIPE --model outputs/sft/final --out outputs/export`.
+
+Turns a trained model into the folders people serve, and proves each one by reloading
+it from disk and comparing its logits with the in-memory model on fixed inputs:
+
+  adapter  the LoRA adapter in PEFT format (adapter_config.json +
+           adapter_model.safetensors) + tokenizer
+  merged   the adapter merged into the base: a plain model folder (weights, config,
+           tokenizer) that loads with AutoModelForCausalLM
+  vllm     the adapter without what vLLM cannot serve for Jamba LoRA: the routed
+           experts (vLLM PR 14370). Compared with the in-memory model with those
+           adapter weights switched off; the effect of dropping them (max |logit
+           diff| against the full adapter) is reported, not a failure.
+
+A profile whose reload differs by more than export.tolerance fails the export (exit
+1). For a full fine-tune only `merged` applies. A base built from `model.tiny` (random
+weights, rebuilt from model.seed) is saved beside the adapters as `base/`, since no
+hub holds it. Everything is recorded in OUT/export_report.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.recipe import RecipeError, add_recipe_arguments, load_recipe
+from pipeline.records import write_json
+
+log = logging.getLogger(__name__)
+
+# Fixed inputs for the logit comparison: chat turns rendered with the training template.
+PROBE_CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"},
+     {"role": "assistant", "content": "The capital of France is Paris."}],
+    [{"role": "system", "content": "Answer briefly."},
+     {"role": "user", "content": "Add 12 and 30, then explain why the sum is even."}],
+]
+
+
+def add_arguments(parser) -> None:
+    add_recipe_arguments(parser)
+    parser.add_argument("--model", default="outputs/sft/final",
+                        help="the trained model or adapter folder (train's final/)")
+    parser.add_argument("--out", default="outputs/export", help="export folder")
+
+
+def main(args) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    model_dir, out = Path(args.model), Path(args.out)
+    if not model_dir.is_dir():
+        raise RecipeError(f"--model {model_dir}: no such folder (run posttrain train first)")
+    report = export(recipe, model_dir, out)
+    failed = [p for p, r in report["profiles"].items() if r.get("passed") is False]
+    if failed:
+        log.error("export failed for %s: logits differ beyond %g; see %s",
+                  ", ".join(failed), report["tolerance"], out / "export_report.json")
+        return 1
+    return 0
+
+
+def probe_inputs(tokenizer) -> dict[str, torch.Tensor]:
+    texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in PROBE_CONVERSATIONS]
+    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+@torch.no_grad()
+def logits_of(model, inputs) -> torch.Tensor:
+    model.eval()
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in inputs.items()}
+    out = model(**batch).logits.float().cpu()
+    return out * inputs["attention_mask"].unsqueeze(-1)  # padding positions do not count
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())
+
+
+def expert_lora_params(model) -> dict[str, torch.nn.Parameter]:
+    """Adapter weights on routed experts (PEFT ParamWrappers on `experts.*`)."""
+    return {n: p for n, p in model.named_parameters()
+            if "lora_" in n and ".experts." in n}
+
+
+class experts_off:
+    """Zero the experts' lora_B for the duration (the adapter then adds nothing there)."""
+
+    def __init__(self, model):
+        self.params = {n: p for n, p in expert_lora_params(model).items() if "lora_B" in n}
+        self.saved: dict[str, torch.Tensor] = {}
+
+    def __enter__(self):
+        for name, param in self.params.items():
+            self.saved[name] = param.data.clone()
+            param.data.zero_()
+
+    def __exit__(self, *exc):
+        for name, param in self.params.items():
+            param.data.copy_(self.saved[name])
+
+
+def export(recipe, model_dir: Path, out: Path) -> dict[str, Any]:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sft.model import load_student, load_tokenizer
+
+    profiles = list(recipe.export.profiles)
+    tolerance = recipe.export.tolerance
+    is_adapter = (model_dir / "adapter_config.json").is_file()
+    if (model_dir / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)  # train saves it beside
+    else:
+        tokenizer = load_tokenizer(recipe.model)
+    inputs = probe_inputs(tokenizer)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    report: dict[str, Any] = {
+        "model": str(model_dir), "kind": "lora" if is_adapter else "full",
+        "tolerance": tolerance, "probe_tokens": int(inputs["attention_mask"].sum()),
+        "profiles": {},
+    }
+
+    def record(profile: str, path: Path, diff: float, **extra) -> None:
+        passed = diff <= tolerance
+        report["profiles"][profile] = {"path": str(path), "max_abs_logit_diff": diff,
+                                       "passed": passed, **extra}
+        log.info("export %s: max |logit diff| %.3g (%s)", profile, diff,
+                 "ok" if passed else f"FAILED, tolerance {tolerance:g}")
+
+    def base_model():
+        return load_student(recipe.model, tokenizer)
+
+    if not is_adapter:
+        # ----------------------------------------------------- full fine-tune
+        for profile in profiles:
+            if profile != "merged":
+                report["profiles"][profile] = {"skipped": "full fine-tune: no adapter; "
+                                               "only the merged profile applies"}
+        if "merged" in profiles:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=recipe.model.dtype)
+            reference = logits_of(model, inputs)
+            path = out / "merged"
+            model.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+            del model
+            reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=recipe.model.dtype)
+            record("merged", path, max_diff(reference, logits_of(reloaded, inputs)))
+        write_json(out / "export_report.json", report)
+        return report
+
+    # ------------------------------------------------------------ LoRA adapter
+    model = PeftModel.from_pretrained(base_model(), model_dir)
+    reference = logits_of(model, inputs)
+    dropped = sorted(expert_lora_params(model))
+    with experts_off(model):
+        reference_vllm = logits_of(model, inputs)
+    base_path = None
+    if recipe.model.tiny is not None:
+        # Random weights from a config: ship the base so the adapter can be used.
+        base_path = out / "base"
+        base = base_model()
+        base.save_pretrained(base_path)
+        tokenizer.save_pretrained(base_path)
+        del base
+        model.peft_config["default"].base_model_name_or_path = str(base_path)
+
+    if "adapter" in profiles:
+        path = out / "adapter"
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        reloaded = PeftModel.from_pretrained(base_model(), path)
+        record("adapter", path, max_diff(reference, logits_of(reloaded, inputs)))
+        del reloaded
+
+    if "vllm" in profiles:
+        path = out / "vllm"
+        write_vllm_adapter(model, path)
+        tokenizer.save_pretrained(path)
+        reloaded = PeftModel.from_pretrained(base_model(), path)
+        record("vllm", path, max_diff(reference_vllm, logits_of(reloaded, inputs)),
+               dropped_weights=[n.replace("base_model.model.", "", 1) for n in dropped],
+               dropped_params=sum(int(p.numel()) for p in expert_lora_params(model).values()),
+               drop_effect_max_abs_logit_diff=max_diff(reference, reference_vllm),
+               note="routed-expert LoRA dropped: vLLM serves Jamba LoRA on attention and "
+                    "Mamba projections, not on MoE experts (vLLM PR 14370)")
+        del reloaded
+
+    if "merged" in profiles:
+        path = out / "merged"
+        merged = model.merge_and_unload()  # last: merging rewrites the base in place
+        merged.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        del merged, model
+        reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=recipe.model.dtype)
+        record("merged", path, max_diff(reference, logits_of(reloaded, inputs)))
+
+    write_json(out / "export_report.json", report)
+    return report
+
+
+def write_vllm_adapter(model, path: Path) -> None:
+    """Save the adapter without routed-expert weights and without target_parameters."""
+    import copy
+
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    config = copy.deepcopy(model.peft_config["default"])
+    config.target_parameters = None
+    state = get_peft_model_state_dict(model)
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items() if ".experts." not in k}
+    path.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(path)
+    save_file(state, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
