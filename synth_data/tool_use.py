@@ -1,0 +1,453 @@
+"""Tool use: function calls whose arguments we sampled, requests the teacher wrote for
+them, and teacher answers kept only when their calls equal the sampled ones.
+
+The function catalogue is BFCL's (PyPI `bfcl-eval`, Apache-2.0): the python-style
+categories' function schemas, with argument values drawn from BFCL's ground-truth
+answers where they exist and from the schema (enums, types) otherwise. A fixed slice
+of BFCL items is held out: their functions are never sampled, and the dedup stage
+decontaminates against their questions.
+
+(i)   sample_prompts: call sets (one call; parallel calls of one function; calls across
+      functions) and irrelevance cases (BFCL irrelevance requests, no tool fits)
+(ii)  generate: the teacher writes the user request for each call set, then answers it
+      as a function-calling assistant with the tools (plus distractors) in context
+(iii) validate: parsed calls == sampled calls (order-insensitive, values normalised by
+      schema type); irrelevance: no call
+(iv)  post_edit: calls as structured `tool_calls` with schema-typed arguments
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import json
+import random
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from pipeline.chat_template import parse_tool_calls
+from pipeline.recipe import Section
+from pipeline.records import make_record, stable_hash
+from synth_data.engines import Sampling
+from synth_data.four_steps import rejected_if_malformed
+
+NAME = "tool_use"
+CATALOGUE_FILES = (
+    "simple_python", "multiple", "parallel", "parallel_multiple",
+    "live_simple", "live_multiple", "live_parallel", "live_parallel_multiple",
+)
+IRRELEVANCE_FILES = ("irrelevance",)
+KINDS = ("single", "parallel", "multiple", "irrelevance")
+
+REJECT_REASONS = (
+    "empty", "truncated", "empty_request", "request_missing_value", "malformed_call",
+    "no_call", "call_when_irrelevant", "wrong_function", "missing_call", "extra_call",
+    "wrong_type", "wrong_arguments",
+)
+
+
+class Config(Section):
+    count: int = Field(16, ge=0)  # call sets (prompts)
+    # Share of each kind of call set.
+    mix: dict[str, float] = Field(
+        default_factory=lambda: {"single": 0.4, "parallel": 0.2, "multiple": 0.2, "irrelevance": 0.2}
+    )
+    max_parallel: int = Field(3, ge=2)
+    distractors: int = Field(1, ge=0)  # extra tools in context that must not be called
+    optional_p: float = Field(0.3, ge=0, le=1)  # chance an optional argument is set
+    heldout_fraction: float = Field(0.1, ge=0, lt=1)  # BFCL items never sampled
+    n: int = Field(2, ge=1)  # answers per request
+    temperature: float = 0.3
+    max_tokens: int = Field(160, gt=0)
+    request_max_tokens: int = Field(80, gt=0)
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------- BFCL data
+def bfcl_data_dir() -> Path:
+    # find_spec locates the data without importing bfcl_eval (it pulls heavy deps).
+    spec = importlib.util.find_spec("bfcl_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "tool_use needs the PyPI package bfcl-eval: pip install --no-deps bfcl-eval==2026.3.23"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
+def _read_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@functools.cache
+def bfcl_items(category: str) -> tuple[dict[str, Any], ...]:
+    return tuple(_read_lines(bfcl_data_dir() / f"BFCL_v4_{category}.json"))
+
+
+@functools.cache
+def bfcl_answers(category: str) -> dict[str, list[dict[str, Any]]]:
+    path = bfcl_data_dir() / "possible_answer" / f"BFCL_v4_{category}.json"
+    return {row["id"]: row["ground_truth"] for row in _read_lines(path)} if path.is_file() else {}
+
+
+def is_heldout(item_id: str, fraction: float) -> bool:
+    return int(stable_hash("bfcl-heldout", item_id, length=8), 16) % 10_000 < fraction * 10_000
+
+
+def heldout_questions(fraction: float = 0.1) -> list[str]:
+    """User turns of the held-out BFCL items (the decontamination reference)."""
+    out = []
+    for category in (*CATALOGUE_FILES, *IRRELEVANCE_FILES):
+        for item in bfcl_items(category):
+            if is_heldout(item["id"], fraction):
+                out += [t["content"] for turn in item["question"] for t in turn if t["role"] == "user"]
+    return out
+
+
+@functools.cache
+def catalogue(fraction: float) -> dict[str, dict[str, Any]]:
+    """name -> {"function": BFCL schema, "pool": {param: [real values]}}, without any
+    function that appears in a held-out item."""
+    functions: dict[str, dict[str, Any]] = {}
+    pools: dict[str, dict[str, list[Any]]] = {}
+    banned: set[str] = set()
+    for category in CATALOGUE_FILES:
+        answers = bfcl_answers(category)
+        for item in bfcl_items(category):
+            names = {fn["name"] for fn in item["function"]}
+            if is_heldout(item["id"], fraction):
+                banned |= names
+                continue
+            for fn in item["function"]:
+                functions.setdefault(fn["name"], fn)
+            for call in answers.get(item["id"], []):
+                for name, args in call.items():
+                    for param, options in args.items():
+                        value = next((o for o in options if o != ""), None)
+                        if value is not None and value not in pools.setdefault(name, {}).setdefault(param, []):
+                            pools[name][param].append(value)
+    return {
+        name: {"function": fn, "pool": pools.get(name, {})}
+        for name, fn in sorted(functions.items()) if name not in banned
+    }
+
+
+def openai_tool(fn: dict[str, Any]) -> dict[str, Any]:
+    """A BFCL function as an OpenAI-style tool (JSON-schema types, API-safe name)."""
+    return {"type": "function", "function": {
+        "name": tool_name(fn["name"]), "description": fn.get("description", ""),
+        "parameters": _json_schema(fn.get("parameters", {"type": "dict", "properties": {}})),
+    }}
+
+
+def tool_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", name)
+
+
+TYPE_MAP = {"dict": "object", "float": "number", "tuple": "array"}
+
+
+def _json_schema(spec: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in spec.items() if k not in ("type", "properties", "items")}
+    if spec.get("type") not in (None, "any"):
+        out["type"] = TYPE_MAP.get(spec["type"], spec["type"])
+    if "properties" in spec:
+        out["properties"] = {k: _json_schema(v) for k, v in spec["properties"].items()}
+    if isinstance(spec.get("items"), dict):
+        out["items"] = _json_schema(spec["items"])
+    return out
+
+
+# ----------------------------------------------------------- sampling assignments
+def sample_value(spec: dict[str, Any], pool: list[Any], rng: random.Random) -> Any:
+    """A valid value for one parameter, or None when none can be made up honestly."""
+    if spec.get("enum"):
+        return rng.choice(spec["enum"])
+    if pool:
+        return rng.choice(pool)
+    kind = spec.get("type")
+    if kind == "integer":
+        return rng.randint(1, 100)
+    if kind == "float":
+        return round(rng.uniform(1, 100), 1)
+    if kind == "boolean":
+        return rng.choice([True, False])
+    if kind in ("array", "tuple") and isinstance(spec.get("items"), dict):
+        items = [sample_value(spec["items"], [], rng) for _ in range(rng.randint(1, 3))]
+        return None if any(v is None for v in items) else items
+    return None  # free strings/objects without real examples: skip rather than invent
+
+
+def sample_assignment(entry: dict[str, Any], rng: random.Random, optional_p: float) -> dict[str, Any] | None:
+    params = entry["function"].get("parameters", {})
+    props, required = params.get("properties", {}), set(params.get("required", []))
+    args = {}
+    for name, spec in props.items():
+        if name not in required and rng.random() >= optional_p:
+            continue
+        value = sample_value(spec, entry["pool"].get(name, []), rng)
+        if value is None:
+            if name in required:
+                return None
+            continue
+        args[name] = value
+    return args
+
+
+def _call_sets(cfg: Config, rng: random.Random, kind: str, cat: dict[str, Any], names: list[str]):
+    """One call set of the given kind: [{"name", "arguments"}], or None on failure."""
+    for _ in range(20):  # a few tries: some functions have no samplable assignment
+        if kind == "multiple":
+            picks = rng.sample(names, rng.randint(2, cfg.max_parallel))
+        else:
+            picks = [rng.choice(names)] * (1 if kind == "single" else rng.randint(2, cfg.max_parallel))
+        calls = []
+        for name in picks:
+            args = sample_assignment(cat[name], rng, cfg.optional_p)
+            if args is None or {"name": name, "arguments": args} in calls:
+                break
+            calls.append({"name": name, "arguments": args})
+        else:
+            return calls
+    return None
+
+
+# ------------------------------------------------------------------------ (i)
+def sample_prompts(cfg: Config, rng: random.Random) -> list[dict[str, Any]]:
+    unknown = sorted(set(cfg.mix) - set(KINDS))
+    if unknown:
+        raise ValueError(f"generate.tool_use.mix: unknown kinds {unknown} (known: {', '.join(KINDS)})")
+    cat = catalogue(cfg.heldout_fraction)
+    names = list(cat)
+    irrelevant = [it for f in IRRELEVANCE_FILES for it in bfcl_items(f)
+                  if not is_heldout(it["id"], cfg.heldout_fraction)]
+    kinds, weights = zip(*[(k, w) for k, w in cfg.mix.items() if w > 0])
+    prompts = []
+    for i in range(cfg.count):
+        kind = rng.choices(kinds, weights)[0]
+        pid = f"tool-{cfg.seed}-{i}"
+        if kind == "irrelevance":
+            item = rng.choice(irrelevant)
+            prompts.append({"id": pid, "kind": kind, "source": item["id"], "calls": [],
+                            "request": item["question"][0][-1]["content"],
+                            "tools": [openai_tool(fn) for fn in item["function"]]})
+            continue
+        calls = _call_sets(cfg, rng, kind, cat, names)
+        if calls is None:
+            continue
+        used = sorted({c["name"] for c in calls})
+        others = [n for n in names if n not in used]
+        in_context = used + rng.sample(others, min(cfg.distractors, len(others)))
+        rng.shuffle(in_context)
+        prompts.append({
+            "id": pid, "kind": kind, "source": "bfcl-catalogue",
+            "calls": [{"name": tool_name(c["name"]), "arguments": c["arguments"]} for c in calls],
+            "tools": [openai_tool(cat[n]["function"]) for n in in_context],
+        })
+    return prompts
+
+
+# ----------------------------------------------------------------------- (ii)
+REQUEST_PROMPT = """Write the message a user would send to an assistant so that the assistant makes exactly the function calls below. Mention every argument value. Reply with the message only.
+
+Example
+Calls:
+calculate_triangle_area(base=10, height=5)
+Message: Find the area of a triangle with a base of 10 units and a height of 5 units.
+
+Calls:
+{calls}
+Message:"""
+
+ANSWER_SYSTEM = """You are a function-calling assistant. If the user's request needs one or more of the functions, reply only with one <tool_call> block per call and nothing else, for example:
+<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}</tool_call>
+If no function fits the request, answer briefly in plain text and call nothing."""
+
+
+def _show_call(call: dict[str, Any]) -> str:
+    args = ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in call["arguments"].items())
+    return f"{call['name']}({args})"
+
+
+def _clean_request(text: str) -> str:
+    text = text.strip().split("\n\n")[0].strip()
+    text = re.sub(r"^(message|request|user)\s*:\s*", "", text, flags=re.IGNORECASE).strip()
+    return text.strip('"').strip()
+
+
+def generate(prompts: list[dict[str, Any]], engine, cfg: Config) -> list[dict[str, Any]]:
+    request_sampling = Sampling(temperature=0.7, max_tokens=cfg.request_max_tokens, n=1, seed=cfg.seed)
+    answer_sampling = Sampling(temperature=cfg.temperature, max_tokens=cfg.max_tokens, n=cfg.n, seed=cfg.seed)
+    # Step (ii.a): the teacher writes a request for every sampled call set.
+    need = [p for p in prompts if p["kind"] != "irrelevance"]
+    convs = [[{"role": "user", "content": REQUEST_PROMPT.format(
+        calls="\n".join(_show_call(c) for c in p["calls"]))}] for p in need]
+    for p, (out,) in zip(need, engine.chat(convs, request_sampling)):
+        p["request"] = _clean_request(out.text)
+        p["request_finish"] = out.finish_reason
+    # Step (ii.b): the teacher answers each request with the tools in context.
+    answer_convs = [[{"role": "system", "content": ANSWER_SYSTEM},
+                     {"role": "user", "content": p["request"]}] for p in prompts]
+    outs = engine.chat(answer_convs, answer_sampling, [p["tools"] for p in prompts])
+    candidates = []
+    for p, samples in zip(prompts, outs):
+        for j, out in enumerate(samples):
+            candidates.append({
+                "messages": [{"role": "user", "content": p["request"]},
+                             {"role": "assistant", "content": out.text}],
+                "tools": p["tools"],
+                "expected": p["calls"],
+                "meta": {"seed_id": p["id"], "kind": p["kind"], "source": p["source"],
+                         "teacher": engine.model, "engine": engine.name, "sample": j,
+                         "sampling": dataclasses.asdict(answer_sampling),
+                         "expected_calls": json.dumps(p["calls"], sort_keys=True)},
+                "completion": {"finish_reason": out.finish_reason, "tokens": out.tokens},
+            })
+    return candidates
+
+
+# ---------------------------------------------------------------------- (iii)
+class TypeMismatch(ValueError):
+    pass
+
+
+def normalise(value: Any, spec: dict[str, Any] | None) -> Any:
+    """A canonical form of `value` under its JSON-schema `spec`; TypeMismatch if the
+    value cannot be of that type (e.g. "abc" for an integer)."""
+    kind = (spec or {}).get("type")
+    if kind == "integer":
+        if isinstance(value, bool):
+            raise TypeMismatch(value)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise TypeMismatch(value) from None
+        if number != int(number):
+            raise TypeMismatch(value)
+        return int(number)
+    if kind == "number":
+        if isinstance(value, bool):
+            raise TypeMismatch(value)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise TypeMismatch(value) from None
+    if kind == "boolean":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        raise TypeMismatch(value)
+    if kind == "string":
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise TypeMismatch(value)
+        return " ".join(str(value).split()).casefold()
+    if kind == "array":
+        if not isinstance(value, (list, tuple)):
+            raise TypeMismatch(value)
+        return tuple(normalise(v, spec.get("items")) for v in value)
+    if kind == "object" or isinstance(value, dict):
+        if not isinstance(value, dict):
+            raise TypeMismatch(value)
+        props = (spec or {}).get("properties", {})
+        return tuple(sorted((k, normalise(v, props.get(k))) for k, v in value.items()))
+    if isinstance(value, list):
+        return tuple(normalise(v, None) for v in value)
+    return " ".join(value.split()).casefold() if isinstance(value, str) else value
+
+
+def canonical_call(call: dict[str, Any], tools_by_name: dict[str, dict[str, Any]]) -> tuple:
+    """(name, sorted normalised arguments), arguments equal to the schema default dropped."""
+    params = tools_by_name.get(call["name"], {}).get("parameters", {})
+    props = params.get("properties", {})
+    out = []
+    for key, value in call["arguments"].items():
+        spec = props.get(key)
+        norm = normalise(value, spec)
+        if spec is not None and "default" in spec:
+            try:
+                if norm == normalise(spec["default"], spec):
+                    continue
+            except TypeMismatch:
+                pass
+        out.append((key, norm))
+    return call["name"], tuple(sorted(out, key=lambda kv: kv[0]))
+
+
+def match_calls(text: str, expected: list[dict[str, Any]], tools: list[dict[str, Any]]) -> str | None:
+    """None when the calls in `text` equal `expected` (as a multiset), else a reason code."""
+    calls, errors = parse_tool_calls(text)
+    if errors or ("<tool_call>" in text and not calls):
+        return "malformed_call"
+    if not expected:
+        return "call_when_irrelevant" if calls else None
+    if not calls:
+        return "no_call"
+    by_name = {t["function"]["name"]: t["function"] for t in tools}
+    if any(c["name"] not in by_name for c in calls) or \
+            {c["name"] for c in calls} != {c["name"] for c in expected}:
+        return "wrong_function"
+    try:
+        got = Counter(canonical_call(c, by_name) for c in calls)
+    except TypeMismatch:
+        return "wrong_type"
+    want = Counter(canonical_call(c, by_name) for c in expected)
+    if got == want:
+        return None
+    if sum(got.values()) < sum(want.values()):
+        return "missing_call"
+    if sum(got.values()) > sum(want.values()):
+        return "extra_call"
+    return "wrong_arguments"
+
+
+def _request_mentions(request: str, calls: list[dict[str, Any]]) -> bool:
+    """Every scalar argument value appears in the request (a request that leaves a
+    value out cannot be answered with the sampled call)."""
+    text = request.casefold()
+    for call in calls:
+        for value in call["arguments"].values():
+            for v in value if isinstance(value, list) else [value]:
+                if isinstance(v, bool) or isinstance(v, dict):
+                    continue
+                shown = f"{v:g}" if isinstance(v, float) else str(v)
+                if shown.casefold() not in text:
+                    return False
+    return True
+
+
+def validate(candidates: list[dict[str, Any]], cfg: Config) -> list[dict[str, Any]]:
+    for c in candidates:
+        request = c["messages"][0]["content"]
+        reason = None
+        if not request.strip():
+            reason = "empty_request"
+        elif c["expected"] and not _request_mentions(request, c["expected"]):
+            reason = "request_missing_value"
+        reason = reason or rejected_if_malformed(c) or match_calls(c["messages"][-1]["content"], c["expected"], c["tools"])
+        c["reject_reason"] = reason
+        calls, errors = parse_tool_calls(c["messages"][-1]["content"])
+        c["scores"] = {"calls_parsed": len(calls), "calls_malformed": len(errors),
+                       "calls_expected": len(c["expected"]), "match": reason is None}
+    return candidates
+
+
+# ----------------------------------------------------------------------- (iv)
+def post_edit(c: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    meta = {**c["meta"], "scores": c["scores"]}
+    user = c["messages"][0]
+    if c["expected"]:
+        # The sampled calls, schema-typed, replace the teacher's text (they matched it).
+        answer = {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": call["name"],
+                                              "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
+            for call in c["expected"]]}
+        meta["post_edit"] = ["structured_tool_calls", "schema_typed_arguments"]
+    else:
+        answer = {"role": "assistant", "content": c["messages"][-1]["content"].strip()}
+        meta["post_edit"] = ["strip_whitespace"]
+    return make_record(NAME, [user, answer], meta, c["tools"])
