@@ -223,6 +223,21 @@ def test_auto_mode_without_a_server_passes_automatic_verdicts_through(tmp_path, 
     assert [r["id"] for r in read_jsonl(out / "reviewed.jsonl")] == [r["id"] for r in records]
 
 
+def test_bad_input_and_bad_recipe_keys_are_named(tmp_path, capsys):
+    from pipeline.recipe import RecipeError, load_recipe
+    from review.dataset import ReviewInputError, load_candidates
+
+    records = candidates("doc_qa", 2)
+    records[1]["messages"] = records[1]["messages"][:-1]  # ends on the user's turn
+    [path] = write_inputs(tmp_path, records)
+    with pytest.raises(ReviewInputError, match=rf"{path}:2: record '{records[1]['id']}': the final turn"):
+        load_candidates([path])
+    with pytest.raises(ReviewInputError, match="matches no file"):
+        load_candidates([str(tmp_path / "nothing" / "*.jsonl")])
+    with pytest.raises(RecipeError, match="review.unreviewed"):
+        load_recipe(recipe(tmp_path), ["review.unreviewed=maybe"])
+
+
 def test_wrong_api_key_is_one_clear_error(argilla, tmp_path, monkeypatch, capsys):
     from review import cli
 
