@@ -1,0 +1,230 @@
+"""`posttrain dedup RECIPE`: deduplicate and decontaminate every pipeline's accepted
+records together.
+
+- exact duplicates: same normalised text (case, punctuation, whitespace ignored)
+- near duplicates: word-shingle Jaccard >= dedup.threshold, found with MinHash + LSH
+  banding and confirmed on the exact shingle sets
+- contamination: a record sharing a word n-gram (dedup.ngram words, or the whole item
+  when it is shorter) with a held-out evaluation item: BFCL's held-out slice and
+  any dedup.heldout_files
+
+Records are visited pipeline by pipeline (sorted), in file order; the first of a group
+is kept. Kept records go to OUT/<pipeline>.jsonl, removed ones to OUT/removed.jsonl
+with reject_reason duplicate / near_duplicate / contaminated and what they matched;
+OUT/stats.json has the counts, conserved per pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+from pipeline.recipe import RecipeError, add_recipe_arguments, load_recipe
+from pipeline.records import read_jsonl, write_json, write_jsonl
+
+PRIME = (1 << 61) - 1
+ROWS_PER_BAND = 4
+
+
+def record_text(record: dict[str, Any]) -> str:
+    """All turns' text, tool calls included: what makes two records the same."""
+    parts = []
+    for m in record.get("messages", []):
+        parts.append(m.get("content") or "")
+        for call in m.get("tool_calls") or []:
+            fn = call.get("function", call)
+            parts.append(f"{fn.get('name')} {fn.get('arguments')}")
+    return "\n".join(parts)
+
+
+def normalise(text: str) -> list[str]:
+    return re.findall(r"\w+", text.casefold())
+
+
+def _hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+def shingles(words: list[str], k: int) -> set[int]:
+    if len(words) < k:
+        return {_hash(" ".join(words))} if words else set()
+    return {_hash(" ".join(words[i : i + k])) for i in range(len(words) - k + 1)}
+
+
+def jaccard(a: set[int], b: set[int]) -> float:
+    return len(a & b) / len(a | b) if a or b else 1.0
+
+
+class MinHasher:
+    def __init__(self, num_perm: int = 64, seed: int = 0):
+        import random
+
+        rng = random.Random(seed)
+        self.params = [(rng.randrange(1, PRIME), rng.randrange(0, PRIME)) for _ in range(num_perm)]
+
+    def signature(self, items: set[int]) -> tuple[int, ...]:
+        if not items:
+            return tuple(0 for _ in self.params)
+        return tuple(min((a * x + b) % PRIME for x in items) for a, b in self.params)
+
+
+def find_duplicates(
+    records: list[dict[str, Any]], shingle: int = 5, num_perm: int = 64, threshold: float = 0.8
+) -> dict[int, tuple[str, int, float]]:
+    """index -> (reason, index of the kept record it repeats, similarity) for every
+    record that repeats an earlier one."""
+    hasher = MinHasher(num_perm)
+    bands = max(1, num_perm // ROWS_PER_BAND)
+    exact: dict[str, int] = {}
+    buckets: dict[tuple[int, tuple[int, ...]], list[int]] = {}
+    kept_shingles: dict[int, set[int]] = {}
+    found: dict[int, tuple[str, int, float]] = {}
+    for i, record in enumerate(records):
+        words = normalise(record_text(record))
+        key = " ".join(words)
+        if key in exact:
+            found[i] = ("duplicate", exact[key], 1.0)
+            continue
+        sh = shingles(words, shingle)
+        sig = hasher.signature(sh)
+        keys = [(b, sig[b * ROWS_PER_BAND : (b + 1) * ROWS_PER_BAND]) for b in range(bands)]
+        candidates = {j for k in keys for j in buckets.get(k, [])}
+        best = max(((jaccard(sh, kept_shingles[j]), j) for j in candidates), default=(0.0, -1))
+        if best[0] >= threshold:
+            found[i] = ("near_duplicate", best[1], round(best[0], 4))
+            continue
+        exact[key] = i
+        kept_shingles[i] = sh
+        for k in keys:
+            buckets.setdefault(k, []).append(i)
+    return found
+
+
+class Decontaminator:
+    """Finds records that share a word n-gram with any held-out item."""
+
+    def __init__(self, items: Iterable[str], n: int = 13):
+        self.n = n
+        self.grams: dict[int, set[tuple[str, ...]]] = {}
+        for item in items:
+            words = normalise(item)
+            size = min(n, len(words))
+            if size >= 4:  # shorter items would match ordinary phrases
+                self.grams.setdefault(size, set()).update(
+                    tuple(words[i : i + size]) for i in range(len(words) - size + 1))
+
+    def match(self, text: str) -> str | None:
+        words = normalise(text)
+        for size, grams in self.grams.items():
+            for i in range(len(words) - size + 1):
+                if tuple(words[i : i + size]) in grams:
+                    return " ".join(words[i : i + size])
+        return None
+
+
+def heldout_items(paths: list[str], bfcl_fraction: float | None) -> list[str]:
+    """Text of held-out evaluation items: BFCL's held-out slice plus files (JSONL,
+    JSON or plain text, one item per line); every string inside JSON counts."""
+    items: list[str] = []
+    if bfcl_fraction is not None:
+        from synth_data.tool_use import heldout_questions
+
+        items += heldout_questions(bfcl_fraction)
+    for name in paths:
+        path = Path(name)
+        if not path.is_file():
+            raise RecipeError(f"dedup.heldout_files: {path}: no such file")
+        text = path.read_text(encoding="utf-8")
+        if path.suffix in (".jsonl", ".json"):
+            try:
+                values = [json.loads(line) for line in text.splitlines() if line.strip()] \
+                    if path.suffix == ".jsonl" else [json.loads(text)]
+            except ValueError as exc:
+                raise RecipeError(f"dedup.heldout_files: {path}: not valid JSON: {exc}") from None
+            items += list(_strings(values))
+        else:
+            items += [line for line in text.splitlines() if line.strip()]
+    return items
+
+
+def _strings(value: Any) -> Iterable[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def dedup(
+    inputs: dict[str, list[dict[str, Any]]], decontaminator: Decontaminator | None,
+    shingle: int = 5, num_perm: int = 64, threshold: float = 0.8,
+) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]], dict[str, Any]]:
+    """(kept per pipeline, removed records with reasons, stats)."""
+    order = [(name, r) for name in sorted(inputs) for r in inputs[name]]
+    removed_at: dict[int, dict[str, Any]] = {}
+    if decontaminator is not None:
+        for i, (_, r) in enumerate(order):
+            hit = decontaminator.match(record_text(r))
+            if hit:
+                removed_at[i] = {"reject_reason": "contaminated", "matched_ngram": hit}
+    clean = [i for i in range(len(order)) if i not in removed_at]
+    for j, (reason, of, sim) in find_duplicates([order[i][1] for i in clean], shingle, num_perm, threshold).items():
+        removed_at[clean[j]] = {"reject_reason": reason, "duplicate_of": order[clean[of]][1]["id"], "similarity": sim}
+    kept: dict[str, list[dict[str, Any]]] = {name: [] for name in inputs}
+    removed = []
+    per: dict[str, dict[str, Any]] = {n: {"input": len(inputs[n]), "kept": 0, "removed": {}} for n in inputs}
+    for i, (name, r) in enumerate(order):
+        if i in removed_at:
+            info = removed_at.pop(i)
+            reason = info.pop("reject_reason")
+            removed.append({**r, "meta": {**r.get("meta", {}), "dedup": info}, "reject_reason": reason})
+            per[name]["removed"][reason] = per[name]["removed"].get(reason, 0) + 1
+        else:
+            kept[name].append(r)
+            per[name]["kept"] += 1
+    for name, s in per.items():
+        if s["input"] != s["kept"] + sum(s["removed"].values()):
+            raise AssertionError(f"dedup: counts not conserved for {name}: {s}")
+    totals = {"input": len(order), "kept": sum(len(v) for v in kept.values()), "removed": {}}
+    for s in per.values():
+        for reason, count in s["removed"].items():
+            totals["removed"][reason] = totals["removed"].get(reason, 0) + count
+    return kept, removed, {**totals, "pipelines": per}
+
+
+def add_arguments(parser) -> None:
+    add_recipe_arguments(parser)
+    parser.add_argument("--in", dest="input", default="data/synth",
+                        help="folder holding <pipeline>/accepted.jsonl (default data/synth)")
+    parser.add_argument("--out", default="data/synth/dedup", help="output folder")
+
+
+def main(args) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    cfg = recipe.dedup
+    root = Path(args.input)
+    names = cfg.pipelines or sorted(p.parent.name for p in root.glob("*/accepted.jsonl"))
+    missing = [n for n in names if not (root / n / "accepted.jsonl").is_file()]
+    if missing or not names:
+        raise RecipeError(f"dedup: no accepted.jsonl under {root} for {missing or 'any pipeline'}")
+    inputs = {n: read_jsonl(root / n / "accepted.jsonl") for n in names}
+    fraction = None
+    if cfg.bfcl_heldout:
+        fraction = ((recipe.raw.get("generate") or {}).get("tool_use") or {}).get("heldout_fraction", 0.1)
+    items = heldout_items(cfg.heldout_files, fraction)
+    kept, removed, stats = dedup(inputs, Decontaminator(items, cfg.ngram) if items else None,
+                                 cfg.shingle, cfg.num_perm, cfg.threshold)
+    stats["heldout_items"] = len(items)
+    out = Path(args.out)
+    for name, records in kept.items():
+        write_jsonl(out / f"{name}.jsonl", records)
+    write_jsonl(out / "removed.jsonl", removed)
+    write_json(out / "stats.json", stats)
+    print(json.dumps({k: stats[k] for k in ("input", "kept", "removed")}))
+    return 0

@@ -1,0 +1,74 @@
+"""Dedup and decontamination: exact and near duplicates are removed within and across
+pipelines, records that copy held-out evaluation items are dropped, and every input
+record ends up either kept or in removed.jsonl with its reason."""
+
+import json
+import subprocess
+import sys
+
+from pipeline.records import make_record, read_jsonl, write_jsonl
+from synth_data.dedup import Decontaminator, dedup, find_duplicates, jaccard, normalise, record_text, shingles
+
+BASE = ("The community garden opens on Saturday morning with free seedlings, a short talk on "
+        "composting and a picnic for every volunteer who helped build the raised beds last spring.")
+
+
+def rec(pipeline, text, user="Write a note."):
+    return make_record(pipeline, [{"role": "user", "content": user}, {"role": "assistant", "content": text}])
+
+
+def test_exact_duplicates_ignore_case_punctuation_and_spacing():
+    records = [rec("a", BASE), rec("a", BASE.upper().replace(",", "") + "  "), rec("a", "Something else entirely.")]
+    assert find_duplicates(records) == {1: ("duplicate", 0, 1.0)}
+
+
+def test_near_duplicates_are_found_and_distinct_texts_kept():
+    near = BASE.replace("Saturday", "Sunday")
+    other = "Quarterly revenue grew by four percent while operating costs stayed flat across all regions."
+    a, b = rec("a", BASE), rec("a", near)
+    sim = jaccard(*(shingles(normalise(record_text(r)), 5) for r in (a, b)))
+    assert 0.5 < sim < 1
+    found = find_duplicates([a, b, rec("a", other)], threshold=sim - 0.01)
+    assert found == {1: ("near_duplicate", 0, round(sim, 4))}
+    assert find_duplicates([a, b], threshold=min(1.0, sim + 0.05)) == {}
+
+
+def test_decontamination_matches_ngrams_and_short_items_whole():
+    d = Decontaminator(["What is the weather like in Boston today?", BASE], n=8)
+    assert d.match("Tell me: what is the weather like in Boston today, please") is not None
+    assert d.match("A picnic for every volunteer who helped build the raised beds.") is not None
+    assert d.match("The weather in Boston is mild.") is None
+
+
+def test_dedup_across_pipelines_conserves_counts():
+    inputs = {"steerability": [rec("steerability", BASE), rec("steerability", "Unique one.")],
+              "tool_use": [rec("tool_use", BASE), rec("tool_use", "What is the weather like in Boston today?")]}
+    kept, removed, stats = dedup(inputs, Decontaminator(["what is the weather like in Boston today"], n=13))
+    assert [r["reject_reason"] for r in removed] == ["duplicate", "contaminated"]
+    assert removed[0]["meta"]["dedup"]["duplicate_of"] == inputs["steerability"][0]["id"]
+    assert stats["input"] == 4 and stats["kept"] == 2
+    assert stats["removed"] == {"duplicate": 1, "contaminated": 1}
+    assert [len(kept[n]) for n in sorted(kept)] == [2, 0]
+
+
+def test_dedup_stage_writes_kept_and_removed_files(tmp_path):
+    root = tmp_path / "synth"
+    write_jsonl(root / "steerability" / "accepted.jsonl", [rec("steerability", BASE), rec("steerability", BASE)])
+    write_jsonl(root / "tool_use" / "accepted.jsonl", [rec("tool_use", "Fine.")])
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text(json.dumps({"question": "Fine."}) + "\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"dedup:\n  heldout_files: [{heldout}]\n  bfcl_heldout: true\n")
+    out = tmp_path / "dedup"
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "dedup", str(recipe), "--in", str(root),
+                           "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["input"] == 3 and stats["kept"] == 2 and stats["removed"] == {"duplicate": 1}
+    assert stats["heldout_items"] > 1  # BFCL held-out slice + the file (too short to match)
+    assert len(read_jsonl(out / "removed.jsonl")) == 1 and len(read_jsonl(out / "steerability.jsonl")) == 1
+
+    recipe.write_text("dedup:\n  heldout_files: [/nonexistent.jsonl]\n")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "dedup", str(recipe), "--in", str(root),
+                           "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "/nonexistent.jsonl: no such file" in proc.stderr
