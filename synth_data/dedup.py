@@ -9,9 +9,9 @@ records together.
   any dedup.heldout_files
 
 Records are visited pipeline by pipeline (sorted), in file order; the first of a group
-is kept. Kept records go to OUT/<pipeline>.jsonl, removed ones to OUT/removed.jsonl
-with reject_reason duplicate / near_duplicate / contaminated and what they matched;
-OUT/stats.json has the counts, conserved per pipeline.
+is kept. Kept records go to OUT/accepted/<pipeline>.jsonl, removed ones to
+OUT/removed.jsonl with reject_reason duplicate / near_duplicate / contaminated and what
+they matched; OUT/dedup_stats.json has the counts, conserved per pipeline.
 """
 
 from __future__ import annotations
@@ -200,9 +200,9 @@ def dedup(
 
 def add_arguments(parser) -> None:
     add_recipe_arguments(parser)
-    parser.add_argument("--in", dest="input", default="data/synth",
+    parser.add_argument("--input", default="data/synth",
                         help="folder holding <pipeline>/accepted.jsonl (default data/synth)")
-    parser.add_argument("--out", default="data/synth/dedup", help="output folder")
+    parser.add_argument("--out", default="data/dedup", help="output folder")
 
 
 def main(args) -> int:
@@ -223,8 +223,8 @@ def main(args) -> int:
     stats["heldout_items"] = len(items)
     out = Path(args.out)
     for name, records in kept.items():
-        write_jsonl(out / f"{name}.jsonl", records)
+        write_jsonl(out / "accepted" / f"{name}.jsonl", records)
     write_jsonl(out / "removed.jsonl", removed)
-    write_json(out / "stats.json", stats)
+    write_json(out / "dedup_stats.json", stats)
     print(json.dumps({k: stats[k] for k in ("input", "kept", "removed")}))
     return 0

@@ -60,15 +60,15 @@ def test_dedup_stage_writes_kept_and_removed_files(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"dedup:\n  heldout_files: [{heldout}]\n  bfcl_heldout: true\n")
     out = tmp_path / "dedup"
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "dedup", str(recipe), "--in", str(root),
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "dedup", str(recipe), "--input", str(root),
                            "--out", str(out)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    stats = json.loads((out / "stats.json").read_text())
+    stats = json.loads((out / "dedup_stats.json").read_text())
     assert stats["input"] == 3 and stats["kept"] == 2 and stats["removed"] == {"duplicate": 1}
     assert stats["heldout_items"] > 1  # BFCL held-out slice + the file (too short to match)
-    assert len(read_jsonl(out / "removed.jsonl")) == 1 and len(read_jsonl(out / "steerability.jsonl")) == 1
+    assert len(read_jsonl(out / "removed.jsonl")) == 1 and len(read_jsonl(out / "accepted" / "steerability.jsonl")) == 1
 
     recipe.write_text("dedup:\n  heldout_files: [/nonexistent.jsonl]\n")
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "dedup", str(recipe), "--in", str(root),
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "dedup", str(recipe), "--input", str(root),
                            "--out", str(out)], capture_output=True, text=True)
     assert proc.returncode == 2 and "/nonexistent.jsonl: no such file" in proc.stderr

@@ -41,6 +41,7 @@ def transformers_engine(teacher_dir):
     return TransformersEngine("teacher", batch_size=4, threads=1)
 
 
+@pytest.mark.slow  # loading torch + the teacher takes ~45 s on a busy CPU
 def test_completions_per_conversation_in_order_and_cached(tmp_path, transformers_engine):
     engine = CachedEngine(transformers_engine, tmp_path, chunk=2, progress=False)
     convs = [[{"role": "user", "content": "What is the capital of France? One word."}],
