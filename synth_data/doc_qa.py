@@ -238,7 +238,7 @@ def record_messages(meta: dict[str, Any], question: str, answer: str) -> list[di
         else:
             shown = "\n\n".join(f"Paragraph {i + 1}: {p}" for i, p in enumerate(paras))
             user = f"{shown}\n\nQuestion: {question}\nSay which paragraph supports the answer."
-            reply = f"{answer} (paragraph {meta['cited'] + 1})"
+            reply = f"{answer.rstrip('.')} (paragraph {meta['cited'] + 1})."
     return [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
 
 
