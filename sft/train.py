@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -90,9 +91,10 @@ def sft_config(recipe: Recipe, output_dir: Path):
         **recipe.sft,
         "output_dir": str(output_dir),
     }
-    if fields.get("deepspeed") and not on_gpu:
+    if (fields.get("deepspeed") or int(os.environ.get("WORLD_SIZE", "1")) > 1) and not on_gpu:
         # DeepSpeed on CPU trains only with use_cpu=True (else batch-size assertion
-        # or a gloo allgather error; STACK.md).
+        # or a gloo allgather error; STACK.md). Plain DDP under torchrun without it
+        # runs unsynchronised copies (every rank its own model and full data).
         fields["use_cpu"] = True
     if fields.get("gradient_checkpointing"):
         # Reentrant checkpointing recomputes without grad: hook-stored activations then
