@@ -8,7 +8,9 @@ only verbalises the table into a paragraph.
 (ii)  generate: the teacher writes the table's facts as a paragraph (one worked
       example in the conversation steers a small teacher)
 (iii) validate: every value and row name the answer depends on must appear in the
-      paragraph, otherwise `dropped_value`; plus malformed/degenerate/copied-table
+      paragraph (else `dropped_value`), and no number the table lacks or word copied
+      from the worked example may (else `invented_value`); plus malformed, looping,
+      copied-table
 (iv)  post_edit: the record pairs the paragraph with the question and the computed
       answer; meta keeps the table (source), dataset row ids and the needed values
 """
@@ -31,7 +33,9 @@ from synth_data.engines import Sampling
 from synth_data.four_steps import candidate, rejected_if_malformed
 
 NAME = "table_qa"
-REJECT_REASONS = ("empty", "truncated", "dropped_value", "copied_table", "degenerate_repetition")
+REJECT_REASONS = (
+    "empty", "truncated", "dropped_value", "invented_value", "copied_table", "degenerate_repetition",
+)
 QUESTION_TYPES = ("extraction", "aggregation", "attribution")
 AGGREGATIONS = ("sum", "mean", "max", "min", "count_above", "argmax", "argmin")
 
@@ -194,14 +198,17 @@ def sample_prompts(cfg: Config, rng: random.Random) -> list[dict[str, Any]]:
     return prompts
 
 
+# The worked example mirrors the facts' shape; its content words and numbers are
+# distinctive so that copying them is caught as an invented value.
 EXAMPLE_FACTS = (
-    "bakery 3: loaves sold is 120; price (EUR) is 2.5; town is Leeds.\n"
-    "bakery 8: loaves sold is 95; price (EUR) is 3.1; town is York."
+    "item 3: height is 120; weight is 2.5; colour is violet.\n"
+    "item 8: height is 95; weight is 3.1; colour is orange."
 )
 EXAMPLE_PARAGRAPH = (
-    "Bakery 3, in Leeds, sold 120 loaves at a price of 2.5 EUR. Bakery 8, in York, sold 95 "
-    "loaves at a price of 3.1 EUR."
+    "Item 3 has a height of 120 and a weight of 2.5, and its colour is violet. Item 8 has a "
+    "height of 95 and a weight of 3.1, and its colour is orange."
 )
+EXAMPLE_WORDS = ("violet", "orange", "item 3", "item 8")
 INSTRUCTION = "Write these facts as one short paragraph of plain sentences. Keep every name and number exactly as written.\n\n"
 
 
@@ -222,7 +229,7 @@ def generate(prompts, engine, cfg: Config) -> list[dict[str, Any]]:
         for k, comp in enumerate(completions):
             meta = {"seed_ids": p["seed_ids"], "question_type": p["question_type"],
                     "question": p["question"], "answer": p["answer"], "needed_values": p["needed"],
-                    "source": p["table_markdown"], "sample": k, "teacher": engine.model,
+                    "source": p["table_markdown"], "facts": p["facts"], "sample": k, "teacher": engine.model,
                     "sampling": dataclasses.asdict(sampling)}
             if "operation" in p:
                 meta["operation"] = p["operation"]
@@ -238,25 +245,41 @@ def mentions(text: str, value: str) -> bool:
     return re.search(rf"(?<!\w){re.escape(value)}(?!\w)", text, re.IGNORECASE) is not None
 
 
-def check_verbalisation(text: str, needed: list[str]) -> tuple[str | None, dict[str, Any]]:
+NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?")
+
+
+def invented(text: str, facts_text: str) -> list[str]:
+    """Numbers in the text that the facts do not hold, and words copied from the
+    worked example: things the teacher made up."""
+    known = {float(n) for n in NUMBER.findall(facts_text)}
+    made_up = [n for n in NUMBER.findall(text) if float(n) not in known]
+    return made_up + [w for w in EXAMPLE_WORDS if mentions(text, w) and not mentions(facts_text, w)]
+
+
+def check_verbalisation(text: str, needed: list[str], facts_text: str | None = None) -> tuple[str | None, dict[str, Any]]:
     body, _ = strip_label(text)
     missing = [v for v in needed if not mentions(body, v)]
     scores = {"needed": len(needed), "missing_values": missing,
               "coverage": round(1 - len(missing) / max(len(needed), 1), 4),
               "repetition": repetition(body)}
+    if facts_text is not None:
+        scores["invented"] = invented(body, facts_text)
     if body.count("|") >= 4:
         return "copied_table", scores
     if scores["repetition"] > 0.3 or repeated_lines(body) >= 3:
         return "degenerate_repetition", scores
     if missing:
         return "dropped_value", scores
+    if scores.get("invented"):
+        return "invented_value", scores
     return None, scores
 
 
 def validate(candidates, cfg: Config) -> list[dict[str, Any]]:
     for c in candidates:
         reason = rejected_if_malformed(c)
-        reason2, c["scores"] = check_verbalisation(c["messages"][-1]["content"], c["meta"]["needed_values"])
+        reason2, c["scores"] = check_verbalisation(
+            c["messages"][-1]["content"], c["meta"]["needed_values"], c["meta"].get("facts"))
         c["reject_reason"] = reason or reason2
     return candidates
 

@@ -71,9 +71,12 @@ VERBALISATION = "Shop 1 in Leeds sold 12 units, shop 2 in York sold 30 units and
     (VERBALISATION.replace("shop 3", "the third shop"), "dropped_value"),  # a needed row name
     ("| shop | units |\n|---|---|\n| shop 1 | 12 |", "copied_table"),
     ("Shop 1 sold 12 units. " * 12, "degenerate_repetition"),
+    (VERBALISATION + " Shop 2 also sold 45 cakes.", "invented_value"),  # a number the table lacks
+    (VERBALISATION + " Its colour is violet.", "invented_value"),  # copied from the worked example
 ])
-def test_verbalisation_must_keep_every_needed_value(text, reason):
-    got, scores = tq.check_verbalisation(text, ["12", "30", "7.5", "shop 1", "shop 2", "shop 3"])
+def test_verbalisation_must_keep_every_needed_value_and_invent_none(text, reason):
+    needed = ["12", "30", "7.5", "shop 1", "shop 2", "shop 3"]
+    got, scores = tq.check_verbalisation(text, needed, tq.facts(TABLE))
     assert got == reason, scores
     if reason == "dropped_value":
         assert scores["missing_values"] and scores["coverage"] < 1
