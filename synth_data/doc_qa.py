@@ -7,12 +7,14 @@ tokens, and the answer names the document that supports it.
 (i)   sample_prompts: a document, 1..max_paragraphs consecutive paragraphs, the one
       paragraph the question must be about; for long items a bucket and the
       distractor documents that fill it (seeded)
-(ii)  generate: the teacher answers in the form "Question: ...\\nAnswer: ..." (one
-      worked example in the conversation steers a small teacher)
+      (answer_first, the default: also a name or number in it as the answer)
+(ii)  generate: the teacher writes "Question: ...\\nAnswer: ..." (answer_first: the
+      question for the given answer); one worked example steers a small teacher
 (iii) validate: parseable, a question, grounded (most of the answer's content words
-      occur in the cited paragraph), non-trivial (the answer is not just words of
-      the question), no loops; long items: the final record's token count inside
-      its bucket
+      occur in the cited paragraph; answer_first: the question's words come from
+      the answer's sentence), non-trivial (the answer is not just words of the
+      question / the question does not contain its answer), no loops; long items:
+      the final record's token count inside its bucket
 (iv)  post_edit: tidy the answer; short items cite the paragraph when there are
       several, long items end with "Source: document <id>."
 """
@@ -52,6 +54,11 @@ class Config(Section):
     long_fraction: float = Field(0.5, ge=0, le=1)  # share of items embedded in long context
     reserve_tokens: int = Field(192, gt=0)  # room left for the question and answer
     min_grounding: float = Field(0.75, gt=0, le=1)
+    # teacher: the teacher writes question and answer (for capable teachers).
+    # answer_first: code picks an answer span (a name or a number) in the cited
+    # paragraph and the teacher writes the question for it: a 135M teacher invents
+    # answers but can phrase questions. The answer is then extractive by construction.
+    questions: Literal["teacher", "answer_first"] = "answer_first"
     n: int = Field(1, ge=1)
     temperature: float = 0.5
     max_tokens: int = Field(96, gt=0)
@@ -107,23 +114,49 @@ def pack_context(names: tuple[str, ...], gold: int, bucket: int, cfg: Config, rn
     return [docs[i]["id"] for i in chosen]
 
 
+# ------------------------------------------------------------------- answer spans
+SPAN = re.compile(
+    r"(?<!^)(?<![.!?] )\b(?:[A-Z][a-z]+(?:[ -](?:of |the |de )?[A-Z][a-z]+)+)"  # a multi-word name
+    r"|(?<![:\d.,])\b\d[\d,.]*\d?(?:-year-old| per cent| percent| kilometres| metres| hectares| million| billion"
+    r"| people| years| days| hours| weeks| months| dollars)?"  # a number, with its unit
+)
+
+
+def answer_spans(paragraph: str) -> list[tuple[str, str]]:
+    """(span, its sentence) pairs a question can be asked about."""
+    out = []
+    for sentence in sources.sentences(paragraph):
+        for match in SPAN.finditer(sentence):
+            span = match.group(0).strip(" ,.")
+            if len(span) >= 2:  # single digits are too easy to hit by chance
+                out.append((span, sentence))
+    return out
+
+
 # --------------------------------------------------------------------- the steps
 def sample_prompts(cfg: Config, rng: random.Random) -> list[dict[str, Any]]:
     names = tuple(cfg.sources)
     docs, _ = _pool(names)
-    prompts, long_items = [], 0
-    for _ in range(cfg.count):
+    prompts, long_items, attempts = [], 0, 0
+    while len(prompts) < cfg.count:
+        attempts += 1
+        if attempts > 20 * cfg.count + 100:
+            raise ValueError(f"doc_qa: sources {list(names)} offer too few paragraphs to ask about")
         gold = rng.randrange(len(docs))
         paras = sources.paragraphs(docs[gold]["text"], cfg.sentences_per_paragraph)
-        while len(paras) == 0:
-            gold = rng.randrange(len(docs))
-            paras = sources.paragraphs(docs[gold]["text"], cfg.sentences_per_paragraph)
+        if not paras:
+            continue
         k = rng.randint(1, min(cfg.max_paragraphs, len(paras)))
         start = rng.randrange(len(paras) - k + 1)
         prompt = {
             "doc_id": docs[gold]["id"], "paragraphs": paras[start : start + k],
             "paragraph_ids": list(range(start, start + k)), "cited": rng.randrange(k),
         }
+        if cfg.questions == "answer_first":
+            spans = answer_spans(prompt["paragraphs"][prompt["cited"]])
+            if not spans:  # nothing to ask about in this paragraph: draw again
+                continue
+            prompt["span"], prompt["span_sentence"] = rng.choice(spans)
         if cfg.length_buckets and rng.random() < cfg.long_fraction:
             bucket = sorted(cfg.length_buckets)[long_items % len(cfg.length_buckets)]
             long_items += 1
@@ -134,23 +167,31 @@ def sample_prompts(cfg: Config, rng: random.Random) -> list[dict[str, Any]]:
 
 
 EXAMPLE = (
-    "Paragraph 1: The city council approved a new bridge over the river on Monday. "
+    "The city council approved a new bridge over the river on Monday. "
     "Building work will start in March and should take two years. The bridge will cost 40 million dollars."
 )
 EXAMPLE_QA = "Question: How long should the building work on the new bridge take?\nAnswer: Two years."
+EXAMPLE_SPAN, EXAMPLE_QUESTION = "40 million dollars", "Question: How much will the new bridge cost?"
 
 
-def instruction(paragraphs: list[str], cited: int) -> str:
+def instruction(prompt: dict[str, Any]) -> str:
+    paragraphs, cited = prompt["paragraphs"], prompt["cited"]
     shown = "\n\n".join(f"Paragraph {i + 1}: {p}" for i, p in enumerate(paragraphs))
+    if "span" in prompt:
+        return (f"{shown}\n\nWrite one question about paragraph {cited + 1} whose answer is"
+                f" \"{prompt['span']}\". Use the form:\nQuestion: ...")
     return (f"{shown}\n\nWrite one question about paragraph {cited + 1} and its short answer,"
             " copied from that paragraph. Use the form:\nQuestion: ...\nAnswer: ...")
 
 
 def conversation(prompt: dict[str, Any]) -> list[dict[str, str]]:
+    example = {"paragraphs": [EXAMPLE], "cited": 0}
+    if "span" in prompt:
+        example["span"] = EXAMPLE_SPAN
     return [
-        {"role": "user", "content": instruction([EXAMPLE[len("Paragraph 1: "):]], 0)},
-        {"role": "assistant", "content": EXAMPLE_QA},
-        {"role": "user", "content": instruction(prompt["paragraphs"], prompt["cited"])},
+        {"role": "user", "content": instruction(example)},
+        {"role": "assistant", "content": EXAMPLE_QUESTION if "span" in prompt else EXAMPLE_QA},
+        {"role": "user", "content": instruction(prompt)},
     ]
 
 
@@ -165,6 +206,7 @@ def generate(prompts, engine, cfg: Config) -> list[dict[str, Any]]:
                 "seed_ids": {"doc_id": p["doc_id"], "paragraphs": p["paragraph_ids"],
                              "cited_paragraph": p["paragraph_ids"][p["cited"]]},
                 "paragraphs": p["paragraphs"], "cited": p["cited"],
+                **({"span": p["span"], "span_sentence": p["span_sentence"]} if "span" in p else {}),
                 "source": "\n\n".join(p["paragraphs"]), "sample": k,
                 "teacher": engine.model, "sampling": dataclasses.asdict(sampling),
             }
@@ -218,6 +260,30 @@ def check_qa(text: str, paragraph: str, cfg: Config) -> tuple[str | None, dict[s
     return None, scores, qa
 
 
+QUESTION_RE = re.compile(r"^\s*(?:question\s*:\s*)?(?P<q>[^\n]*?\?)", re.IGNORECASE | re.MULTILINE)
+QUESTION_GROUNDING = 0.5  # share of the question's content words found in the span's sentence
+
+
+def check_question(text: str, span: str, sentence: str) -> tuple[str | None, dict[str, Any], tuple[str, str] | None]:
+    """answer_first: the teacher's question for a known answer span."""
+    body, _ = strip_label(text)
+    scores: dict[str, Any] = {"repetition": repetition(body)}
+    if scores["repetition"] > 0.3 or repeated_lines(body) >= 3:
+        return "degenerate_repetition", scores, None
+    match = QUESTION_RE.search(body)
+    if not match or len(content_words(match["q"])) < 2:
+        return "not_a_question", scores, None
+    question = " ".join(match["q"].split())
+    qa = (question, span)
+    q_words = content_words(question)
+    scores["grounding"] = round(len(q_words & content_words(sentence)) / max(len(q_words), 1), 4)
+    if span.lower() in question.lower():
+        return "trivial", scores, qa  # the question gives its answer away
+    if scores["grounding"] < QUESTION_GROUNDING:
+        return "ungrounded", scores, qa
+    return None, scores, qa
+
+
 def tidy_answer(answer: str) -> str:
     answer = answer[0].upper() + answer[1:]
     return answer if answer[-1] in ".!?" else answer + "."
@@ -251,7 +317,10 @@ def validate(candidates, cfg: Config) -> list[dict[str, Any]]:
         meta = c["meta"]
         reason = rejected_if_malformed(c)
         cited = meta["paragraphs"][meta["cited"]]
-        reason2, c["scores"], qa = check_qa(c["messages"][-1]["content"], cited, cfg)
+        if "span" in meta:
+            reason2, c["scores"], qa = check_question(c["messages"][-1]["content"], meta["span"], meta["span_sentence"])
+        else:
+            reason2, c["scores"], qa = check_qa(c["messages"][-1]["content"], cited, cfg)
         c["reject_reason"] = reason or reason2
         if c["reject_reason"] is None and "length_bucket" in meta:
             c["qa"] = qa

@@ -36,6 +36,36 @@ def test_qa_pairs_must_be_grounded_and_non_trivial(text, reason):
     assert got == reason, scores
 
 
+SENTENCE = "The commission's chairman, Allan Fels, says Telstra charged rivals too much for access to its network."
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("Question: Who is the chairman of the commission?", None),
+    ("\nWho says Telstra charged rivals too much?\nAnswer: Allan Fels", None),
+    ("Question: Is Allan Fels the chairman of the commission?", "trivial"),  # gives the answer away
+    ("Question: Who won the cricket match in Sydney yesterday?", "ungrounded"),
+    ("The chairman of the commission.", "not_a_question"),
+    ("", "not_a_question"),
+])
+def test_answer_first_questions_must_fit_the_answer_sentence(text, reason):
+    got, scores, qa = dq.check_question(text, "Allan Fels", SENTENCE)
+    assert got == reason, scores
+    if reason is None:
+        assert qa[1] == "Allan Fels"
+
+
+def test_answer_spans_are_names_and_numbers_from_the_paragraph():
+    spans = [s for s, _ in dq.answer_spans(
+        "At about 4:00pm a storm hit. The Reserve Bank cut rates by 0.25 per cent, affecting 1,200 people.")]
+    assert spans == ["Reserve Bank", "0.25 per cent", "1,200 people"]
+
+
+def test_answer_first_prompts_carry_a_span_of_the_cited_paragraph():
+    for p in dq.sample_prompts(dq.Config(count=5, long_fraction=0), random.Random(1)):
+        assert p["span"] in p["span_sentence"] and p["span_sentence"] in p["paragraphs"][p["cited"]]
+        assert f'whose answer is "{p["span"]}"' in dq.conversation(p)[-1]["content"]
+
+
 def _cand(text, finish="stop", **meta):
     meta = {"paragraphs": [PARAGRAPH], "cited": 0, "seed_ids": {"doc_id": "lee-001"}, **meta}
     return candidate([{"role": "user", "content": "x"}], Completion(text, 9, finish), meta)
