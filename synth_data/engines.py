@@ -435,6 +435,7 @@ def build_engine(teacher: "TeacherSection", cache_dir: str | Path | None = None)
         raise ValueError(f"teacher.engine: unknown engine {teacher.engine!r}")
     if cache_dir is not None:
         engine = CachedEngine(engine, cache_dir, chunk=teacher.batch_size)
+    engine.defaults = Sampling(**teacher.sampling.model_dump())  # see sampling_for
     return engine
 
 
@@ -454,7 +455,8 @@ def open_engine(teacher: "TeacherSection", cache_dir: str | Path | None = None):
                 engine.close()
 
 
-def sampling_from(teacher: "TeacherSection", **overrides: Any) -> Sampling:
-    """The recipe's sampling defaults with per-pipeline overrides (None = keep)."""
-    base = Sampling(**teacher.sampling.model_dump())
+def sampling_for(engine: Engine, **overrides: Any) -> Sampling:
+    """The recipe's `teacher.sampling` defaults (kept on the engine by build_engine)
+    with a pipeline's overrides; an override of None keeps the default."""
+    base = getattr(engine, "defaults", None) or Sampling()
     return base.replace(**{k: v for k, v in overrides.items() if v is not None})

@@ -24,7 +24,7 @@ from pydantic import Field
 from pipeline.recipe import Section
 from pipeline.records import make_record
 from synth_data.constraints import CONSTRAINTS, check, describe, sample_constraints, words
-from synth_data.engines import Sampling
+from synth_data.engines import Sampling, sampling_for
 from synth_data.four_steps import candidate, rejected_if_malformed
 
 NAME = "steerability"
@@ -59,6 +59,7 @@ class Config(Section):
     n: int = Field(4, ge=1)  # samples per prompt (rejection sampling)
     keep_per_prompt: int = Field(1, ge=1)  # passing samples kept per prompt
     scorer: Literal["first", "concise"] = "first"  # ranks passing samples
+    # None = the recipe's teacher.sampling value
     temperature: float | None = 0.9
     max_tokens: int | None = 200
     seed: int = 0
@@ -105,9 +106,8 @@ def sample_prompts(cfg: Config, rng: random.Random) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------- (ii)
-def _sampling(cfg: Config) -> Sampling:
-    return Sampling(temperature=cfg.temperature if cfg.temperature is not None else 0.7,
-                    max_tokens=cfg.max_tokens or 256, n=cfg.n, seed=cfg.seed)
+def _sampling(engine, cfg: Config) -> Sampling:
+    return sampling_for(engine, temperature=cfg.temperature, max_tokens=cfg.max_tokens, n=cfg.n, seed=cfg.seed)
 
 
 def _meta(p: dict[str, Any], engine, sampling: Sampling, sample: int) -> dict[str, Any]:
@@ -117,7 +117,7 @@ def _meta(p: dict[str, Any], engine, sampling: Sampling, sample: int) -> dict[st
 
 
 def generate(prompts: list[dict[str, Any]], engine, cfg: Config) -> list[dict[str, Any]]:
-    sampling = _sampling(cfg)
+    sampling = _sampling(engine, cfg)
     single = [p for p in prompts if p["variant"] == "single"]
     convs = [[{"role": "user", "content": _user_turn(p["requests"][0], p["constraints"])}] for p in single]
     out = []

@@ -33,7 +33,7 @@ from pydantic import Field
 from pipeline.chat_template import parse_tool_calls
 from pipeline.recipe import Section
 from pipeline.records import make_record, stable_hash
-from synth_data.engines import Sampling
+from synth_data.engines import sampling_for
 from synth_data.four_steps import rejected_if_malformed
 
 NAME = "tool_use"
@@ -280,8 +280,9 @@ def _clean_request(text: str) -> str:
 
 
 def generate(prompts: list[dict[str, Any]], engine, cfg: Config) -> list[dict[str, Any]]:
-    request_sampling = Sampling(temperature=0.7, max_tokens=cfg.request_max_tokens, n=1, seed=cfg.seed)
-    answer_sampling = Sampling(temperature=cfg.temperature, max_tokens=cfg.max_tokens, n=cfg.n, seed=cfg.seed)
+    request_sampling = sampling_for(engine, temperature=0.7, max_tokens=cfg.request_max_tokens, n=1, seed=cfg.seed)
+    answer_sampling = sampling_for(engine, temperature=cfg.temperature, max_tokens=cfg.max_tokens, n=cfg.n,
+                                   seed=cfg.seed)
     # Step (ii.a): the teacher writes a request for every sampled call set.
     need = [p for p in prompts if p["kind"] != "irrelevance"]
     convs = [[{"role": "user", "content": REQUEST_PROMPT.format(
