@@ -31,6 +31,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         description="Post-training pipeline for hybrid Transformer-Mamba-MoE models.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # The deepspeed launcher puts --local_rank before the subcommand; ranks come from
+    # the environment (LOCAL_RANK), so the value is not used.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)

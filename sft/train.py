@@ -51,6 +51,17 @@ def check_recipe(recipe: Recipe) -> None:
     check_paths(recipe, ["data.train", "data.eval"])
     if not recipe.data.train:
         raise RecipeError(f"recipe {recipe.path}: data.train: no training files given")
+    if recipe.model.tiny is None:
+        name = recipe.model.name_or_path
+        if not name:
+            raise RecipeError(f"recipe {recipe.path}: model: give model.name_or_path or model.tiny")
+        try:  # a config is cheap to read: a wrong path fails here, not after data loading
+            student_config(recipe)
+        except (OSError, ValueError) as exc:
+            raise RecipeError(
+                f"recipe {recipe.path}: model.name_or_path: {name}: not a model folder and "
+                f"not loadable from the hub ({str(exc).splitlines()[0]})"
+            ) from None
     if recipe.sft.get("packing") or recipe.sft.get("padding_free"):
         from sft.model import has_mamba_layers
 
