@@ -111,7 +111,7 @@ def tiny_recipe(
             "per_device_train_batch_size": 4,
             "learning_rate": 3e-3,
             "lr_scheduler_type": "constant",
-            "max_length": 128,
+            "max_length": 256,
             "logging_steps": 1,
             "bf16": False,
             "save_strategy": "no",

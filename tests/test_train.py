@@ -1,0 +1,160 @@
+"""SFT of the tiny hybrid through `posttrain train`: loss goes down (full and LoRA),
+only assistant tokens are trained, a run resumes to the state of an uninterrupted one,
+and bad recipes fail at once, naming the key and the file, writing nothing."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fixtures_chat import tiny_recipe, write_chat_data, write_recipe
+from pipeline.cli import main as cli
+from pipeline.records import read_json, read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+ALL_GROUPS = {"r": 8, "lora_alpha": 16, "target_modules": ["attention", "mamba", "mlp", "experts"]}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("chat")
+    write_chat_data(folder)
+    return folder
+
+
+def train(tmp_path, data_dir, name, *extra, lora=None, sft=None):
+    out = tmp_path / name
+    path = write_recipe(tmp_path / f"{name}.yaml", tiny_recipe(data_dir, out, lora=lora, sft=sft))
+    assert cli(["train", str(path), *extra]) == 0
+    return out
+
+
+def went_down(out, k=5):
+    losses = [r["loss"] for r in read_json(out / "loss_curve.json")]
+    first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+    return first, last
+
+
+def test_full_fine_tuning_loss_goes_down(tmp_path, data_dir):
+    out = train(tmp_path, data_dir, "full")
+    first, last = went_down(out)
+    assert last < first - 0.3, (first, last)
+    assert read_json(out / "train_metrics.json")["mode"] == "full"
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_lora_on_every_group_trains_and_reports_coverage(tmp_path, data_dir):
+    out = train(tmp_path, data_dir, "lora", lora=ALL_GROUPS, sft={"learning_rate": 1e-2})
+    first, last = went_down(out)
+    assert last < first - 0.2, (first, last)
+    coverage = read_json(out / "lora_coverage.json")
+    for group in ("attention", "mamba", "mlp", "experts"):
+        info = coverage["groups"][group]
+        assert info["layers_covered"] == info["layers_present"] > 0
+        assert info["trainable_params"] > 0
+    assert coverage["no_gradient"] == []
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_only_assistant_turns_are_trained(tmp_path, data_dir):
+    """Labels are -100 exactly outside the assistant turns of the rendered template;
+    every assistant token, its tool calls and its closing <|im_end|> are trained."""
+    from pipeline.recipe import load_recipe
+    from sft.model import load_student, load_tokenizer
+    from sft.train import load_conversations, make_trainer_class, sft_config
+
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(data_dir, tmp_path / "out"))
+    recipe = load_recipe(path)
+    tokenizer = load_tokenizer(recipe.model)
+    trainer = make_trainer_class()(
+        model=load_student(recipe.model, tokenizer), args=sft_config(recipe, tmp_path / "out"),
+        train_dataset=load_conversations(recipe.data.train, None), processing_class=tokenizer,
+    )
+    dataset = trainer.train_dataset
+    records = read_jsonl(data_dir / "train.jsonl")
+    assert len(dataset) == len(records)
+    batch = trainer.data_collator([dataset[i] for i in range(len(dataset))])
+    tool_call_trained = 0
+    for i, record in enumerate(records):
+        text = tokenizer.apply_chat_template(record["messages"], tools=record.get("tools"),
+                                             tokenize=False)
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = dataset[i]["input_ids"]
+        assert encoded["input_ids"] == ids  # the rendered text is what TRL tokenised
+        spans = [m.span(1) for m in re.finditer(
+            r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", text, re.DOTALL)]
+        labels = batch["labels"][i].tolist()
+        for (start, end), label, token in zip(encoded["offset_mapping"], labels, ids):
+            inside = any(a <= start and end <= b for a, b in spans)
+            assert (label != -100) == inside, (i, text[start:end], label)
+            if inside:
+                assert label == token
+        assert all(label == -100 for label in labels[len(ids):])  # padding
+        trained = tokenizer.decode([t for t, l in zip(ids, labels) if l != -100])
+        assert trained.count("<|im_end|>") == sum(m["role"] == "assistant" for m in record["messages"])
+        tool_call_trained += trained.count("<tool_call>")
+    assert tool_call_trained == sum(1 for r in records if r.get("tools"))
+
+
+def final_weights(out):
+    folder = out / "final"
+    file = folder / ("adapter_model.safetensors" if (folder / "adapter_config.json").is_file()
+                     else "model.safetensors")
+    return load_file(str(file))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_a_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path, data_dir, mode):
+    lora = ALL_GROUPS if mode == "lora" else None
+    steps = {"per_device_train_batch_size": 2, "max_length": 64, "save_strategy": "steps",
+             "save_steps": 3}
+    straight = train(tmp_path, data_dir, "straight", lora=lora, sft={**steps, "max_steps": 6})
+    # "Interrupted" after step 3 (its checkpoint), then resumed to step 6.
+    resumed = train(tmp_path, data_dir, "resumed", lora=lora, sft={**steps, "max_steps": 3})
+    assert (resumed / "checkpoint-3").is_dir()
+    path = write_recipe(tmp_path / "resume.yaml", tiny_recipe(
+        data_dir, resumed, lora=lora, sft={**steps, "max_steps": 6}))
+    assert cli(["train", str(path), "--resume"]) == 0
+    assert read_json(resumed / "train_metrics.json")["global_step"] == 6
+    a, b = final_weights(straight), final_weights(resumed)
+    assert a.keys() == b.keys()
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert diff < 1e-5, diff
+    loss_a = read_json(straight / "loss_curve.json")[-1]["loss"]
+    loss_b = read_json(resumed / "loss_curve.json")[-1]["loss"]
+    assert loss_a == pytest.approx(loss_b, abs=1e-4)
+
+
+BAD = {
+    "unknown key": ({"sft": {"learning_rat": 1e-3}}, "sft.learning_rat: not a field"),
+    "unknown section key": ({"model": {"tiny": {}, "tokenizer": "teacher", "layers": 4}},
+                            "model.layers"),
+    "wrong type": ({"sft": {"max_steps": "many"}}, "sft.max_steps"),
+    "missing model path": ({"model": {"name_or_path": "/nonexistent/model"}},
+                           "model.name_or_path: /nonexistent/model"),
+    "missing data": ({"data": {"train": ["/nonexistent/train.jsonl"]}}, "data.train"),
+    "packing on a Mamba hybrid": ({"sft": {"packing": True}}, "sft.packing: refused"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_a_bad_recipe_fails_at_once_naming_key_and_file(tmp_path, data_dir, case):
+    change, message = BAD[case]
+    out = tmp_path / "out"
+    recipe = tiny_recipe(data_dir, out)
+    for section, values in change.items():
+        recipe[section] = values if section == "model" else {**recipe[section], **values}
+    path = write_recipe(tmp_path / "bad.yaml", recipe)
+    before = set(tmp_path.iterdir())
+    run = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", str(path)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-2000:]
+    error = [line for line in run.stderr.splitlines() if "error" in line]
+    assert error and str(path) in run.stderr and message in run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
+    assert set(tmp_path.iterdir()) == before and not out.exists()
