@@ -5,7 +5,8 @@ text (summarise a Lee news article, explain a Python reference topic).
 (i)   sample_prompts: seeded draw from the seed instructions
 (ii)  generate: the teacher answers, n samples per instruction
 (iii) validate: reject empty, truncated, degenerate repetition, too short, role/template
-      leaks, and answers that only echo the instruction
+      leaks, answers that only echo the instruction, and (requests over real text)
+      answers with numbers the text does not hold
 (iv)  post_edit: strip whitespace and a leading "Assistant:" label; record
 """
 
@@ -26,7 +27,9 @@ from synth_data.engines import Sampling
 from synth_data.four_steps import candidate, rejected_if_malformed
 
 NAME = "chat"
-REJECT_REASONS = ("empty", "truncated", "degenerate_repetition", "too_short", "role_leak", "echo")
+REJECT_REASONS = (
+    "empty", "truncated", "degenerate_repetition", "too_short", "role_leak", "echo", "invented_number",
+)
 
 # Hand-written, varied everyday requests (the shipped seed list).
 SEED_INSTRUCTIONS = (
@@ -172,7 +175,16 @@ def generate(prompts, engine, cfg: Config) -> list[dict[str, Any]]:
     return cands
 
 
-def check_text(text: str, prompt: str, cfg: Config) -> tuple[str | None, dict[str, Any]]:
+NUMBER = re.compile(r"(?<![\w.])\d+(?:[.,]\d+)*")
+
+
+def invented_numbers(text: str, source: str) -> list[str]:
+    """Numbers in an answer about a text that the text does not contain."""
+    known = set(NUMBER.findall(source))
+    return [n for n in NUMBER.findall(text) if n not in known]
+
+
+def check_text(text: str, prompt: str, cfg: Config, source: str | None = None) -> tuple[str | None, dict[str, Any]]:
     body, _ = strip_label(text)
     scores = {"words": len(words(body)), "repetition": repetition(body),
               "repeated_lines": repeated_lines(body)}
@@ -184,13 +196,18 @@ def check_text(text: str, prompt: str, cfg: Config) -> tuple[str | None, dict[st
         return "too_short", scores
     if body.strip().lower() in prompt.strip().lower():
         return "echo", scores
+    if source is not None:
+        scores["invented_numbers"] = invented_numbers(body, source)
+        if scores["invented_numbers"]:
+            return "invented_number", scores
     return None, scores
 
 
 def validate(candidates, cfg: Config) -> list[dict[str, Any]]:
     for c in candidates:
         reason = rejected_if_malformed(c)
-        reason2, c["scores"] = check_text(c["messages"][-1]["content"], c["messages"][-2]["content"], cfg)
+        reason2, c["scores"] = check_text(c["messages"][-1]["content"], c["messages"][-2]["content"], cfg,
+                                          c.get("meta", {}).get("source"))
         c["reject_reason"] = reason or reason2
     return candidates
 

@@ -32,6 +32,17 @@ def test_validator_cases(text, finish, reason):
     assert c["reject_reason"] == reason, c["scores"]
 
 
+def test_answers_about_real_text_must_not_invent_numbers():
+    source = "Firefighters battled 30 blazes near Sydney; 1,500 people left their homes."
+    conv = [{"role": "user", "content": f"Summarise this news report in two sentences.\n\n{source}"}]
+    texts = ["About 1,500 people left their homes as firefighters fought 30 blazes near Sydney.",
+             "The fires near Sydney killed at least 27 firefighters and 1,500 people fled."]
+    cands = [candidate(conv, Completion(t, 20, "stop"), {"source": source}) for t in texts]
+    got = chat.validate(cands, chat.Config())
+    assert [c["reject_reason"] for c in got] == [None, "invented_number"]
+    assert got[1]["scores"]["invented_numbers"] == ["27"]
+
+
 def test_post_edit_strips_labels_and_whitespace():
     conv = [{"role": "user", "content": "How do I boil an egg?"}]
     (c,) = chat.validate([candidate(conv, Completion(f"\nAssistant: {GOOD}\n", 20, "stop"), {})], chat.Config())
