@@ -263,9 +263,17 @@ Calls:
 {calls}
 Message:"""
 
-ANSWER_SYSTEM = """You are a function-calling assistant. If the user's request needs one or more of the functions, reply only with one <tool_call> block per call and nothing else, for example:
-<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}</tool_call>
-If no function fits the request, answer briefly in plain text and call nothing."""
+ANSWER_SYSTEM = """You are a function-calling assistant. If the user's request needs one or more of the functions, reply only with one <tool_call> block per call and nothing else. If no function fits the request, answer briefly in plain text and call nothing."""
+# Two worked turns before the real request (few-shot): the tiny default teacher follows
+# a shown format far more often than a described one. Their function is not offered.
+FEW_SHOT = [
+    {"role": "user", "content": "What is the weather in Paris and in Rome, in celsius?"},
+    {"role": "assistant", "content":
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}</tool_call>'
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome", "unit": "celsius"}}</tool_call>'},
+    {"role": "user", "content": "Write me a poem about the sea."},
+    {"role": "assistant", "content": "None of the available functions can do that, sorry."},
+]
 
 
 def _show_call(call: dict[str, Any]) -> str:
@@ -291,7 +299,7 @@ def generate(prompts: list[dict[str, Any]], engine, cfg: Config) -> list[dict[st
         p["request"] = _clean_request(out.text)
         p["request_finish"] = out.finish_reason
     # Step (ii.b): the teacher answers each request with the tools in context.
-    answer_convs = [[{"role": "system", "content": ANSWER_SYSTEM},
+    answer_convs = [[{"role": "system", "content": ANSWER_SYSTEM}, *FEW_SHOT,
                      {"role": "user", "content": p["request"]}] for p in prompts]
     outs = engine.chat(answer_convs, answer_sampling, [p["tools"] for p in prompts])
     candidates = []
