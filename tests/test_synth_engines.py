@@ -175,14 +175,14 @@ def test_vllm_engine_runs_the_generate_stage_end_to_end(tmp_path, teacher_dir):
     recipe = write_recipe(
         tmp_path / "r.yaml",
         {"engine": "vllm", "cache_dir": str(tmp_path / "cache")},
-        {"steerability": {"count": 4, "conversations": 1, "turns": 2, "n": 2, "max_tokens": 32}},
+        {"steerability": {"count": 2, "conversations": 1, "turns": 2, "n": 2, "max_tokens": 24}},
     )
     env = {**os.environ, "VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "1"}
     proc = run_cli("generate", "steerability", recipe, "--out", tmp_path / "out", env=env)
     out, err = proc.communicate(timeout=480)
     assert proc.returncode == 0, err[-3000:]
     summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["generated"] == 4 * 2 + 1 == summary["accepted"] + summary["rejected"]
+    assert summary["generated"] == 2 * 2 + 1 == summary["accepted"] + summary["rejected"]
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["teacher"]["engine"] == "vllm"
     rows = [json.loads(line) for line in (tmp_path / "cache" / "completions.jsonl").read_text().splitlines()]
