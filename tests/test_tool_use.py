@@ -116,7 +116,7 @@ def test_malformed_teacher_output_is_rejected_with_a_reason_never_a_crash():
 def test_tool_use_end_to_end_on_the_real_teacher(tmp_path, teacher_dir):
     from synth_data import four_steps
     from synth_data.engines import CachedEngine, TransformersEngine
-    from tests.test_steerability import assert_pipeline_output
+    from test_steerability import assert_pipeline_output  # tests/ is on sys.path (rootdir mode)
 
     engine = CachedEngine(TransformersEngine("teacher", batch_size=8, threads=1), tmp_path / "cache",
                           progress=False)
