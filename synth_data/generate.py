@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 from pipeline.recipe import add_recipe_arguments, load_recipe
 from synth_data import four_steps
-from synth_data.engines import open_engine
+from synth_data.engines import EngineError, open_engine
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,14 @@ def main(args) -> int:
     out = Path(args.out or f"data/synth/{args.pipeline}")
     teacher = recipe.teacher
     log.info("%s: teacher %s on %s, cache %s", args.pipeline, teacher.model, teacher.engine, teacher.cache_dir)
-    with open_engine(teacher, teacher.cache_dir) as engine:
-        stats = four_steps.run(module, cfg, engine, out)
-        if hasattr(engine, "hits"):
-            stats["cache"] = {"hits": engine.hits, "generated": engine.misses}
+    try:
+        with open_engine(teacher, teacher.cache_dir) as engine:
+            stats = four_steps.run(module, cfg, engine, out)
+            if hasattr(engine, "hits"):
+                stats["cache"] = {"hits": engine.hits, "generated": engine.misses}
+    except EngineError as exc:  # finished completions stay cached: rerun when it is up
+        print(f"posttrain generate: error: {exc}", file=sys.stderr)
+        return 1
     summary = {k: stats[k] for k in ("generated", "accepted", "rejected", "acceptance_rate", "reject_reasons")}
     print(json.dumps({"pipeline": args.pipeline, "out": str(out), **summary, **{"cache": stats.get("cache")}}))
     return 0
