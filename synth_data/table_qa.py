@@ -5,11 +5,12 @@ only verbalises the table into a paragraph.
 
 (i)   sample_prompts: seeded rows/columns of a table, a question and its answer
       computed with pandas on the values exactly as shown (never by the LM)
-(ii)  generate: the teacher writes the table's facts as a paragraph (one worked
-      example in the conversation steers a small teacher)
+(ii)  generate: the teacher writes the table's facts as a paragraph (a worked
+      example from the same table, in the conversation, steers a small teacher)
 (iii) validate: every value and row name the answer depends on must appear in the
       paragraph (else `dropped_value`), and no number the table lacks or word copied
-      from the worked example may (else `invented_value`); plus malformed, looping,
+      from the worked example (two other rows of the same table, verbalised by code)
+      may (else `invented_value`); plus malformed, looping,
       copied-table
 (iv)  post_edit: the record pairs the paragraph with the question and the computed
       answer; meta keeps the table (source), dataset row ids and the needed values
@@ -100,12 +101,16 @@ def cut_table(cfg: Config, rng: random.Random) -> dict[str, Any]:
     text = [c for c in frame.columns if c not in numeric]
     k = max(1, min(cfg.max_columns - bool(text), len(numeric)))
     columns = rng.sample(numeric, rng.randint(1, k)) + text[:1]
-    shown = pd.DataFrame(
-        {c: [fmt(frame[c].iloc[r]) for r in rows] for c in columns},
-        index=[labels[r] for r in rows],
-    )
+    # Two other rows of the same table make the worked example: a small teacher
+    # copies the example's wording, so it should be the table's own.
+    others = rng.sample([r for r in range(len(frame)) if r not in rows], 2)
+
+    def show(rs: list[int]) -> pd.DataFrame:
+        return pd.DataFrame({c: [fmt(frame[c].iloc[r]) for r in rs] for c in columns},
+                            index=[labels[r] for r in rs])
+
     return {"dataset": name, "noun": noun, "rows": [int(r) if name != "generated" else labels[r] for r in rows],
-            "table": shown, "numeric": [c for c in columns if c in numeric]}
+            "table": show(rows), "example": show(others), "numeric": [c for c in columns if c in numeric]}
 
 
 def markdown(table: pd.DataFrame, noun: str) -> str:
@@ -113,6 +118,16 @@ def markdown(table: pd.DataFrame, noun: str) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join([label, *row]) + " |" for label, row in zip(table.index, table.values.tolist())]
     return "\n".join(lines)
+
+
+def example_paragraph(table: pd.DataFrame) -> str:
+    """The worked example's verbalisation, written by code."""
+    sentences = []
+    for label, row in table.iterrows():
+        parts = [f"{'a' if i else 'has a'} {col} of {val}" for i, (col, val) in enumerate(row.items())]
+        body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+        sentences.append(f"{label[0].upper()}{label[1:]} {body}.")
+    return " ".join(sentences)
 
 
 def facts(table: pd.DataFrame) -> str:
@@ -194,42 +209,34 @@ def sample_prompts(cfg: Config, rng: random.Random) -> list[dict[str, Any]]:
             "question_type": qtype, **qa,
             "needed": list(dict.fromkeys(qa["needed"])),
             "table_markdown": markdown(table, cut["noun"]), "facts": facts(table),
+            "example_facts": facts(cut["example"]), "example_paragraph": example_paragraph(cut["example"]),
+            "example_labels": list(cut["example"].index),
         })
     return prompts
 
 
-# The worked example mirrors the facts' shape; its content words and numbers are
-# distinctive so that copying them is caught as an invented value.
-EXAMPLE_FACTS = (
-    "item 3: height is 120; weight is 2.5; colour is violet.\n"
-    "item 8: height is 95; weight is 3.1; colour is orange."
-)
-EXAMPLE_PARAGRAPH = (
-    "Item 3 has a height of 120 and a weight of 2.5, and its colour is violet. Item 8 has a "
-    "height of 95 and a weight of 3.1, and its colour is orange."
-)
-EXAMPLE_WORDS = ("violet", "orange", "item 3", "item 8")
 INSTRUCTION = "Write these facts as one short paragraph of plain sentences. Keep every name and number exactly as written.\n\n"
 
 
-def conversation(facts_text: str) -> list[dict[str, str]]:
+def conversation(prompt: dict[str, Any]) -> list[dict[str, str]]:
     return [
-        {"role": "user", "content": INSTRUCTION + EXAMPLE_FACTS},
-        {"role": "assistant", "content": EXAMPLE_PARAGRAPH},
-        {"role": "user", "content": INSTRUCTION + facts_text},
+        {"role": "user", "content": INSTRUCTION + prompt["example_facts"]},
+        {"role": "assistant", "content": prompt["example_paragraph"]},
+        {"role": "user", "content": INSTRUCTION + prompt["facts"]},
     ]
 
 
 def generate(prompts, engine, cfg: Config) -> list[dict[str, Any]]:
     sampling = Sampling(temperature=cfg.temperature, max_tokens=cfg.max_tokens, n=cfg.n, seed=cfg.seed)
-    convs = [conversation(p["facts"]) for p in prompts]
+    convs = [conversation(p) for p in prompts]
     outs = engine.chat(convs, sampling) if convs else []
     cands = []
     for p, conv, completions in zip(prompts, convs, outs):
         for k, comp in enumerate(completions):
             meta = {"seed_ids": p["seed_ids"], "question_type": p["question_type"],
                     "question": p["question"], "answer": p["answer"], "needed_values": p["needed"],
-                    "source": p["table_markdown"], "facts": p["facts"], "sample": k, "teacher": engine.model,
+                    "source": p["table_markdown"], "facts": p["facts"],
+                    "example_labels": p["example_labels"], "sample": k, "teacher": engine.model,
                     "sampling": dataclasses.asdict(sampling)}
             if "operation" in p:
                 meta["operation"] = p["operation"]
@@ -248,22 +255,24 @@ def mentions(text: str, value: str) -> bool:
 NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?")
 
 
-def invented(text: str, facts_text: str) -> list[str]:
-    """Numbers in the text that the facts do not hold, and words copied from the
+def invented(text: str, facts_text: str, example_labels: list[str] = ()) -> list[str]:
+    """Numbers in the text that the facts do not hold, and row names copied from the
     worked example: things the teacher made up."""
     known = {float(n) for n in NUMBER.findall(facts_text)}
     made_up = [n for n in NUMBER.findall(text) if float(n) not in known]
-    return made_up + [w for w in EXAMPLE_WORDS if mentions(text, w) and not mentions(facts_text, w)]
+    return made_up + [w for w in example_labels if mentions(text, w) and not mentions(facts_text, w)]
 
 
-def check_verbalisation(text: str, needed: list[str], facts_text: str | None = None) -> tuple[str | None, dict[str, Any]]:
+def check_verbalisation(
+    text: str, needed: list[str], facts_text: str | None = None, example_labels: list[str] = (),
+) -> tuple[str | None, dict[str, Any]]:
     body, _ = strip_label(text)
     missing = [v for v in needed if not mentions(body, v)]
     scores = {"needed": len(needed), "missing_values": missing,
               "coverage": round(1 - len(missing) / max(len(needed), 1), 4),
               "repetition": repetition(body)}
     if facts_text is not None:
-        scores["invented"] = invented(body, facts_text)
+        scores["invented"] = invented(body, facts_text, example_labels)
     if body.count("|") >= 4:
         return "copied_table", scores
     if scores["repetition"] > 0.3 or repeated_lines(body) >= 3:
@@ -279,7 +288,8 @@ def validate(candidates, cfg: Config) -> list[dict[str, Any]]:
     for c in candidates:
         reason = rejected_if_malformed(c)
         reason2, c["scores"] = check_verbalisation(
-            c["messages"][-1]["content"], c["meta"]["needed_values"], c["meta"].get("facts"))
+            c["messages"][-1]["content"], c["meta"]["needed_values"], c["meta"].get("facts"),
+            c["meta"].get("example_labels", []))
         c["reject_reason"] = reason or reason2
     return candidates
 

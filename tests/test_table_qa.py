@@ -50,6 +50,11 @@ def test_attribution_names_the_supporting_rows_and_needs_every_row():
     assert {"shop 1", "shop 2", "shop 3", "12", "30", "7.5"} <= set(qa["needed"])
 
 
+def test_the_worked_example_is_verbalised_by_code_from_other_rows():
+    example = pd.DataFrame({"units": ["4", "9"], "town": ["Hull", "Ely"]}, index=["shop 7", "shop 9"])
+    assert tq.example_paragraph(example) == "Shop 7 has a units of 4 and a town of Hull. Shop 9 has a units of 9 and a town of Ely."
+
+
 def test_prompts_come_from_real_tables_and_are_seeded():
     cfg = tq.Config(count=6, tables=["iris", "wine", "diabetes", "breast_cancer", "linnerud"])
     first = tq.sample_prompts(cfg, random.Random(3))
@@ -59,6 +64,7 @@ def test_prompts_come_from_real_tables_and_are_seeded():
         # every needed value is a cell (or row name) of the table shown to the teacher
         assert all(v in p["table_markdown"] for v in p["needed"]), p
         assert p["seed_ids"]["dataset"] in tq.sources.SKLEARN_TABLES and p["seed_ids"]["rows"]
+        assert not set(p["example_labels"]) & set(p["needed"])
 
 
 VERBALISATION = "Shop 1 in Leeds sold 12 units, shop 2 in York sold 30 units and shop 3 in Bath sold 7.5 units."
@@ -72,11 +78,12 @@ VERBALISATION = "Shop 1 in Leeds sold 12 units, shop 2 in York sold 30 units and
     ("| shop | units |\n|---|---|\n| shop 1 | 12 |", "copied_table"),
     ("Shop 1 sold 12 units. " * 12, "degenerate_repetition"),
     (VERBALISATION + " Shop 2 also sold 45 cakes.", "invented_value"),  # a number the table lacks
-    (VERBALISATION + " Its colour is violet.", "invented_value"),  # copied from the worked example
+    (VERBALISATION.replace("Shop 1", "Shop 9").replace("shop 2", "shop 1 and shop 2"), "invented_value"),
+    (VERBALISATION + " Shop 9 sold 4 units.", "invented_value"),  # copied from the worked example
 ])
 def test_verbalisation_must_keep_every_needed_value_and_invent_none(text, reason):
     needed = ["12", "30", "7.5", "shop 1", "shop 2", "shop 3"]
-    got, scores = tq.check_verbalisation(text, needed, tq.facts(TABLE))
+    got, scores = tq.check_verbalisation(text, needed, tq.facts(TABLE), ["shop 9"])
     assert got == reason, scores
     if reason == "dropped_value":
         assert scores["missing_values"] and scores["coverage"] < 1
