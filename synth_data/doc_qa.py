@@ -39,7 +39,7 @@ from synth_data.four_steps import candidate, rejected_if_malformed
 NAME = "doc_qa"
 REJECT_REASONS = (
     "empty", "truncated", "unparseable", "not_a_question", "ungrounded", "trivial",
-    "degenerate_repetition", "out_of_bucket",
+    "degenerate_repetition", "out_of_bucket", "wrong_answer_type",
 )
 
 
@@ -178,8 +178,10 @@ def instruction(prompt: dict[str, Any]) -> str:
     paragraphs, cited = prompt["paragraphs"], prompt["cited"]
     shown = "\n\n".join(f"Paragraph {i + 1}: {p}" for i, p in enumerate(paragraphs))
     if "span" in prompt:
-        return (f"{shown}\n\nWrite one question about paragraph {cited + 1} whose answer is"
-                f" \"{prompt['span']}\". Use the form:\nQuestion: ...")
+        # Naming the sentence keeps a small teacher's question on it.
+        return (f"{shown}\n\nParagraph {cited + 1} says: \"{prompt['span_sentence']}\"\n"
+                f"Write one question about this sentence whose answer is \"{prompt['span']}\"."
+                f" Do not put \"{prompt['span']}\" in the question. Use the form:\nQuestion: ...")
     return (f"{shown}\n\nWrite one question about paragraph {cited + 1} and its short answer,"
             " copied from that paragraph. Use the form:\nQuestion: ...\nAnswer: ...")
 
@@ -187,7 +189,7 @@ def instruction(prompt: dict[str, Any]) -> str:
 def conversation(prompt: dict[str, Any]) -> list[dict[str, str]]:
     example = {"paragraphs": [EXAMPLE], "cited": 0}
     if "span" in prompt:
-        example["span"] = EXAMPLE_SPAN
+        example.update(span=EXAMPLE_SPAN, span_sentence=sources.sentences(EXAMPLE)[-1])
     return [
         {"role": "user", "content": instruction(example)},
         {"role": "assistant", "content": EXAMPLE_QUESTION if "span" in prompt else EXAMPLE_QA},
@@ -261,7 +263,17 @@ def check_qa(text: str, paragraph: str, cfg: Config) -> tuple[str | None, dict[s
 
 
 QUESTION_RE = re.compile(r"^\s*(?:question\s*:\s*)?(?P<q>[^\n]*?\?)", re.IGNORECASE | re.MULTILINE)
-QUESTION_GROUNDING = 0.5  # share of the question's content words found in the span's sentence
+# The question's content words found in the answer's sentence: at least this share,
+# and at least two of them ("What is the capital of Australia?" shares one word).
+QUESTION_GROUNDING = 0.6
+NUMBER_QUESTION = re.compile(r"\b(how|when|year|per ?cent|percentage|number|age)\b", re.IGNORECASE)
+
+
+def answer_type_fits(question: str, span: str) -> bool:
+    """A number answers how/when questions; a name answers who/what/where/which."""
+    if span[0].isdigit():
+        return NUMBER_QUESTION.search(question) is not None
+    return re.match(r"\s*(how (many|much|long|old|far)|when)\b", question, re.IGNORECASE) is None
 
 
 def check_question(text: str, span: str, sentence: str) -> tuple[str | None, dict[str, Any], tuple[str, str] | None]:
@@ -276,11 +288,14 @@ def check_question(text: str, span: str, sentence: str) -> tuple[str | None, dic
     question = " ".join(match["q"].split())
     qa = (question, span)
     q_words = content_words(question)
-    scores["grounding"] = round(len(q_words & content_words(sentence)) / max(len(q_words), 1), 4)
+    shared = len(q_words & content_words(sentence))
+    scores["grounding"] = round(shared / max(len(q_words), 1), 4)
     if span.lower() in question.lower():
         return "trivial", scores, qa  # the question gives its answer away
-    if scores["grounding"] < QUESTION_GROUNDING:
+    if scores["grounding"] < QUESTION_GROUNDING or shared < 2:
         return "ungrounded", scores, qa
+    if not answer_type_fits(question, span):
+        return "wrong_answer_type", scores, qa
     return None, scores, qa
 
 
