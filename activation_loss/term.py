@@ -100,7 +100,8 @@ class ActivationLoss:
         self.last_site_count = len(outputs)
         with torch.no_grad():
             for site, value in outputs.items():
-                peak = value.detach().abs().amax().float()
+                low, high = torch.aminmax(value.detach())  # one pass, no |x| temporary
+                peak = torch.maximum(high.abs(), low.abs()).float()
                 seen = self._seen_max.get(site)
                 self._seen_max[site] = peak if seen is None else torch.maximum(seen, peak)
                 window = self._window_max.get(site.kind)
@@ -108,7 +109,11 @@ class ActivationLoss:
         alpha = self.alpha_at(step)
         if alpha == 0:
             return None
-        squares = torch.stack([value.float().pow(2).mean() for value in outputs.values()])
+        # ||x||^2 / n: one fused pass, no x^2 temporary kept for backward.
+        squares = torch.stack([
+            torch.linalg.vector_norm(value, dtype=torch.float32).square() / value.numel()
+            for value in outputs.values()
+        ])
         if self.cfg.reduction == "mean":
             reduced = squares.mean()
         elif self.cfg.reduction == "sum":
