@@ -67,12 +67,9 @@ def trained(run: dict):
     return AutoModelForCausalLM.from_pretrained(run["dir"] / "final", dtype=torch.float32)
 
 
-def planted_runs(root: Path) -> dict:
-    """{"planted": folder, "planted_peak": float, "with_term"/"without_term": run}."""
-    if _RUNS:
-        return _RUNS
+def planted_model(root: Path) -> tuple[Path, float]:
+    """Save the planted student under root/planted; returns (folder, its peak)."""
     from sft.model import load_student, load_tokenizer
-    from sft.train import train
 
     torch.set_num_threads(2)
     root.mkdir(parents=True, exist_ok=True)
@@ -86,8 +83,17 @@ def planted_runs(root: Path) -> dict:
     model.save_pretrained(planted_dir)
     tokenizer.save_pretrained(planted_dir)
     write_jsonl(root / "train.jsonl", conversations())
+    return planted_dir, site_peak(model, tokenizer)
 
-    runs = {"planted": planted_dir, "planted_peak": site_peak(model, tokenizer)}
+
+def planted_runs(root: Path) -> dict:
+    """{"planted": folder, "planted_peak": float, "with_term"/"without_term": run}."""
+    if _RUNS:
+        return _RUNS
+    from sft.train import train
+
+    planted_dir, peak = planted_model(root)
+    runs = {"planted": planted_dir, "planted_peak": peak}
     for name, alpha in (("with_term", ALPHA), ("without_term", 0.0)):
         recipe_file = root / f"{name}.yaml"
         recipe_file.write_text(yaml.safe_dump({
