@@ -43,6 +43,7 @@ SENTENCE = "The commission's chairman, Allan Fels, says Telstra charged rivals t
     ("Question: Who is the chairman of the commission?", None),
     ("\nWho says Telstra charged rivals too much?\nAnswer: Allan Fels", None),
     ("Question: Is Allan Fels the chairman of the commission?", "trivial"),  # gives the answer away
+    ("Question: Who is Allan. Fels, the chairman?", "trivial"),
     ("Question: Who won the cricket match in Sydney yesterday?", "ungrounded"),
     ("Question: Who is the chairman of Australia?", "ungrounded"),  # one shared word is not enough
     ("Question: How many rivals did the chairman say Telstra charged?", "wrong_answer_type"),
