@@ -78,7 +78,12 @@ class ActivationLoss:
             self._root_handle = None
 
     def _open(self, module, args) -> None:
-        # A new forward of the whole model: record it if it is a training forward.
+        # A new forward of the whole model: record it if it is a training forward that
+        # builds a graph. A no-grad forward (metrics, logits recomputed for logging)
+        # must not replace the stored outputs, or the term would carry no gradient.
+        if not torch.is_grad_enabled():
+            self.recorder.recording = False
+            return
         self.recorder.outputs = {}
         self.recorder.recording = module.training
 

@@ -37,8 +37,10 @@ def main(args) -> int:
 
 def category_of(record: dict, cfg) -> str:
     pipeline = record.get("pipeline", "")
+    # Long-context pipelines give a bucket in student tokens (an int); other pipelines
+    # may use words like "short" for their own length classes, which do not count.
     bucket = (record.get("meta") or {}).get("length_bucket")
-    if bucket and cfg.long_context_from_buckets:
+    if isinstance(bucket, int) and cfg.long_context_from_buckets:
         return "long_context"
     return cfg.categories.get(pipeline, "skill")
 

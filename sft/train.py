@@ -149,9 +149,12 @@ def make_trainer_class():
             self.activation_loss = activation_loss
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss, outputs = super().compute_loss(
-                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            # Outputs only when asked: TRL then recomputes the logits in an extra no-grad
+            # forward, which would also overwrite the activations the hooks stored.
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
+            loss, outputs = result if return_outputs else (result, None)
             if self.activation_loss is not None and model.training:
                 term = self.activation_loss.term(self.state.global_step)
                 if term is not None:
@@ -169,9 +172,11 @@ def train(recipe: Recipe, output_dir: Path, resume: str | None = None) -> dict[s
     eval_set = load_conversations(recipe.data.eval, recipe.data.max_eval_samples)
 
     # ------------------------------------------------------- tokenizer, model
+    # The training arguments come first: under ZeRO-3 they make from_pretrained load
+    # the weights sharded instead of whole on every rank.
+    args = sft_config(recipe, output_dir)
     tokenizer = load_tokenizer(recipe.model)
     model = load_student(recipe.model, tokenizer)
-    args = sft_config(recipe, output_dir)
 
     # ------------------------------------------------------------------ LoRA
     peft_config, callbacks, coverage = None, [], None

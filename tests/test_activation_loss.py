@@ -35,23 +35,16 @@ def runs(tmp_path_factory, teacher_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="unfinished: with the outlier planted as a ~1e8-scaled out_proj, 30 Adam "
-                   "steps do not bring it down (it oscillates 1e5..1e6); see the issue 2 report",
-                   run=False)
 def test_activation_loss_brings_a_planted_1e5_activation_under_6550(runs, tiny):
     _, tokenizer = tiny
     assert runs["planted_peak"] > 1e5
 
     with_term, without_term = trained(runs["with_term"]), trained(runs["without_term"])
     peak_with, peak_without = site_peak(with_term, tokenizer), site_peak(without_term, tokenizer)
-    ce_with, ce_without = cross_entropy(with_term, tokenizer), cross_entropy(without_term, tokenizer)
     print(f"planted {runs['planted_peak']:.4g}; after training: with term {peak_with:.4g}, "
-          f"without {peak_without:.4g}; CE with {ce_with:.4f}, without {ce_without:.4f}, "
-          f"ratio {ce_with / ce_without:.4f}")
-
+          f"without {peak_without:.4g}")
     assert peak_with < 6550
     assert peak_without > 65504
-    assert ce_with <= 1.05 * ce_without
 
     # The run's reports: term and maxima in the log history and files.
     out = runs["with_term"]["dir"]
@@ -62,6 +55,38 @@ def test_activation_loss_brings_a_planted_1e5_activation_under_6550(runs, tiny):
     assert set(stats) == {"mamba"} and stats["mamba"][str(PLANTED.layer)] > 1e5  # max seen
     summary = json.loads((out / "train_metrics.json").read_text())["activation_loss"]
     assert summary["alpha"] == ALPHA and summary["last_term"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "measured: CE 10.47 with the term vs 9.46 without after 40 steps (1.107x). The planted "
+    "1e8-scaled out_proj is also a shortcut that lets the run without the term learn faster; "
+    "a plant that neither helps nor hurts the cross-entropy is still to be found"))
+def test_activation_loss_costs_at_most_5_percent_cross_entropy(runs, tiny):
+    _, tokenizer = tiny
+    ce_with = cross_entropy(trained(runs["with_term"]), tokenizer)
+    ce_without = cross_entropy(trained(runs["without_term"]), tokenizer)
+    print(f"CE with {ce_with:.4f}, without {ce_without:.4f}, ratio {ce_with / ce_without:.4f}")
+    assert ce_with <= 1.05 * ce_without
+
+
+def test_a_no_grad_forward_does_not_replace_the_stored_activations(tiny):
+    """TRL recomputes logits in a no-grad forward for its metrics; if that forward
+    replaced the stored outputs, the term would be added to the loss with no gradient."""
+    model, tokenizer = tiny
+    penalty = ActivationLoss(model, ActivationLossSection(alpha=1.0, sites=["moe"]))
+    penalty.attach(model)
+    try:
+        model.train()
+        batch = batch_of(tokenizer, conversations(2))
+        model(**batch)
+        with torch.no_grad():
+            model(**batch)
+        term = penalty.term(0)
+        assert term is not None and term.requires_grad
+    finally:
+        penalty.detach()
+        model.zero_grad(set_to_none=True)
 
 
 # ----------------------------------------------------------------- mechanics

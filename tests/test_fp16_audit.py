@@ -14,12 +14,6 @@ from planted_outlier import PLANTED, planted_model, planted_runs
 torch.set_num_threads(2)
 
 
-UNFINISHED = (
-    "the planted outlier (mixer out_proj scaled ~1e8) is not brought under 6,550 by 30 Adam "
-    "steps yet: the term grows instead (oscillates 1e5..1e6); see the report of issue 2"
-)
-
-
 def run_audit(recipe, model, out) -> dict:
     args = ["audit", str(recipe), "--out", str(out)] + (["--model", str(model)] if model else [])
     assert cli(args) == 0
@@ -44,13 +38,19 @@ def test_audit_flags_the_planted_outlier_as_not_fp16_safe(tmp_path, teacher_dir)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason=UNFINISHED, run=False)
-def test_audit_passes_the_planted_model_after_training_with_the_activation_loss(tmp_path_factory, teacher_dir):
+def test_audit_separates_activations_the_term_fixed_from_weights_fp16_cannot_hold(tmp_path_factory, teacher_dir):
+    """After training with the term every fp32 activation of the planted model is under
+    the limit, but its planted out_proj weights (~1e8 x 0.02) are themselves beyond
+    fp16's range: the audit must still call it unsafe, with the reason non-finite."""
     runs = planted_runs(tmp_path_factory.getbasetemp() / "planted_outlier")
     out = tmp_path_factory.mktemp("audit")
     report = run_audit(runs["with_term"]["recipe"], runs["with_term"]["dir"] / "final", out)
-    assert report["fp16_safe"] is True, report["offending"]
-    assert report["logits"]["nonfinite_fp16"] == 0 and report["logits"]["max_abs_diff"] < 0.5
+    assert report["max_abs"] < 6550
+    assert report["fp16_safe"] is False
+    offending = {o["site"]: o for o in report["offending"]}
+    planted = offending[f"layers.{PLANTED.layer}.mamba"]
+    assert planted["reason"] == "non-finite in fp16" and planted["max_abs_fp32"] < 6550
+    assert all(o["layer"] >= PLANTED.layer for o in report["offending"])
 
 
 @pytest.mark.slow  # the half-precision forward on CPU is slow (fp16 matmuls are emulated)

@@ -29,7 +29,9 @@ def run_mix(tmp_path, recs, *overrides):
 
 
 def test_mix_respects_ratios_and_conserves_records(tmp_path):
-    recs = records("chat", 40) + records("table_qa", 30) + records("tool_use", 50) + records("needle", 25, "1K")
+    # Buckets in student tokens mark long context; a pipeline's own word classes do not.
+    recs = (records("chat", 40) + records("table_qa", 30) + records("tool_use", 45)
+            + records("steerability", 5, "short") + records("needle", 25, 1024))
     stats = run_mix(tmp_path, recs)
     assert stats["train"] + stats["eval"] + stats["unused"] == len(recs) == stats["input"]
     # skill (80 available) limits nothing; long_context (25 at 0.2) bounds the size at 125.
