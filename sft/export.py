@@ -46,6 +46,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", default="outputs/sft/final",
                         help="the trained model or adapter folder (train's final/)")
     parser.add_argument("--out", default="outputs/export", help="export folder")
+    parser.add_argument("--report", default=None,
+                        help="also write export_report.json here (DVC keeps metrics outside outputs)")
 
 
 def main(args) -> int:
@@ -54,6 +56,8 @@ def main(args) -> int:
     if not model_dir.is_dir():
         raise RecipeError(f"--model {model_dir}: no such folder (run posttrain train first)")
     report = export(recipe, model_dir, out)
+    if args.report:
+        write_json(args.report, report)
     failed = [p for p, r in report["profiles"].items() if r.get("passed") is False]
     if failed:
         log.error("export failed for %s: logits differ beyond %g; see %s",
