@@ -23,7 +23,7 @@ from pydantic import Field
 from pipeline.recipe import Section
 from pipeline.records import make_record
 from synth_data import sources
-from synth_data.engines import Sampling
+from synth_data.engines import sampling_for
 from synth_data.four_steps import candidate, rejected_if_malformed
 
 NAME = "chat"
@@ -161,7 +161,8 @@ def sample_prompts(cfg: Config, rng: random.Random) -> list[dict[str, Any]]:
 
 
 def generate(prompts, engine, cfg: Config) -> list[dict[str, Any]]:
-    sampling = Sampling(temperature=cfg.temperature, max_tokens=cfg.max_tokens, n=cfg.n, seed=cfg.seed)
+    # The recipe's teacher.sampling (top_p, ...) under this pipeline's own settings.
+    sampling = sampling_for(engine, temperature=cfg.temperature, max_tokens=cfg.max_tokens, n=cfg.n, seed=cfg.seed)
     convs = [[{"role": "user", "content": p["instruction"]}] for p in prompts]
     outs = engine.chat(convs, sampling) if convs else []
     cands = []

@@ -33,7 +33,7 @@ from pipeline.recipe import Section
 from pipeline.records import make_record
 from synth_data import sources
 from synth_data.chat import repeated_lines, repetition, strip_label
-from synth_data.engines import Sampling
+from synth_data.engines import sampling_for
 from synth_data.four_steps import candidate, rejected_if_malformed
 
 NAME = "doc_qa"
@@ -198,7 +198,8 @@ def conversation(prompt: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def generate(prompts, engine, cfg: Config) -> list[dict[str, Any]]:
-    sampling = Sampling(temperature=cfg.temperature, max_tokens=cfg.max_tokens, n=cfg.n, seed=cfg.seed)
+    # The recipe's teacher.sampling (top_p, ...) under this pipeline's own settings.
+    sampling = sampling_for(engine, temperature=cfg.temperature, max_tokens=cfg.max_tokens, n=cfg.n, seed=cfg.seed)
     convs = [conversation(p) for p in prompts]
     outs = engine.chat(convs, sampling) if convs else []
     cands = []
