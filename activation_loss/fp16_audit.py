@@ -212,7 +212,7 @@ def audit(recipe: Recipe, model_path: str | None, out_dir: Path) -> dict[str, An
         "tokens": int(sum(b["attention_mask"].sum() for b in batches)),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "fp16_audit.json", {**report, "max_abs": _json_float(report["max_abs"])})
+    write_json(out_dir / "fp16_audit.json", report)  # an inf max_abs is written as null
     plot(per_layer, limit, out_dir / "fp16_audit.png", title=f"{source}: "
          + ("fp16-safe" if report["fp16_safe"] else "NOT fp16-safe"))
     log.info("audit: %s, max |activation| %.4g, %d offending sites; wrote %s",

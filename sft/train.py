@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -235,7 +234,7 @@ def train(recipe: Recipe, output_dir: Path, resume: str | None = None) -> dict[s
         if penalty is not None:
             metrics["activation_loss"] = penalty.summary()
         write_json(output_dir / "activation_stats.json", penalty.layer_stats() if penalty else {})
-        write_json(output_dir / "train_metrics.json", clean(metrics))
+        write_json(output_dir / "train_metrics.json", metrics)
         log.info("trained %d steps, loss %s -> %s; saved %s", metrics["global_step"],
                  metrics["first_loss"], metrics["final_loss"], final_dir)
     if penalty is not None:
@@ -246,16 +245,4 @@ def train(recipe: Recipe, output_dir: Path, resume: str | None = None) -> dict[s
         torch.distributed.destroy_process_group()
     return metrics
 
-
-def clean(value):
-    """JSON-safe: NaN/inf to None, tensors to floats."""
-    if isinstance(value, dict):
-        return {k: clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [clean(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 

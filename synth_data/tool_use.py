@@ -32,7 +32,7 @@ from pydantic import Field
 
 from pipeline.chat_template import parse_tool_calls
 from pipeline.recipe import Section
-from pipeline.records import make_record, stable_hash
+from pipeline.records import make_record, read_jsonl, stable_hash
 from synth_data.engines import sampling_for
 from synth_data.four_steps import rejected_if_malformed
 
@@ -79,19 +79,15 @@ def bfcl_data_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "data"
 
 
-def _read_lines(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 @functools.cache
 def bfcl_items(category: str) -> tuple[dict[str, Any], ...]:
-    return tuple(_read_lines(bfcl_data_dir() / f"BFCL_v4_{category}.json"))
+    return tuple(read_jsonl(bfcl_data_dir() / f"BFCL_v4_{category}.json"))
 
 
 @functools.cache
 def bfcl_answers(category: str) -> dict[str, list[dict[str, Any]]]:
     path = bfcl_data_dir() / "possible_answer" / f"BFCL_v4_{category}.json"
-    return {row["id"]: row["ground_truth"] for row in _read_lines(path)} if path.is_file() else {}
+    return {row["id"]: row["ground_truth"] for row in read_jsonl(path)} if path.is_file() else {}
 
 
 def is_heldout(item_id: str, fraction: float) -> bool:
