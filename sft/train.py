@@ -160,6 +160,20 @@ def make_trainer_class():
                     loss = loss + term
             return (loss, outputs) if return_outputs else loss
 
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            # transformers' Trainer reads a full checkpoint back with a plain, non-strict
+            # load_state_dict, but save_pretrained wrote it in the hub layout (one tensor
+            # per MoE expert, where the model holds them fused): the experts silently
+            # kept their initial weights on resume (huggingface/transformers#48805).
+            # from_pretrained applies the layout conversion; copy its weights in.
+            from transformers import PreTrainedModel
+
+            model = self.model if model is None else model
+            if self.is_fsdp_enabled or not isinstance(model, PreTrainedModel):
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            saved = type(model).from_pretrained(resume_from_checkpoint, config=model.config)
+            model.load_state_dict(saved.state_dict())  # strict: every weight is restored
+
     return HybridSFTTrainer
 
 
