@@ -87,7 +87,22 @@ def load_model(recipe: Recipe, model_path: str | None):
         source = f"model {path}"
     else:
         raise RecipeError(f"--model {model_path}: neither a model (config.json) nor an adapter folder")
-    return model.float().eval(), tokenizer, source
+    return on_gpu_if_it_fits(model.float().eval()), tokenizer, source
+
+
+def on_gpu_if_it_fits(model: nn.Module) -> nn.Module:
+    """The audit holds a float32 and a float16 copy: on the GPU when both fit in its
+    free memory, else on the host."""
+    if not torch.cuda.is_available():
+        return model
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    free, _ = torch.cuda.mem_get_info()
+    on_gpu = next(model.parameters()).is_cuda
+    if size * 1.5 < free + (size if on_gpu else 0):
+        return model.cuda()
+    log.info("audit: %.1f GB of float32 weights do not fit the GPU twice; auditing on the host",
+             size / 1e9)
+    return model.cpu()
 
 
 def audit_batches(recipe: Recipe, tokenizer) -> list[dict[str, torch.Tensor]]:
@@ -124,10 +139,12 @@ def measure(model: nn.Module, batches, kinds=SITE_KINDS) -> tuple[dict[Site, flo
     recorder.attach(model)
     peaks: dict[Site, float] = {}
     logits = []
+    device = next(model.parameters()).device
     try:
         for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
             recorder.recording = True
-            logits.append(model(**batch).logits.float())
+            logits.append(model(**batch).logits.float().cpu())
             for site, value in recorder.take().items():
                 peak = _peak(value, batch["attention_mask"]).item()
                 peaks[site] = peak if site not in peaks else _worse(peaks[site], peak)

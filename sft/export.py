@@ -159,8 +159,12 @@ def export(recipe, model_dir: Path, out: Path) -> dict[str, Any]:
         return report
 
     # ------------------------------------------------------------ LoRA adapter
-    model = PeftModel.from_pretrained(base_model(), model_dir)
+    base = base_model()
+    base_logits = logits_of(base, inputs)
+    model = PeftModel.from_pretrained(base, model_dir)
     reference = logits_of(model, inputs)
+    # How far the adapter moves the logits: the scale a profile's diff is read against.
+    report["adapter_effect_max_abs_logit_diff"] = max_diff(reference, base_logits)
     dropped = sorted(expert_lora_params(model))
     with experts_off(model):
         reference_vllm = logits_of(model, inputs)
@@ -197,11 +201,14 @@ def export(recipe, model_dir: Path, out: Path) -> dict[str, Any]:
 
     if "merged" in profiles:
         path = out / "merged"
+        device = next(model.parameters()).device
         merged = model.merge_and_unload()  # last: merging rewrites the base in place
         merged.save_pretrained(path)
         tokenizer.save_pretrained(path)
         del merged, model
-        reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=recipe.model.dtype)
+        # Compared on the device the reference ran on: a host forward against a GPU
+        # one would measure kernel differences, not the export.
+        reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=recipe.model.dtype).to(device)
         record("merged", path, max_diff(reference, logits_of(reloaded, inputs)))
 
     write_json(out / "export_report.json", report)

@@ -189,7 +189,8 @@ def adapted_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
     out = {}
     for name, module in model.named_modules():
-        if not isinstance(module, LoraLayer) or not module.lora_A:
+        # An adapted embedding keeps its adapter in lora_embedding_A, not lora_A.
+        if not isinstance(module, LoraLayer) or not (module.lora_A or module.lora_embedding_A):
             continue
         name = re.sub(r"^(base_model\.model\.)", "", name)
         name = re.sub(r"(\.base_layer)+$", "", name)

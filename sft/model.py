@@ -90,6 +90,21 @@ def config_overrides(section: ModelSection) -> dict[str, Any]:
     return overrides
 
 
+def dtype_of(section: ModelSection) -> torch.dtype:
+    return torch.float32 if section.dtype in ("float32", "auto") else getattr(torch, section.dtype)
+
+
+def init_device():
+    """Where a model built from config is initialised: the GPU for a single process
+    that has one; otherwise the host (the trainer or DeepSpeed places it later)."""
+    import contextlib
+    import os
+
+    if torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return torch.device("cuda")
+    return contextlib.nullcontext()
+
+
 def load_student(section: ModelSection, tokenizer):
     """Build or load the student. Returns the model (float32 unless model.dtype says)."""
     from transformers import AutoConfig, AutoModelForCausalLM, JambaConfig, JambaForCausalLM
@@ -109,7 +124,15 @@ def load_student(section: ModelSection, tokenizer):
         )
         for key, value in config_overrides(section).items():
             setattr(config, key, value)
-        model = JambaForCausalLM(config)
+        kwargs = {"dtype": dtype_of(section)}
+        if section.attn_implementation:
+            kwargs["attn_implementation"] = section.attn_implementation
+        # Built in the target dtype, on the GPU when one process has one: a
+        # Jamba-Mini-sized config built in float32 on the host first needs 4 bytes
+        # per parameter of host memory and minutes of CPU init. Under ZeRO-3,
+        # _from_config partitions at init instead.
+        with init_device():
+            model = JambaForCausalLM._from_config(config, **kwargs)
     elif section.name_or_path:
         path = resolve_model_path(section.name_or_path)
         config = AutoConfig.from_pretrained(path, trust_remote_code=section.trust_remote_code)
@@ -131,8 +154,6 @@ def load_student(section: ModelSection, tokenizer):
             f"model.dtype: {section.dtype} weights do not work with the mambapy scan; keep "
             "float32 weights and use sft.bf16: true (autocast) instead"
         )
-    if section.dtype not in ("float32", "auto") and section.tiny is not None:
-        model = model.to(getattr(torch, section.dtype))
     params = sum(p.numel() for p in model.parameters())
     log.info(
         "student: %s, %.1fM parameters, Mamba path: %s",

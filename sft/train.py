@@ -243,6 +243,8 @@ def train(recipe: Recipe, output_dir: Path, resume: str | None = None) -> dict[s
             "mamba_path": mamba_path(model),
             "train_samples": len(train_set),
         })
+        if torch.cuda.is_available():
+            metrics["cuda_peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         # Both reports are written on every run (DVC declares them), empty when off.
         write_json(output_dir / "lora_coverage.json", coverage or {"lora": False})
         if penalty is not None:

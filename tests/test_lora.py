@@ -87,7 +87,11 @@ def first_step(model, callback):
 
 
 def test_every_adapted_module_gets_a_gradient_in_the_first_step(tiny):
-    model, coverage = wrap(tiny(), target_modules=["attention", "mamba", "mlp", "experts"])
+    # The Jamba model card's targets include embed_tokens (an embedding adapter).
+    model, coverage = wrap(tiny(), target_modules=["attention", "mamba", "mlp", "experts",
+                                                   "embed_tokens"])
+    assert coverage["groups"]["embed_tokens"]["adapted"] == 1
+    assert coverage["groups"]["embed_tokens"]["trainable_params"] > 0
     first_step(model, GradientCoverageCallback(coverage))
     assert coverage["no_gradient"] == []
 
