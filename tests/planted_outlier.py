@@ -15,12 +15,26 @@ from pipeline.records import write_jsonl
 
 PLANTED = Site("mamba", 7)  # the last Mamba layer (the paper penalises the last ones)
 
-# The planted outlier is the output projection of that mixer scaled by ~1e8: the tiny
-# student's mixer outputs are ~2e-3, so that is what it takes to reach 2e5. Adam moves
-# each weight by ~lr per step, so the term cannot shrink those huge weights; it shrinks
-# the small upstream ones feeding them, whose every step is amplified 1e8 times. A small
-# lr keeps that descent from overshooting. alpha is the paper's 1e-5.
-ALPHA, STEPS, LR = 1e-5, 40, 3e-4
+# The plant. Each Jamba layer adds its mixer's and its feed-forward's outputs to the
+# residual stream, and everything downstream reads that stream through an RMSNorm.
+# Scaling only the planted mixer's out_proj makes its output drown the rest of the
+# stream: the model becomes that one mixer, and its loss then moves for reasons of its
+# own (measured: CE 1.12x with vs without the term, whatever the training settings).
+# So the whole stream is scaled by one factor s: the embedding and every writer (Mamba
+# out_proj, attention o_proj, MLP and expert down_proj). The RMSNorms make the model
+# compute the same function (same CE), while every write into the stream, the planted
+# site's included, is s times larger: the "massive activations" the paper removes.
+# s takes the planted site to 2e5. Only that site is penalised (last_n_mamba: 1).
+#
+# Training: alpha is the paper's 1e-5. Two settings matter for a model that starts 30x
+# past the target: at 2e5 the term (~4e3 at step 5) dwarfs the CE (~10), so global-norm
+# clipping (TRL's default max_grad_norm 1.0) shrinks the CE's share of every
+# parameter's gradient by the same large factor while the term is big, and Adam's
+# beta2 = 0.999 keeps the early spikes in its second moment long after. Measured CE
+# with / without the term: 1.14x after 80 steps with clipping; without clipping and
+# with beta2 = 0.95 (a common LLM setting) 1.044x after 80 steps, 1.030x after 120.
+ALPHA, STEPS, LR = 1e-5, 120, 3e-4
+SCALE_TO = 2e5
 
 _RUNS: dict[str, dict] = {}
 
@@ -65,6 +79,17 @@ def trained(run: dict):
     return AutoModelForCausalLM.from_pretrained(run["dir"] / "final", dtype=torch.float32)
 
 
+@torch.no_grad()
+def scale_residual_stream(model, scale: float) -> None:
+    """Multiply the embedding and every write into the residual stream by `scale`."""
+    model.model.embed_tokens.weight.mul_(scale)
+    for layer in model.model.layers:
+        mixer = layer.mamba.out_proj.weight if hasattr(layer, "mamba") else layer.self_attn.o_proj.weight
+        mixer.mul_(scale)
+        ff = layer.feed_forward
+        (ff.experts.down_proj if hasattr(ff, "experts") else ff.down_proj.weight).mul_(scale)
+
+
 def planted_model(root: Path) -> tuple[Path, float]:
     """Save the planted student under root/planted; returns (folder, its peak)."""
     from sft.model import load_student, load_tokenizer
@@ -74,9 +99,7 @@ def planted_model(root: Path) -> tuple[Path, float]:
     section = ModelSection(tiny={}, tokenizer="teacher")
     tokenizer = load_tokenizer(section)
     model = load_student(section, tokenizer)
-    scale = 2e5 / site_peak(model, tokenizer)
-    with torch.no_grad():
-        model.model.layers[PLANTED.layer].mamba.out_proj.weight.mul_(scale)
+    scale_residual_stream(model, SCALE_TO / site_peak(model, tokenizer))
     planted_dir = root / "planted"
     model.save_pretrained(planted_dir)
     tokenizer.save_pretrained(planted_dir)
@@ -100,8 +123,8 @@ def planted_runs(root: Path) -> dict:
             "sft": {"max_steps": STEPS, "per_device_train_batch_size": 8, "learning_rate": LR,
                     "lr_scheduler_type": "linear", "max_length": 64, "logging_steps": 5,
                     "bf16": False, "use_cpu": True, "save_strategy": "no", "report_to": "none",
-                    "disable_tqdm": True},
-            "activation_loss": {"alpha": alpha, "sites": ["mamba"]},
+                    "disable_tqdm": True, "max_grad_norm": 0.0, "adam_beta2": 0.95},
+            "activation_loss": {"alpha": alpha, "sites": ["mamba"], "last_n_mamba": 1},
             "audit": {"num_batches": 2, "batch_size": 4, "data": [str(root / "train.jsonl")]},
         }))
         recipe = load_recipe(recipe_file)

@@ -58,16 +58,19 @@ def test_activation_loss_brings_a_planted_1e5_activation_under_6550(runs, tiny):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "measured: CE 10.47 with the term vs 9.46 without after 40 steps (1.107x). The planted "
-    "1e8-scaled out_proj is also a shortcut that lets the run without the term learn faster; "
-    "a plant that neither helps nor hurts the cross-entropy is still to be found"))
 def test_activation_loss_costs_at_most_5_percent_cross_entropy(runs, tiny):
     _, tokenizer = tiny
     ce_with = cross_entropy(trained(runs["with_term"]), tokenizer)
     ce_without = cross_entropy(trained(runs["without_term"]), tokenizer)
     print(f"CE with {ce_with:.4f}, without {ce_without:.4f}, ratio {ce_with / ce_without:.4f}")
     assert ce_with <= 1.05 * ce_without
+    # The plant itself changed nothing the model computes: the residual stream is
+    # scaled as a whole and read through RMSNorms.
+    from transformers import AutoModelForCausalLM
+
+    unplanted, _ = tiny
+    planted = AutoModelForCausalLM.from_pretrained(runs["planted"], dtype=torch.float32)
+    assert cross_entropy(planted, tokenizer) == pytest.approx(cross_entropy(unplanted, tokenizer), rel=1e-3)
 
 
 def test_a_no_grad_forward_does_not_replace_the_stored_activations(tiny):
@@ -188,3 +191,22 @@ def test_sites_are_found_through_a_peft_wrapper(tiny):
     found = [s for s, _ in find_sites(wrapped, ["moe", "experts", "mamba", "layers"], last_n_mamba=2)]
     assert found == plain
     assert [s.layer for s in plain if s.kind == "mamba"] == [5, 7]
+
+
+def test_a_term_that_dwarfs_the_loss_under_clipping_is_warned_about_once(caplog):
+    from types import SimpleNamespace
+
+    from activation_loss.term import ActivationLossCallback
+
+    class Penalty:
+        def log_values(self):
+            return {"activation_loss": 400.0}
+
+    state = SimpleNamespace(log_history=[], global_step=5)
+    for clip, warnings in ((1.0, 1), (0.0, 0)):
+        caplog.clear()
+        callback = ActivationLossCallback(Penalty())
+        with caplog.at_level("WARNING", logger="activation_loss.term"):
+            for _ in range(3):
+                callback.on_log(SimpleNamespace(max_grad_norm=clip), state, None, logs={"loss": 410.0})
+        assert sum("sft.max_grad_norm" in r.getMessage() for r in caplog.records) == warnings

@@ -39,18 +39,20 @@ def test_audit_flags_the_planted_outlier_as_not_fp16_safe(tmp_path, teacher_dir)
 
 @pytest.mark.slow
 def test_audit_separates_activations_the_term_fixed_from_weights_fp16_cannot_hold(tmp_path_factory, teacher_dir):
-    """After training with the term every fp32 activation of the planted model is under
-    the limit, but its planted out_proj weights (~1e8 x 0.02) are themselves beyond
-    fp16's range: the audit must still call it unsafe, with the reason non-finite."""
+    """After training with the term the planted site's fp32 maximum is under the limit,
+    but the plant's scaled weights (embedding, residual writers: ~1e6 x 0.02) are
+    themselves beyond fp16's range, and the unpenalised sites still carry the scaled
+    stream: the audit must still call the model unsafe, and say why per site."""
     runs = planted_runs(tmp_path_factory.getbasetemp() / "planted_outlier")
     out = tmp_path_factory.mktemp("audit")
     report = run_audit(runs["with_term"]["recipe"], runs["with_term"]["dir"] / "final", out)
-    assert report["max_abs"] < 6550
     assert report["fp16_safe"] is False
     offending = {o["site"]: o for o in report["offending"]}
-    planted = offending[f"layers.{PLANTED.layer}.mamba"]
-    assert planted["reason"] == "non-finite in fp16" and planted["max_abs_fp32"] < 6550
-    assert all(o["layer"] >= PLANTED.layer for o in report["offending"])
+    planted = offending[PLANTED.name]
+    assert planted["max_abs_fp32"] < 6550 and planted["reason"] == "non-finite in fp16"
+    assert report["max_abs_per_layer"]["mamba"][str(PLANTED.layer)] < 6550
+    others = [o for name, o in offending.items() if name != PLANTED.name]
+    assert any("fp32 max" in o["reason"] for o in others)  # the stream, still scaled
 
 
 @pytest.mark.slow  # the half-precision forward on CPU is slow (fp16 matmuls are emulated)
