@@ -9,7 +9,9 @@ tokens), so on such machines the parallel scan of `mambapy` is switched on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from typing import Any
 
 import torch
@@ -97,9 +99,6 @@ def dtype_of(section: ModelSection) -> torch.dtype:
 def init_device():
     """Where a model built from config is initialised: the GPU for a single process
     that has one; otherwise the host (the trainer or DeepSpeed places it later)."""
-    import contextlib
-    import os
-
     if torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return torch.device("cuda")
     return contextlib.nullcontext()

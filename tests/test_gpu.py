@@ -5,7 +5,8 @@ real layer shapes (hidden 4096, 16 experts of width 14336, Mamba d_inner 8192 wi
 dt_rank 256, 32 query / 8 KV heads) for one Jamba block of its 32 layers: attention
 at layer 4, Mamba elsewhere, MoE on odd layers, random weights. Everything else comes
 from recipes/jamba-mini-{lora,full}.yaml unchanged, except what one GPU without
-DeepSpeed needs (no ZeRO config), the data (the chat fixtures) and a few steps.
+DeepSpeed needs (no ZeRO config), the data (the chat fixtures) and a short schedule
+(a few steps of 4 sequences, no warm-up, max_length 1024).
 
 Run on a GPU machine:  pytest -m gpu tests/test_gpu.py
 """
