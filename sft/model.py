@@ -96,6 +96,16 @@ def dtype_of(section: ModelSection) -> torch.dtype:
     return torch.float32 if section.dtype in ("float32", "auto") else getattr(torch, section.dtype)
 
 
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def init_device():
     """Where a model built from config is initialised: the GPU for a single process
     that has one; otherwise the host (the trainer or DeepSpeed places it later)."""
@@ -123,15 +133,15 @@ def load_student(section: ModelSection, tokenizer):
         )
         for key, value in config_overrides(section).items():
             setattr(config, key, value)
-        kwargs = {"dtype": dtype_of(section)}
         if section.attn_implementation:
-            kwargs["attn_implementation"] = section.attn_implementation
+            config._attn_implementation = section.attn_implementation
         # Built in the target dtype, on the GPU when one process has one: a
         # Jamba-Mini-sized config built in float32 on the host first needs 4 bytes
-        # per parameter of host memory and minutes of CPU init. Under ZeRO-3,
-        # _from_config partitions at init instead.
-        with init_device():
-            model = JambaForCausalLM._from_config(config, **kwargs)
+        # per parameter of host memory and minutes of CPU init. (Not _from_config:
+        # under ZeRO-3 it opens deepspeed.zero.Init, whose batch-size check fails on
+        # CPU processes.)
+        with init_device(), default_dtype(dtype_of(section)):
+            model = JambaForCausalLM(config)
     elif section.name_or_path:
         path = resolve_model_path(section.name_or_path)
         config = AutoConfig.from_pretrained(path, trust_remote_code=section.trust_remote_code)
