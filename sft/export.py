@@ -172,10 +172,10 @@ def export(recipe, model_dir: Path, out: Path) -> dict[str, Any]:
     if recipe.model.tiny is not None:
         # Random weights from a config: ship the base so the adapter can be used.
         base_path = out / "base"
-        base = base_model()
-        base.save_pretrained(base_path)
+        shipped = base_model()  # a clean copy: `base` now carries the adapter
+        shipped.save_pretrained(base_path)
         tokenizer.save_pretrained(base_path)
-        del base
+        del shipped
         model.peft_config["default"].base_model_name_or_path = str(base_path)
 
     if "adapter" in profiles:
