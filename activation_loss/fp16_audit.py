@@ -51,7 +51,7 @@ def main(args) -> int:
 # ---------------------------------------------------------------------- loading
 def load_model(recipe: Recipe, model_path: str | None):
     """(model in float32, eval mode, tokenizer, description of what was loaded)."""
-    from sft.model import config_overrides, has_mamba_layers, load_student, load_tokenizer
+    from pipeline.student import config_overrides, has_mamba_layers, load_student, load_tokenizer
 
     path = Path(model_path) if model_path else None
     if path is not None and not path.is_dir():

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from activation_loss.term import ActivationLoss  # noqa: E402
 from pipeline.recipe import ActivationLossSection, ModelSection  # noqa: E402
-from sft.model import load_student, load_tokenizer  # noqa: E402
+from pipeline.student import load_student, load_tokenizer  # noqa: E402
 
 ALL_SITES = ["moe", "experts", "mamba", "layers"]
 

@@ -111,7 +111,7 @@ def export(recipe, model_dir: Path, out: Path) -> dict[str, Any]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sft.model import load_student, load_tokenizer
+    from pipeline.student import load_student, load_tokenizer
 
     profiles = list(recipe.export.profiles)
     tolerance = recipe.export.tolerance

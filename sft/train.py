@@ -62,7 +62,7 @@ def check_recipe(recipe: Recipe) -> None:
                 f"not loadable from the hub ({str(exc).splitlines()[0]})"
             ) from None
     if recipe.sft.get("packing") or recipe.sft.get("padding_free"):
-        from sft.model import has_mamba_layers
+        from pipeline.student import has_mamba_layers
 
         if recipe.model.tiny is not None or has_mamba_layers(student_config(recipe)):
             key = "sft.packing" if recipe.sft.get("packing") else "sft.padding_free"
@@ -178,7 +178,7 @@ def make_trainer_class():
 
 
 def train(recipe: Recipe, output_dir: Path, resume: str | None = None) -> dict[str, Any]:
-    from sft.model import load_student, load_tokenizer, mamba_path
+    from pipeline.student import load_student, load_tokenizer, mamba_path
 
     # ------------------------------------------------------------------ data
     train_set = load_conversations(recipe.data.train, recipe.data.max_train_samples)

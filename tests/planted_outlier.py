@@ -92,7 +92,7 @@ def scale_residual_stream(model, scale: float) -> None:
 
 def planted_model(root: Path) -> tuple[Path, float]:
     """Save the planted student under root/planted; returns (folder, its peak)."""
-    from sft.model import load_student, load_tokenizer
+    from pipeline.student import load_student, load_tokenizer
 
     torch.set_num_threads(2)
     root.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="module")
 def tiny(teacher_dir):
-    from sft.model import load_student, load_tokenizer
+    from pipeline.student import load_student, load_tokenizer
 
     section = ModelSection(tiny={}, tokenizer="teacher")
     tokenizer = load_tokenizer(section)

@@ -11,7 +11,7 @@ from sft.lora import GradientCoverageCallback, adapted_modules, build_lora_confi
 
 @pytest.fixture(scope="module")
 def tiny():
-    from sft.model import load_student, load_tokenizer
+    from pipeline.student import load_student, load_tokenizer
 
     section = ModelSection(tiny=TEST_TINY, tokenizer="teacher")
     tokenizer = load_tokenizer(section)

@@ -64,7 +64,7 @@ def test_only_assistant_turns_are_trained(tmp_path, data_dir):
     """Labels are -100 exactly outside the assistant turns of the rendered template;
     every assistant token, its tool calls and its closing <|im_end|> are trained."""
     from pipeline.recipe import load_recipe
-    from sft.model import load_student, load_tokenizer
+    from pipeline.student import load_student, load_tokenizer
     from sft.train import load_conversations, make_trainer_class, sft_config
 
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(data_dir, tmp_path / "out"))

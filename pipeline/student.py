@@ -1,10 +1,11 @@
-"""Loading the student and its tokenizer.
+"""Loading the student and its tokenizer: shared ground for every stage that needs
+the student (train, audit, export, eval), so no stage imports another.
 
 The student is either a hub id / local folder, or `model.tiny`: a small
 `JambaForCausalLM` built from a config with random weights (the embedded CPU default)
 that uses the packaged teacher's tokenizer. Without the fused CUDA kernels the Mamba
-mixer's reference scan has an unusable backward (STACK.md: 914 s per step at 2K
-tokens), so on such machines the parallel scan of `mambapy` is switched on.
+mixer's reference scan has an unusable backward (about 900 s per step at 2K
+tokens on a tiny model), so on such machines the parallel scan of `mambapy` is switched on.
 """
 
 from __future__ import annotations
