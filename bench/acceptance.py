@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pipeline.recipe import TeacherSection
 from synth_data import four_steps
-from synth_data.engines import build_engine
+from pipeline.engines import build_engine
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from synth_data import steerability
-    from synth_data.engines import Sampling, TransformersEngine, VLLMEngine
+    from pipeline.engines import Sampling, TransformersEngine, VLLMEngine
 
     vllm_engine = VLLMEngine("teacher")
     if args.prompts > 0:

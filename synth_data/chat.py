@@ -22,8 +22,8 @@ from pydantic import Field
 
 from pipeline.recipe import Section
 from pipeline.records import make_record
-from synth_data import sources
-from synth_data.engines import sampling_for
+from pipeline import sources
+from pipeline.engines import sampling_for
 from synth_data.four_steps import candidate, rejected_if_malformed
 
 NAME = "chat"

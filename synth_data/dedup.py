@@ -130,7 +130,7 @@ def heldout_items(paths: list[str], bfcl_fraction: float | None) -> list[str]:
     JSON or plain text, one item per line); every string inside JSON counts."""
     items: list[str] = []
     if bfcl_fraction is not None:
-        from synth_data.tool_use import heldout_questions
+        from pipeline.bfcl import heldout_questions
 
         items += heldout_questions(bfcl_fraction)
     for name in paths:

@@ -31,9 +31,9 @@ from pydantic import Field
 
 from pipeline.recipe import Section
 from pipeline.records import make_record
-from synth_data import sources
+from pipeline import sources
 from synth_data.chat import repeated_lines, repetition, strip_label
-from synth_data.engines import sampling_for
+from pipeline.engines import sampling_for
 from synth_data.four_steps import candidate, rejected_if_malformed
 
 NAME = "doc_qa"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline.recipe import add_recipe_arguments, load_recipe
 from synth_data import four_steps
-from synth_data.engines import EngineError, open_engine
+from pipeline.engines import EngineError, open_engine
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from pydantic import Field
 
 from pipeline.recipe import Section
 from pipeline.records import make_record
-from synth_data import sources
-from synth_data.engines import Completion
+from pipeline import sources
+from pipeline.engines import Completion
 from synth_data.four_steps import candidate
 
 NAME = "needle"

@@ -24,7 +24,7 @@ from pydantic import Field
 from pipeline.recipe import Section
 from pipeline.records import make_record
 from synth_data.constraints import CONSTRAINTS, check, describe, sample_constraints, words
-from synth_data.engines import Sampling, sampling_for
+from pipeline.engines import Sampling, sampling_for
 from synth_data.four_steps import candidate, rejected_if_malformed
 
 NAME = "steerability"

@@ -20,28 +20,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import json
 import random
 import re
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 
 from pipeline.chat_template import parse_tool_calls
 from pipeline.recipe import Section
-from pipeline.records import make_record, read_jsonl, stable_hash
-from synth_data.engines import sampling_for
+from pipeline.records import make_record
+from pipeline.bfcl import (
+    CATALOGUE_FILES, IRRELEVANCE_FILES, bfcl_answers, bfcl_items, is_heldout,
+)
+from pipeline.engines import sampling_for
 from synth_data.four_steps import rejected_if_malformed
 
 NAME = "tool_use"
-CATALOGUE_FILES = (
-    "simple_python", "multiple", "parallel", "parallel_multiple",
-    "live_simple", "live_multiple", "live_parallel", "live_parallel_multiple",
-)
-IRRELEVANCE_FILES = ("irrelevance",)
 KINDS = ("single", "parallel", "multiple", "irrelevance")
 
 REJECT_REASONS = (
@@ -66,42 +62,6 @@ class Config(Section):
     max_tokens: int = Field(160, gt=0)
     request_max_tokens: int = Field(80, gt=0)
     seed: int = 0
-
-
-# ----------------------------------------------------------------------- BFCL data
-def bfcl_data_dir() -> Path:
-    # find_spec locates the data without importing bfcl_eval (it pulls heavy deps).
-    spec = importlib.util.find_spec("bfcl_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "tool_use needs the PyPI package bfcl-eval: pip install --no-deps bfcl-eval==2026.3.23"
-        )
-    return Path(list(spec.submodule_search_locations)[0]) / "data"
-
-
-@functools.cache
-def bfcl_items(category: str) -> tuple[dict[str, Any], ...]:
-    return tuple(read_jsonl(bfcl_data_dir() / f"BFCL_v4_{category}.json"))
-
-
-@functools.cache
-def bfcl_answers(category: str) -> dict[str, list[dict[str, Any]]]:
-    path = bfcl_data_dir() / "possible_answer" / f"BFCL_v4_{category}.json"
-    return {row["id"]: row["ground_truth"] for row in read_jsonl(path)} if path.is_file() else {}
-
-
-def is_heldout(item_id: str, fraction: float) -> bool:
-    return int(stable_hash("bfcl-heldout", item_id, length=8), 16) % 10_000 < fraction * 10_000
-
-
-def heldout_questions(fraction: float = 0.1) -> list[str]:
-    """User turns of the held-out BFCL items (the decontamination reference)."""
-    out = []
-    for category in (*CATALOGUE_FILES, *IRRELEVANCE_FILES):
-        for item in bfcl_items(category):
-            if is_heldout(item["id"], fraction):
-                out += [t["content"] for turn in item["question"] for t in turn if t["role"] == "user"]
-    return out
 
 
 @functools.cache

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from synth_data import chat
-from synth_data.engines import Completion
+from pipeline.engines import Completion
 from synth_data.four_steps import candidate
 
 GOOD = "Boil water, lower the egg in gently and cook it for six minutes, then cool it in cold water."
@@ -65,7 +65,7 @@ def test_chat_end_to_end_on_the_real_teacher(tmp_path, teacher_dir):
     from test_steerability import assert_pipeline_output
 
     from synth_data import four_steps
-    from synth_data.engines import TransformersEngine
+    from pipeline.engines import TransformersEngine
 
     engine = TransformersEngine("teacher", batch_size=4, threads=1)
     cfg = chat.Config(count=3, seeds=["builtin"], max_tokens=48)

@@ -8,8 +8,8 @@ import random
 import pytest
 
 from synth_data import doc_qa as dq
-from synth_data import sources
-from synth_data.engines import Completion
+from pipeline import sources
+from pipeline.engines import Completion
 from synth_data.four_steps import candidate
 
 PARAGRAPH = (
@@ -136,7 +136,7 @@ def test_doc_qa_end_to_end_on_the_real_teacher(tmp_path, teacher_dir):
 
     from pipeline.records import read_jsonl
     from synth_data import four_steps
-    from synth_data.engines import TransformersEngine
+    from pipeline.engines import TransformersEngine
 
     engine = TransformersEngine("teacher", batch_size=4, threads=1)
     cfg = dq.Config(count=4, long_fraction=0.5, length_buckets=[1024], max_paragraphs=1, max_tokens=64)

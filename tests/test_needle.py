@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from pipeline.records import read_jsonl
-from synth_data import four_steps, sources
+from pipeline import sources
+from synth_data import four_steps
 from synth_data import needle as nd
 
 

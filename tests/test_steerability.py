@@ -71,7 +71,7 @@ def test_sampled_constraints_never_contradict_each_other():
 
 def test_malformed_teacher_output_is_rejected_with_a_reason_never_a_crash():
     from synth_data import steerability as st
-    from synth_data.engines import Completion
+    from pipeline.engines import Completion
     from synth_data.four_steps import candidate
 
     cfg = st.Config(count=1, conversations=0, n=3)
@@ -86,7 +86,7 @@ def test_malformed_teacher_output_is_rejected_with_a_reason_never_a_crash():
 
 def test_rejection_sampling_keeps_the_best_passing_sample_per_prompt():
     from synth_data import steerability as st
-    from synth_data.engines import Completion
+    from pipeline.engines import Completion
     from synth_data.four_steps import candidate
 
     cfg = st.Config(count=1, conversations=0, n=3, scorer="concise")
@@ -104,7 +104,7 @@ def test_steerability_end_to_end_on_the_real_teacher(tmp_path, teacher_dir):
     every rejection has a reason, accepted records load with `datasets` and render
     through the student's chat template."""
     from synth_data import four_steps, steerability as st
-    from synth_data.engines import CachedEngine, TransformersEngine
+    from pipeline.engines import CachedEngine, TransformersEngine
 
     engine = CachedEngine(TransformersEngine("teacher", batch_size=8, threads=1), tmp_path / "cache",
                           progress=False)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.recipe import load_recipe
-from synth_data.engines import CachedEngine, EngineError, OpenAIEngine, Sampling
+from pipeline.engines import CachedEngine, EngineError, OpenAIEngine, Sampling
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def run_cli(*args, **kwargs):
 # ----------------------------------------------------------------- transformers
 @pytest.fixture(scope="module")
 def transformers_engine(teacher_dir):
-    from synth_data.engines import TransformersEngine
+    from pipeline.engines import TransformersEngine
 
     return TransformersEngine("teacher", batch_size=4, threads=1)
 

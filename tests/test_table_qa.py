@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from synth_data import table_qa as tq
-from synth_data.engines import Completion
+from pipeline.engines import Completion
 from synth_data.four_steps import candidate
 
 
@@ -117,7 +117,7 @@ def test_table_qa_end_to_end_on_the_real_teacher(tmp_path, teacher_dir):
     from test_steerability import assert_pipeline_output
 
     from synth_data import four_steps
-    from synth_data.engines import TransformersEngine
+    from pipeline.engines import TransformersEngine
 
     engine = TransformersEngine("teacher", batch_size=4, threads=1)
     cfg = tq.Config(count=3, max_rows=2, max_columns=1, max_tokens=80)

@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from pipeline import bfcl
 from synth_data import tool_use as tu
 from synth_data.tool_use import match_calls
 
@@ -68,10 +69,10 @@ def test_call_matcher(text, expected, reason):
 def test_catalogue_comes_from_bfcl_without_the_heldout_slice():
     cat = tu.catalogue(0.1)
     assert len(cat) > 500
-    heldout_names = {fn["name"] for f in tu.CATALOGUE_FILES for item in tu.bfcl_items(f)
-                     if tu.is_heldout(item["id"], 0.1) for fn in item["function"]}
+    heldout_names = {fn["name"] for f in bfcl.CATALOGUE_FILES for item in bfcl.bfcl_items(f)
+                     if bfcl.is_heldout(item["id"], 0.1) for fn in item["function"]}
     assert heldout_names and not heldout_names & set(cat)
-    assert tu.heldout_questions(0.1)
+    assert bfcl.heldout_questions(0.1)
 
 
 def test_sampled_assignments_are_valid_for_their_schemas():
@@ -98,7 +99,7 @@ def test_sampled_assignments_are_valid_for_their_schemas():
 
 
 def test_malformed_teacher_output_is_rejected_with_a_reason_never_a_crash():
-    from synth_data.engines import Completion
+    from pipeline.engines import Completion
 
     cfg = tu.Config()
     outs = [Completion("", 0, "stop"), Completion('<tool_call>{"name": "get_weather", "argu', 160, "length"),
@@ -115,7 +116,7 @@ def test_malformed_teacher_output_is_rejected_with_a_reason_never_a_crash():
 @pytest.mark.slow
 def test_tool_use_end_to_end_on_the_real_teacher(tmp_path, teacher_dir):
     from synth_data import four_steps
-    from synth_data.engines import CachedEngine, TransformersEngine
+    from pipeline.engines import CachedEngine, TransformersEngine
     from test_steerability import assert_pipeline_output  # tests/ is on sys.path (rootdir mode)
 
     engine = CachedEngine(TransformersEngine("teacher", batch_size=8, threads=1), tmp_path / "cache",

@@ -1,0 +1,56 @@
+"""BFCL's function-calling data (PyPI `bfcl-eval`, read as data, never imported) and
+the held-out slice: shared by tool_use generation (which never samples it), dedup
+(which decontaminates against it) and the tool-use eval (which scores on it).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from pipeline.records import read_jsonl, stable_hash
+
+# The python-style categories generation samples from, and the irrelevance items
+# (right answer: no call).
+CATALOGUE_FILES = (
+    "simple_python", "multiple", "parallel", "parallel_multiple",
+    "live_simple", "live_multiple", "live_parallel", "live_parallel_multiple",
+)
+IRRELEVANCE_FILES = ("irrelevance",)
+
+
+def bfcl_data_dir() -> Path:
+    # find_spec locates the data without importing bfcl_eval (it pulls heavy deps).
+    spec = importlib.util.find_spec("bfcl_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "tool_use needs the PyPI package bfcl-eval: pip install --no-deps bfcl-eval==2026.3.23"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
+@functools.cache
+def bfcl_items(category: str) -> tuple[dict[str, Any], ...]:
+    return tuple(read_jsonl(bfcl_data_dir() / f"BFCL_v4_{category}.json"))
+
+
+@functools.cache
+def bfcl_answers(category: str) -> dict[str, list[dict[str, Any]]]:
+    path = bfcl_data_dir() / "possible_answer" / f"BFCL_v4_{category}.json"
+    return {row["id"]: row["ground_truth"] for row in read_jsonl(path)} if path.is_file() else {}
+
+
+def is_heldout(item_id: str, fraction: float) -> bool:
+    return int(stable_hash("bfcl-heldout", item_id, length=8), 16) % 10_000 < fraction * 10_000
+
+
+def heldout_questions(fraction: float = 0.1) -> list[str]:
+    """User turns of the held-out BFCL items (the decontamination reference)."""
+    out = []
+    for category in (*CATALOGUE_FILES, *IRRELEVANCE_FILES):
+        for item in bfcl_items(category):
+            if is_heldout(item["id"], fraction):
+                out += [t["content"] for turn in item["question"] for t in turn if t["role"] == "user"]
+    return out
