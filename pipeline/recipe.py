@@ -18,8 +18,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from pipeline.records import InputError
 
-class RecipeError(ValueError):
+
+class RecipeError(InputError):
     """A recipe that cannot be used. The message names the file and the keys."""
 
 
@@ -54,6 +56,9 @@ class DataSection(Section):
     eval: list[str] = Field(default_factory=list)
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    # Records that cannot train (no assistant turn to learn, wrong shape): stop with
+    # the list (error), or drop them, count them in train_metrics.json and log it (skip).
+    on_bad_record: Literal["error", "skip"] = "error"
 
 
 # ------------------------------------------------------------------- activation_loss

@@ -18,6 +18,12 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 
+class InputError(ValueError):
+    """Bad input that a user can fix: a missing or broken file, a record that does not
+    fit the contract, a folder that is not a model. `posttrain` prints it as one line
+    naming the file, line, record or key, and exits 2 (no traceback unless -v)."""
+
+
 def stable_hash(*parts: Any, length: int = 16) -> str:
     """A short hex digest of JSON-serialisable parts (key order normalised)."""
     text = json.dumps(parts, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
@@ -55,13 +61,22 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Records of a JSONL file; a missing file, a broken line or a line that is not a
+    JSON object raises InputError naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{number}: not valid JSON: {exc}") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{number}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+            if not isinstance(record, dict):
+                raise InputError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            yield record
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> int:

@@ -22,12 +22,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.records import iter_jsonl, stable_hash
+from pipeline.records import InputError, iter_jsonl, stable_hash
 
 VERDICT, QUALITY, CORRECTION = "verdict", "quality", "corrected_answer"
 
 
-class ReviewInputError(ValueError):
+class ReviewInputError(InputError):
     """An input file or record that cannot be reviewed; the message names it."""
 
 
