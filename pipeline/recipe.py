@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from pipeline.records import InputError
 
@@ -178,6 +178,12 @@ class ReviewSection(Section):
     # the validators' verdicts through (and say so in review_stats.json), so the DAG
     # never waits on a human; server: a server is required; off: never contact one.
     mode: Literal["auto", "server", "off"] = "auto"
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+
     workspace: str = "posttrain"
     # One Argilla dataset per pipeline, named "<dataset_prefix>-<pipeline>".
     dataset_prefix: str = "posttrain"
