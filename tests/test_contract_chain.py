@@ -12,7 +12,7 @@ import argparse
 import statistics
 
 import pytest
-from test_review import argilla, free_port, prefix, submit  # noqa: F401  (argilla is a fixture)
+from test_review import argilla, prefix, submit  # noqa: F401  (argilla is a fixture)
 
 from pipeline.contract import read_records
 from pipeline.records import read_json, read_jsonl
