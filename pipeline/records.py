@@ -1,7 +1,6 @@
-"""The record contract between stages (see DESIGN.md) and plain-file artifact I/O.
+"""Plain-file artifact I/O: JSONL records and JSON reports.
 
-A record is a dict: `id`, `pipeline`, `messages` (OpenAI style), optional `tools`,
-`meta` (dict), and `reject_reason` for rejected records. Files are JSONL that
+What a record holds is typed in `pipeline.contract`. Files are JSONL that
 `datasets.load_dataset("json", ...)` reads; writes are atomic (temp file + rename)
 so a killed stage never leaves half a file behind.
 """
@@ -28,32 +27,6 @@ def stable_hash(*parts: Any, length: int = 16) -> str:
     """A short hex digest of JSON-serialisable parts (key order normalised)."""
     text = json.dumps(parts, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:length]
-
-
-def record_id(pipeline: str, prompt: Any, response: Any) -> str:
-    return stable_hash(pipeline, prompt, response)
-
-
-def make_record(
-    pipeline: str,
-    messages: list[dict[str, Any]],
-    meta: dict[str, Any] | None = None,
-    tools: list[dict[str, Any]] | None = None,
-    reject_reason: str | None = None,
-) -> dict[str, Any]:
-    """Build a record; its id hashes the pipeline, the prompt turns and the final turn."""
-    prompt, response = messages[:-1], messages[-1:]
-    record: dict[str, Any] = {
-        "id": record_id(pipeline, prompt, response),
-        "pipeline": pipeline,
-        "messages": messages,
-    }
-    if tools:
-        record["tools"] = tools
-    record["meta"] = meta or {}
-    if reject_reason is not None:
-        record["reject_reason"] = reject_reason
-    return record
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from pipeline.recipe import RecipeError, add_recipe_arguments, load_recipe
-from pipeline.records import read_jsonl, write_json, write_jsonl
+from pipeline.contract import read_records
+from pipeline.records import write_json, write_jsonl
 
 PRIME = (1 << 61) - 1
 ROWS_PER_BAND = 4
@@ -213,7 +214,7 @@ def main(args) -> int:
     missing = [n for n in names if not (root / n / "accepted.jsonl").is_file()]
     if missing or not names:
         raise RecipeError(f"dedup: no accepted.jsonl under {root} for {missing or 'any pipeline'}")
-    inputs = {n: read_jsonl(root / n / "accepted.jsonl") for n in names}
+    inputs = {n: read_records(root / n / "accepted.jsonl") for n in names}
     fraction = None
     if cfg.bfcl_heldout:
         fraction = ((recipe.raw.get("generate") or {}).get("tool_use") or {}).get("heldout_fraction", 0.1)
