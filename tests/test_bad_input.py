@@ -17,13 +17,26 @@ import pytest
 from pipeline.cli import main as posttrain
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny-cpu.yaml"
-GOOD = {"id": "good-1", "pipeline": "chat", "meta": {},
-        "messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]}
 SENTINEL = "previous output, must survive\n"
 
 
-def inputs(ws: Path) -> dict[str, Path]:
-    """The bad files every row draws from, plus a folder that is not a model."""
+@pytest.fixture(scope="module")
+def good_record(tmp_path_factory) -> dict:
+    """A record as the stages really write it: a needle record after review pull."""
+    from pipeline.records import read_jsonl, write_jsonl
+    from stage_outputs import needle_records
+
+    root = tmp_path_factory.mktemp("good")
+    write_jsonl(root / "accepted.jsonl", needle_records(root / "needle", 1, (512,)))
+    assert posttrain(["review", "pull", str(RECIPE), "--set", "review.mode=off", "--input",
+                      str(root / "accepted.jsonl"), "--out", str(root / "review")]) == 0
+    return read_jsonl(root / "review" / "reviewed.jsonl")[0]
+
+
+def inputs(ws: Path, good: dict) -> dict[str, Path]:
+    """The bad files every row draws from (each bad line follows a good record), plus a
+    folder that is not a model."""
+    GOOD = good
     files = {
         "missing": ws / "nope" / "missing.jsonl",
         "empty": ws / "empty.jsonl",
@@ -32,8 +45,7 @@ def inputs(ws: Path) -> dict[str, Path]:
     }
     files["empty"].write_text("")
     files["broken"].write_text(json.dumps(GOOD) + "\n" + '{"id": "b2", "messages": [\n')
-    files["shape"].write_text(json.dumps(GOOD) + "\n" + json.dumps({"id": "odd-2", "pipeline": "chat", "meta": {},
-                                                                  "messages": "hello"}) + "\n")
+    files["shape"].write_text(json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "id": "odd-2", "messages": "hello"}) + "\n")
     notmodel = ws / "notmodel"
     notmodel.mkdir()
     (notmodel / "config.json").write_text('{"hidden_size": 8}')
@@ -120,8 +132,8 @@ ROWS = rows()
 
 
 @pytest.mark.parametrize("argv_of, words, guarded", [r[1:] for r in ROWS], ids=[r[0] for r in ROWS])
-def test_bad_input_is_one_clear_line_and_loses_nothing(tmp_path, capsys, argv_of, words, guarded):
-    files = inputs(tmp_path)
+def test_bad_input_is_one_clear_line_and_loses_nothing(tmp_path, capsys, good_record, argv_of, words, guarded):
+    files = inputs(tmp_path, good_record)
     survivor = tmp_path / guarded
     survivor.parent.mkdir(parents=True, exist_ok=True)
     survivor.write_text(SENTINEL)
@@ -138,8 +150,8 @@ def test_bad_input_is_one_clear_line_and_loses_nothing(tmp_path, capsys, argv_of
     assert survivor.read_text() == SENTINEL
 
 
-def test_verbose_shows_the_traceback_behind_the_line(tmp_path, capsys):
-    files = inputs(tmp_path)
+def test_verbose_shows_the_traceback_behind_the_line(tmp_path, capsys, good_record):
+    files = inputs(tmp_path, good_record)
     code = posttrain(["-v", "mix", str(RECIPE), "--input", str(files["broken"]), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" in err and "posttrain mix: error:" in err
