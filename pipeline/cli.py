@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("synth_data.generate", "synthetic data: run one pipeline's four steps with the teacher"),
     "dedup": ("synth_data.dedup", "deduplicate + decontaminate all pipelines' accepted records"),
     "review": ("review.cli", "human review in Argilla: serve / stop / status / push / pull"),
+    "prefs": ("synth_data.prefs", "preference pairs ranked by code: a passing and a failing response per prompt"),
     "mix": ("sft.mix", "build the SFT mix (conversational / skill / long-context) + train/eval split"),
     "train": ("sft.train", "supervised fine-tuning of the student (full or LoRA, + activation loss)"),
     "audit": ("activation_loss.fp16_audit", "FP16 audit: per-layer activation maxima, fp16 vs fp32 forward"),

@@ -198,6 +198,15 @@ class ReviewSection(Section):
     batch_size: int = Field(default=256, ge=1, le=500)
 
 
+# --------------------------------------------------------------------------- prefs
+class PrefsSection(Section):
+    # Pipelines whose samples code ranks: a passing and a failing response of the
+    # same prompt make a pair.
+    pipelines: list[Literal["steerability", "tool_use"]] = Field(
+        default_factory=lambda: ["steerability", "tool_use"], min_length=1
+    )
+
+
 SECTIONS: dict[str, type[Section]] = {
     "model": ModelSection,
     "data": DataSection,
@@ -209,6 +218,7 @@ SECTIONS: dict[str, type[Section]] = {
     "dedup": DedupSection,
     "review": ReviewSection,
     "mix": MixSection,
+    "prefs": PrefsSection,
 }
 LIBRARY_SECTIONS = ("sft", "lora")
 

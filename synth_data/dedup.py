@@ -151,6 +151,16 @@ def heldout_items(paths: list[str], bfcl_fraction: float | None) -> list[str]:
     return items
 
 
+def heldout_reference(recipe) -> list[str]:
+    """The held-out eval items the recipe's dedup section names (BFCL's held-out
+    slice at tool_use's heldout_fraction, plus dedup.heldout_files)."""
+    cfg = recipe.dedup
+    fraction = None
+    if cfg.bfcl_heldout:
+        fraction = ((recipe.raw.get("generate") or {}).get("tool_use") or {}).get("heldout_fraction", 0.1)
+    return heldout_items(cfg.heldout_files, fraction)
+
+
 def _strings(value: Any) -> Iterable[str]:
     if isinstance(value, str):
         yield value
@@ -215,10 +225,7 @@ def main(args) -> int:
     if missing or not names:
         raise RecipeError(f"dedup: no accepted.jsonl under {root} for {missing or 'any pipeline'}")
     inputs = {n: read_records(root / n / "accepted.jsonl") for n in names}
-    fraction = None
-    if cfg.bfcl_heldout:
-        fraction = ((recipe.raw.get("generate") or {}).get("tool_use") or {}).get("heldout_fraction", 0.1)
-    items = heldout_items(cfg.heldout_files, fraction)
+    items = heldout_reference(recipe)
     kept, removed, stats = dedup(inputs, Decontaminator(items, cfg.ngram) if items else None,
                                  cfg.shingle, cfg.num_perm, cfg.threshold)
     stats["heldout_items"] = len(items)
