@@ -67,8 +67,8 @@ def generation(root: Path, _reports) -> list[str]:
         s = _read(path) or {}
         reasons = s.get("reject_reasons") or {}
         top = max(reasons.items(), key=lambda kv: kv[1]) if reasons else None
-        lines.append(f"  {path.parent.name:<14}{s.get('accepted', '?'):>5} / {s.get('generated', '?'):<5}"
-                     + (f" {top[0]} ({top[1]})" if top else ""))
+        lines.append((f"  {path.parent.name:<14}{s.get('accepted', '?'):>5} / {s.get('generated', '?'):<5}"
+                      + (f" {top[0]} ({top[1]})" if top else "")).rstrip())
     return lines
 
 
