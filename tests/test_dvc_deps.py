@@ -217,7 +217,6 @@ GENERATE = {f"generate@{p}" for p in
             ("table_qa", "doc_qa", "tool_use", "steerability", "needle", "chat")}
 
 
-@pytest.mark.slow  # ~25 s alone, ~55 s on a loaded 2-core machine: DVC hashes the copy
 def test_real_dvc_reruns_what_edited_code_feeds_and_nothing_else(committed_copy):
     # steerability's validators: its stage is stale (the other pipelines share the
     # foreach's deps) and dedup, the mix and training follow.
