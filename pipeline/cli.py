@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "audit": ("activation_loss.fp16_audit", "FP16 audit: per-layer activation maxima, fp16 vs fp32 forward"),
     "export": ("sft.export", "export adapter / merged / vllm profiles, verified by reload"),
     "plots": ("pipeline.plots", "PNG plots: loss curve, activation maxima, acceptance per pipeline"),
+    # Not a stage: reads the reports above and prints what a person checks first.
+    "summary": ("pipeline.summary", "print the last run's numbers in ~30 lines and where its files are"),
 }
 
 

@@ -93,7 +93,15 @@ class ExportSection(Section):
     profiles: list[Literal["adapter", "merged", "vllm"]] = Field(
         default_factory=lambda: ["adapter", "merged", "vllm"]
     )
+    # Max |logit diff| of a reloaded profile against the in-memory model. Saving and
+    # reloading is lossless, so adapter, vllm and a full model's merged folder must
+    # match to this (float noise only).
     tolerance: float = 1e-5
+    # The LoRA `merged` profile also gets this fraction of the largest |logit|:
+    # merging rounds every W + s*BA once in the model's dtype, an error that grows with
+    # the logits' scale and the dtype's epsilon. None = 256 machine epsilons of the
+    # weights' dtype (fp32 3.1e-5, bf16 2.0). See the README's Export section.
+    merged_relative_tolerance: float | None = Field(None, ge=0)
 
 
 # ----------------------------------------------------------------------------- mix

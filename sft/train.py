@@ -152,8 +152,8 @@ def sft_config(recipe: Recipe, output_dir: Path):
         "output_dir": str(output_dir),
     }
     if (fields.get("deepspeed") or int(os.environ.get("WORLD_SIZE", "1")) > 1) and not on_gpu:
-        # DeepSpeed on CPU trains only with use_cpu=True (else batch-size assertion
-        # or a gloo allgather error; STACK.md). Plain DDP under torchrun without it
+        # DeepSpeed on CPU trains only with use_cpu=True (else a batch-size assertion
+        # or a gloo allgather error). Plain DDP under torchrun without it
         # runs unsynchronised copies (every rank its own model and full data).
         fields["use_cpu"] = True
     if fields.get("gradient_checkpointing"):

@@ -130,6 +130,12 @@ def test_dvc_repro_runs_every_stage_and_conserves_counts(tmp_path):
         assert (repo / "reports" / png).stat().st_size > 1000, png
     metrics = dvc(repo, "metrics", "show", "--json")
     assert "acceptance_rate" in metrics and "final_loss" in metrics
+    # What `make run` ends with: the run in about 30 lines.
+    summary = subprocess.run([str(BIN / "posttrain"), "summary"], cwd=repo, capture_output=True,
+                             text=True, check=True).stdout
+    assert len(summary.splitlines()) <= 35, summary
+    assert f"loss {train['first_loss']:.4g} -> {train['final_loss']:.4g}" in summary, summary
+    assert "not run" not in summary and "unexpected report shape" not in summary, summary
     assert repro(repo) == set(), "a second repro with nothing changed must skip every stage"
 
     # Precision: an SFT value reruns sft and what follows, and no generation.
