@@ -154,6 +154,9 @@ class TeacherSection(Section):
     batch_size: int = Field(16, gt=0)  # prompts per engine call (and per cache flush)
     timeout_s: float = Field(120.0, gt=0)  # per HTTP request (openai)
     max_retries: int = Field(5, ge=0)  # openai: retries with backoff before failing
+    # openai: requests in flight at once. A GPU vLLM server batches them: 64-256 keeps
+    # it busy; 8 suits a CPU server.
+    concurrency: int = Field(8, gt=0)
     dtype: Literal["float32", "bfloat16"] = "float32"
     # transformers engine: torch threads (None = torch's default). On a busy shared
     # CPU, 1 thread is several times faster than threads that wait on each other.
@@ -172,7 +175,7 @@ class DedupSection(Section):
     # Pipelines whose data/synth/<name>/accepted.jsonl are deduplicated together.
     pipelines: list[str] = Field(default_factory=list)  # empty = every folder found
     shingle: int = Field(5, gt=0)  # words per shingle for near-duplicates
-    num_perm: int = Field(64, gt=0)  # MinHash permutations
+    num_perm: int = Field(64, ge=8)  # MinHash permutations (LSH needs 2+ bands of 4)
     threshold: float = Field(0.8, gt=0, le=1)  # Jaccard at or above = near duplicate
     # Decontamination: drop records sharing an n-gram with held-out eval items.
     ngram: int = Field(13, gt=0)

@@ -10,6 +10,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import socket
 import uuid
 from pathlib import Path
@@ -261,12 +262,34 @@ def test_wrong_api_key_is_one_clear_error(argilla, candidates, tmp_path, monkeyp
     assert not out.exists()
 
 
-@pytest.mark.slow
-def test_browser_reviewer_rejects_a_record_and_pull_sees_it(argilla, sdk, candidates, tmp_path):
-    from webdriver import Browser, chromium_available
-
-    if not chromium_available():
+@pytest.fixture
+def browser(tmp_path):
+    """Headless Debian Chromium, driven by selenium through Debian's chromedriver."""
+    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and chromedriver):
         pytest.skip("chromium + chromium-driver not installed (CI installs them with apt)")
+    from selenium import webdriver
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1400,1000"):
+        options.add_argument(flag)
+    # A driver path skips Selenium Manager, which would try to download a driver.
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(chromedriver))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.mark.slow
+def test_browser_reviewer_rejects_a_record_and_pull_sees_it(argilla, sdk, candidates, tmp_path, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
     conn, state = argilla
     creds = json.loads((state / "credentials.json").read_text())
     name = prefix()
@@ -276,24 +299,29 @@ def test_browser_reviewer_rejects_a_record_and_pull_sees_it(argilla, sdk, candid
     assert push.main(args(path, inputs)) == 0
     dataset = sdk.datasets(f"{name}-needle", workspace="posttrain")
 
-    browser = Browser()
-    try:
-        browser.open(f"{conn.api_url}/sign-in")
-        browser.type(browser.find("input[name=Username]"), creds["username"])
-        browser.type(browser.find("input[name=Password]"), creds["password"])
-        browser.click(browser.find("button[type=submit]"))
-        browser.find_text("body", "posttrain")  # the home page lists the workspace
-        browser.open(f"{conn.api_url}/dataset/{dataset.id}/annotation-mode")
-        browser.click(browser.find("label[for=verdict_reject]"))
-        browser.find("label.label-active[for=verdict_reject]")  # the choice is shown
-        page = browser.page_text()
-        shown = next(r for r in records if r["messages"][-1]["content"] in page)
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        shot = browser.screenshot(ARTIFACTS / "review-annotation-page.png")
-        browser.click(browser.find("button.button--submit"))
-        browser.find_text("body", "Submitted\n1")  # the progress counter moved
-    finally:
-        browser.close()
+    wait = WebDriverWait(browser, 30)
+
+    def visible(css):  # the first displayed element matching css, once there is one
+        return wait.until(EC.visibility_of_any_elements_located((By.CSS_SELECTOR, css)))[0]
+
+    def page_says(text):
+        wait.until(EC.text_to_be_present_in_element((By.TAG_NAME, "body"), text))
+
+    browser.get(f"{conn.api_url}/sign-in")
+    visible("input[name=Username]").send_keys(creds["username"])
+    visible("input[name=Password]").send_keys(creds["password"])
+    visible("button[type=submit]").click()
+    page_says("posttrain")  # the home page lists the workspace
+    browser.get(f"{conn.api_url}/dataset/{dataset.id}/annotation-mode")
+    visible("label[for=verdict_reject]").click()
+    visible("label.label-active[for=verdict_reject]")  # the choice is shown
+    page = browser.find_element(By.TAG_NAME, "body").text
+    shown = next(r for r in records if r["messages"][-1]["content"] in page)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "review-annotation-page.png"
+    assert browser.save_screenshot(str(shot))
+    visible("button.button--submit").click()
+    page_says("Submitted\n1")  # the progress counter moved
     assert shot.stat().st_size > 10_000
 
     out = tmp_path / "review"
