@@ -225,3 +225,52 @@ def test_unsupported_transformers_refuses_packed_input(monkeypatch):
         model(input_ids=input_ids, use_cache=False)
         with pytest.raises(mamba_packing.PackingUnsupported, match="9.0.0"):
             model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+
+
+def test_packing_is_refused_for_mamba_models_it_does_not_handle(tmp_path):
+    """Jamba packs; another Mamba-type model still gets one clear error naming why."""
+    import yaml
+    from transformers import Mamba2Config
+
+    from pipeline.recipe import RecipeError, load_recipe
+    from sft.train import check_recipe
+
+    Mamba2Config(hidden_size=64, num_hidden_layers=2, num_heads=2, head_dim=64).save_pretrained(tmp_path / "m2")
+    (tmp_path / "train.jsonl").write_text("")
+    for name, model in (("jamba", {"tiny": {}, "tokenizer": "teacher"}),
+                        ("mamba2", {"name_or_path": str(tmp_path / "m2")})):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"model": model, "data": {"train": [str(tmp_path / "train.jsonl")]},
+                                        "sft": {"packing": True}}))
+        if name == "jamba":
+            check_recipe(load_recipe(path))
+        else:
+            with pytest.raises(RecipeError, match="sft.packing: refused: model type 'mamba2'"):
+                check_recipe(load_recipe(path))
+
+
+@pytest.mark.slow
+def test_padding_free_sft_matches_padded_sft_step_by_step(tmp_path):
+    """The same examples per step, padded vs packed into one row (TRL padding_free), with
+    LoRA on every group, assistant-only loss and the activation loss on MoE, expert and
+    Mamba outputs: the logged loss agrees step by step, so the token-level mean, the
+    assistant mask and the activation term (over real tokens only) are the same."""
+    from fixtures_chat import tiny_recipe, write_chat_data, write_recipe
+
+    from pipeline.cli import main as cli
+    from pipeline.records import read_json
+
+    write_chat_data(tmp_path)
+    lora = {"r": 8, "lora_alpha": 16, "target_modules": ["attention", "mamba", "mlp", "experts"]}
+    curves = {}
+    for name, extra in (("padded", {}), ("packed", {"padding_free": True})):
+        recipe = tiny_recipe(tmp_path, tmp_path / name, lora=lora,
+                             sft={"max_steps": 4, "learning_rate": 1e-2, "max_length": None, **extra},
+                             activation_loss={"alpha": 1e-2, "sites": ["moe", "experts", "mamba"]})
+        assert cli(["train", str(write_recipe(tmp_path / f"{name}.yaml", recipe))]) == 0
+        curves[name] = read_json(tmp_path / name / "loss_curve.json")
+    padded, packed = curves["padded"], curves["packed"]
+    assert [r["step"] for r in padded] == [r["step"] for r in packed] == list(range(1, 5))
+    for a, b in zip(padded, packed):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
+        assert b["activation_loss"] == pytest.approx(a["activation_loss"], rel=1e-4), (a, b)
