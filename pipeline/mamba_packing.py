@@ -114,28 +114,23 @@ def current_sequence_index() -> torch.Tensor | None:
 def _open_layer(module, args, kwargs):
     # A forward with a cache (generation, or a prefill that fills one) keeps
     # transformers' behaviour: the cache carries state by design.
-    if kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
-        _current.index = None
-        return None
-    _current.index = _index_from_kwargs(kwargs)
-    return None
+    with_cache = kwargs.get("past_key_values") is not None or kwargs.get("use_cache")
+    _current.index = None if with_cache else _index_from_kwargs(kwargs)
 
 
 def _close_layer(module, args, kwargs, output):
     _current.index = None
-    return None
 
 
 def _refuse_packed(module, args, kwargs):
-    if kwargs.get("past_key_values") is None and not kwargs.get("use_cache"):
-        if _index_from_kwargs(kwargs) is not None:
-            raise PackingUnsupported(
-                f"packed input (several sequences per row) reached {type(module).__name__}, "
-                f"but sequence boundaries are handled only for transformers {SUPPORTED_TRANSFORMERS} "
-                f"(this is {_transformers_version()}): the Mamba state would leak across "
-                "sequences. Turn sft.packing / sft.padding_free off or use a supported version."
-            )
-    return None
+    with_cache = kwargs.get("past_key_values") is not None or kwargs.get("use_cache")
+    if not with_cache and _index_from_kwargs(kwargs) is not None:
+        raise PackingUnsupported(
+            f"packed input (several sequences per row) reached {type(module).__name__}, "
+            f"but sequence boundaries are handled only for transformers {SUPPORTED_TRANSFORMERS} "
+            f"(this is {_transformers_version()}): the Mamba state would leak across "
+            "sequences. Turn sft.packing / sft.padding_free off or use a supported version."
+        )
 
 
 # ------------------------------------------------------------------ the conv

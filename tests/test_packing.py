@@ -15,12 +15,12 @@ from pipeline.student import TINY_JAMBA
 ROWS = [[7, 1, 13, 11], [32]]
 # AI21-Jamba-Mini-1.6's layout (attention every 8th layer at offset 4, 16 experts top-2
 # on odd layers, Mamba d_state 16, d_conv 4, expand 2) at reduced width.
-JAMBA_MINI_SHAPED = dict(
-    hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=8,
-    num_key_value_heads=2, attn_layer_period=8, attn_layer_offset=4, expert_layer_period=2,
-    expert_layer_offset=1, num_experts=16, num_experts_per_tok=2, mamba_d_state=16,
-    mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=16,
-)
+JAMBA_MINI_SHAPED = {
+    "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8,
+    "num_key_value_heads": 2, "attn_layer_period": 8, "attn_layer_offset": 4,
+    "expert_layer_period": 2, "expert_layer_offset": 1, "num_experts": 16, "num_experts_per_tok": 2,
+    "mamba_d_state": 16, "mamba_d_conv": 4, "mamba_expand": 2, "mamba_dt_rank": 16,
+}
 VOCAB = 101
 
 
@@ -269,6 +269,8 @@ def test_padding_free_sft_matches_padded_sft_step_by_step(tmp_path):
                              activation_loss={"alpha": 1e-2, "sites": ["moe", "experts", "mamba"]})
         assert cli(["train", str(write_recipe(tmp_path / f"{name}.yaml", recipe))]) == 0
         curves[name] = read_json(tmp_path / name / "loss_curve.json")
+        # sft/lora.py's check: every adapted module got a gradient, packed too.
+        assert read_json(tmp_path / name / "lora_coverage.json")["no_gradient"] == []
     padded, packed = curves["padded"], curves["packed"]
     assert [r["step"] for r in padded] == [r["step"] for r in packed] == list(range(1, 5))
     for a, b in zip(padded, packed):
