@@ -107,7 +107,8 @@ def recording_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     """`JambaExperts.forward` (the eager loop over hit experts), plus one call of
-    `self._posttrain_record(expert, output)` per expert with its unweighted output."""
+    `self._posttrain_record(expert, output, token_idx)` per expert with its unweighted
+    output and the (flattened) tokens it was computed for."""
     record: Callable | None = getattr(self, "_posttrain_record", None)
     final_hidden_states = torch.zeros_like(hidden_states)
     with torch.no_grad():
@@ -124,7 +125,7 @@ def recording_experts_forward(
         current_hidden_states = self.act_fn(gate) * up
         current_hidden_states = nn.functional.linear(current_hidden_states, self.down_proj[expert_idx])
         if record is not None:
-            record(int(expert_idx), current_hidden_states)
+            record(int(expert_idx), current_hidden_states, token_idx)
         current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
         final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
     return final_hidden_states
@@ -173,6 +174,8 @@ class SiteRecorder:
         self.last_n_mamba = last_n_mamba
         self.recording = False
         self.outputs: dict[Site, torch.Tensor] = {}
+        # Per experts site: the flattened (batch * length) token of each output row.
+        self.token_index: dict[Site, torch.Tensor] = {}
         self.sites: list[Site] = []
         self._handles: list = []
         self._experts_modules: list[nn.Module] = []
@@ -220,9 +223,11 @@ class SiteRecorder:
         return bool(self._handles or self._experts_modules)
 
     def take(self) -> dict[Site, torch.Tensor]:
-        """The stored outputs; clears them and stops recording until the next forward."""
+        """The stored outputs; clears them (and token_index) and stops recording until
+        the next forward."""
         outputs, self.outputs = self.outputs, {}
         self.recording = False
+        self.token_index = {}
         return outputs
 
     def _hook(self, site: Site):
@@ -233,8 +238,9 @@ class SiteRecorder:
         return hook
 
     def _expert_recorder(self, layer: int):
-        def record(expert: int, output: torch.Tensor) -> None:
+        def record(expert: int, output: torch.Tensor, token_idx: torch.Tensor) -> None:
             if self.recording and output.numel():
                 self.outputs[Site("experts", layer, expert)] = output
+                self.token_index[Site("experts", layer, expert)] = token_idx
 
         return record

@@ -36,6 +36,27 @@ from pipeline.recipe import ActivationLossSection
 log = logging.getLogger(__name__)
 
 
+def real_token_outputs(outputs, token_index, real_tokens):
+    """Each site's output restricted to real tokens: rows of (batch, length, hidden)
+    outputs where the attention mask is 1; for an expert, the routed tokens that are real."""
+    if real_tokens is None or bool(real_tokens.all()):
+        return outputs
+    flat = real_tokens.reshape(-1)
+    kept = {}
+    for site, value in outputs.items():
+        if site in token_index:
+            keep = flat[token_index[site]]
+        elif value.shape[:2] == real_tokens.shape:
+            keep = real_tokens
+        else:
+            raise ValueError(f"activation loss: {site.name} output {tuple(value.shape)} does not "
+                             f"line up with the attention mask {tuple(real_tokens.shape)}")
+        real = value[keep]
+        if real.numel():  # an expert that saw only padding drops out, as in a packed batch
+            kept[site] = real
+    return kept
+
+
 class ActivationLoss:
     def __init__(self, model: nn.Module, cfg: ActivationLossSection):
         self.cfg = cfg
@@ -47,6 +68,7 @@ class ActivationLoss:
         self._seen_max: dict[Site, torch.Tensor] = {}
         self._window_max: dict[str, torch.Tensor] = {}
         self._window_terms: list[torch.Tensor] = []
+        self._real_tokens: torch.Tensor | None = None
         self.last_site_count = 0
         if self.enabled:
             sites = find_sites(model, cfg.sites, cfg.last_n_mamba)
@@ -69,7 +91,7 @@ class ActivationLoss:
         if not self.enabled:
             return
         self.recorder.attach(model)
-        self._root_handle = model.register_forward_pre_hook(self._open)
+        self._root_handle = model.register_forward_pre_hook(self._open, with_kwargs=True)
 
     def detach(self) -> None:
         self.recorder.detach()
@@ -77,7 +99,7 @@ class ActivationLoss:
             self._root_handle.remove()
             self._root_handle = None
 
-    def _open(self, module, args) -> None:
+    def _open(self, module, args, kwargs) -> None:
         # A new forward of the whole model: record it if it is a training forward that
         # builds a graph. A no-grad forward (metrics, logits recomputed for logging)
         # must not replace the stored outputs, or the term would carry no gradient.
@@ -85,7 +107,12 @@ class ActivationLoss:
             self.recorder.recording = False
             return
         self.recorder.outputs = {}
+        self.recorder.token_index = {}
         self.recorder.recording = module.training
+        # Padded batches: the term and the maxima see real tokens only. (Padding-free
+        # packing sends no mask: every position is a real token.)
+        mask = kwargs.get("attention_mask")
+        self._real_tokens = mask.bool() if mask is not None and mask.dim() == 2 else None
 
     # ------------------------------------------------------------------ term
     def alpha_at(self, step: int) -> float:
@@ -99,9 +126,11 @@ class ActivationLoss:
     def term(self, step: int) -> torch.Tensor | None:
         """alpha(step) * reduction over sites of mean(activation^2), from the outputs the
         last forward stored; None when inactive. Clears the stored outputs."""
+        token_index = self.recorder.token_index
         outputs = self.recorder.take()
         if not outputs:
             return None
+        outputs = real_token_outputs(outputs, token_index, self._real_tokens)
         self.last_site_count = len(outputs)
         with torch.no_grad():
             for site, value in outputs.items():

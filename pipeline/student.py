@@ -188,6 +188,11 @@ def load_student(section: ModelSection, tokenizer):
             f"model.dtype: {section.dtype} weights do not work with the mambapy scan; keep "
             "float32 weights and use sft.bf16: true (autocast) instead"
         )
+    from pipeline.mamba_packing import enable_packing
+
+    # Packed rows (TRL packing / padding_free) then reset the Mamba state at each
+    # sequence start, as attention already separates them.
+    enable_packing(model)
     params = sum(p.numel() for p in model.parameters())
     log.info(
         "student: %s, %.1fM parameters, Mamba path: %s",

@@ -76,15 +76,18 @@ def check_recipe(recipe: Recipe) -> None:
                 f"not loadable from the hub ({str(exc).splitlines()[0]})"
             ) from None
     if recipe.sft.get("packing") or recipe.sft.get("padding_free"):
+        from pipeline.mamba_packing import packing_supported
         from pipeline.student import has_mamba_layers
 
-        if recipe.model.tiny is not None or has_mamba_layers(student_config(recipe)):
+        config = None if recipe.model.tiny is not None else student_config(recipe)
+        model_type = "jamba" if config is None else config.model_type
+        reason = packing_supported(model_type) if config is None or has_mamba_layers(config) else None
+        if reason is not None:
             key = "sft.packing" if recipe.sft.get("packing") else "sft.padding_free"
             raise RecipeError(
-                f"recipe {recipe.path}: {key}: refused for a model with Mamba layers. Packed "
-                "sequences share one row, and the Mamba mixer receives no sequence boundaries, "
-                "so its state runs from one conversation into the next (logits differ by ~2e-2 "
-                "from unpacked). Use padding (the default) until boundaries reach the mixer."
+                f"recipe {recipe.path}: {key}: refused: {reason}. Packed sequences share one "
+                "row, and without boundaries the Mamba state runs from one conversation into "
+                "the next. Use padding (packing: false) for this model."
             )
 
 

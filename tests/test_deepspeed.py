@@ -79,12 +79,17 @@ def test_zero_run_ends_where_ddp_ends(tmp_path, data_dir, ddp_run, stage):
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-3
 
 
-def test_zero3_lora_with_routed_experts_under_the_deepspeed_launcher(tmp_path, data_dir):
+# Packed: TRL's bfd packing, the rows flattened padding-free, boundaries reset in the
+# Mamba layers; the activation loss on too.
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_zero3_lora_with_routed_experts_under_the_deepspeed_launcher(tmp_path, data_dir, packing):
     out = tmp_path / "out"
     lora = {"r": 8, "lora_alpha": 16, "target_modules": ["attention", "mamba", "mlp", "experts"]}
-    sft = {**STEPS, "learning_rate": 1e-2,
+    sft = {**STEPS, "learning_rate": 1e-2, "packing": packing,
            "deepspeed": str(ROOT / "recipes" / "accelerate" / "zero3.json")}
-    launch(write_recipe(tmp_path / "z3lora.yaml", tiny_recipe(data_dir, out, lora=lora, sft=sft)),
+    sections = {"activation_loss": {"alpha": 1e-5, "sites": ["moe", "mamba"]}} if packing else {}
+    launch(write_recipe(tmp_path / "z3lora.yaml",
+                        tiny_recipe(data_dir, out, lora=lora, sft=sft, **sections)),
            launcher="deepspeed")
     coverage = read_json(out / "lora_coverage.json")
     assert coverage["no_gradient"] == []

@@ -137,7 +137,6 @@ BAD = {
     "missing model path": ({"model": {"name_or_path": "/nonexistent/model"}},
                            "model.name_or_path: /nonexistent/model"),
     "missing data": ({"data": {"train": ["/nonexistent/train.jsonl"]}}, "data.train"),
-    "packing on a Mamba hybrid": ({"sft": {"packing": True}}, "sft.packing: refused"),
 }
 
 
