@@ -99,7 +99,12 @@ def suite_configs(recipe: Recipe) -> dict[str, Any]:
 # -------------------------------------------------------------------- the model
 def load_model(recipe: Recipe, spec: str):
     """(float32 model in eval mode, its training tokenizer, a description)."""
-    from pipeline.student import config_overrides, has_mamba_layers, load_student, load_tokenizer
+    from pipeline.student import (
+        config_overrides,
+        has_mamba_layers,
+        load_student,
+        load_tokenizer,
+    )
 
     if spec == "base":
         tokenizer = load_tokenizer(recipe.model)
