@@ -165,6 +165,7 @@ class DedupSection(Section):
     ngram: int = Field(13, gt=0)
     heldout_files: list[str] = Field(default_factory=list)  # extra JSONL/JSON/text files
     bfcl_heldout: bool = True  # the BFCL slice tool_use never samples from
+    ifeval_heldout: bool = True  # IFEval's prompts (the instruction-following eval)
 
 
 # -------------------------------------------------------------------------- review

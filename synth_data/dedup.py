@@ -5,8 +5,8 @@ records together.
 - near duplicates: word-shingle Jaccard >= dedup.threshold, found with MinHash + LSH
   banding and confirmed on the exact shingle sets
 - contamination: a record sharing a word n-gram (dedup.ngram words, or the whole item
-  when it is shorter) with a held-out evaluation item: BFCL's held-out slice and
-  any dedup.heldout_files
+  when it is shorter) with a held-out evaluation item: BFCL's held-out slice, IFEval's
+  prompts and any dedup.heldout_files
 
 Records are visited pipeline by pipeline (sorted), in file order; the first of a group
 is kept. Kept records go to OUT/accepted/<pipeline>.jsonl, removed ones to
@@ -125,14 +125,18 @@ class Decontaminator:
         return None
 
 
-def heldout_items(paths: list[str], bfcl_fraction: float | None) -> list[str]:
-    """Text of held-out evaluation items: BFCL's held-out slice plus files (JSONL,
-    JSON or plain text, one item per line); every string inside JSON counts."""
+def heldout_items(paths: list[str], bfcl_fraction: float | None, ifeval: bool = False) -> list[str]:
+    """Text of held-out evaluation items: BFCL's held-out slice, IFEval's prompts, plus
+    files (JSONL, JSON or plain text, one item per line); every string inside JSON counts."""
     items: list[str] = []
     if bfcl_fraction is not None:
         from pipeline.bfcl import heldout_questions
 
         items += heldout_questions(bfcl_fraction)
+    if ifeval:
+        from pipeline.ifeval_data import ifeval_prompts
+
+        items += ifeval_prompts()
     for name in paths:
         path = Path(name)
         if not path.is_file():
@@ -217,7 +221,7 @@ def main(args) -> int:
     fraction = None
     if cfg.bfcl_heldout:
         fraction = ((recipe.raw.get("generate") or {}).get("tool_use") or {}).get("heldout_fraction", 0.1)
-    items = heldout_items(cfg.heldout_files, fraction)
+    items = heldout_items(cfg.heldout_files, fraction, cfg.ifeval_heldout)
     kept, removed, stats = dedup(inputs, Decontaminator(items, cfg.ngram) if items else None,
                                  cfg.shingle, cfg.num_perm, cfg.threshold)
     stats["heldout_items"] = len(items)
