@@ -211,6 +211,9 @@ class EvalSection(Section):
     cache_dir: str | None = ".cache/eval"
     # Held-out loss: the mix's eval split, per category.
     heldout_files: list[str] = Field(default_factory=lambda: ["data/mix/eval.jsonl"])
+    # Where suites find stage outputs (the needle pipeline's records, to keep
+    # retention items disjoint from training data).
+    data_root: str = "data"
     heldout_max_records: int | None = Field(None, gt=0)
     heldout_max_length: int = Field(2048, gt=0)
 

@@ -12,6 +12,7 @@
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -50,16 +51,16 @@ def small_recipe(work: Path) -> Path:
     recipe = yaml.safe_load(TINY.read_text())
     recipe["teacher"].update(engine="transformers", cache_dir=str(work / "cache"), threads=1)
     recipe["teacher"]["sampling"]["max_tokens"] = 48
-    recipe["generate"] = {"chat": {"count": 4}, "needle": {"count": 4, "length_buckets": [512]},
+    recipe["generate"] = {"chat": {"count": 4}, "needle": {"count": 4, "length_buckets": [1024]},
                           "tool_use": {"count": 4, "heldout_fraction": 0.1}}
     recipe["review"] = {"mode": "off"}
     recipe["mix"]["eval_fraction"] = 0.3
     recipe["data"] = {"train": [str(work / "mix/train.jsonl")], "eval": [str(work / "mix/eval.jsonl")]}
     recipe["sft"].update(max_steps=4, logging_steps=2, max_length=512, output_dir=str(work / "sft"))
     recipe["audit"].update(num_batches=1, batch_size=2, max_length=128)
-    recipe["eval"].update(length_buckets=[512], cache_dir=str(work / "eval-cache"),
-                          heldout_files=[str(work / "mix/eval.jsonl")])
-    for suite, fields in {"retention": {"count": 1, "max_tokens": 8},
+    recipe["eval"].update(length_buckets=[1024], cache_dir=str(work / "eval-cache"),
+                          heldout_files=[str(work / "mix/eval.jsonl")], data_root=str(work))
+    for suite, fields in {"retention": {"count": 1, "tasks": ["niah_single_1", "vt"]},
                           "tool_calls": {"count": 1, "max_tokens": 16},
                           "ifeval": {"count": 2, "max_tokens": 16}}.items():
         recipe["eval"][suite] = fields
@@ -119,7 +120,7 @@ def test_base_and_trained_scores_give_before_after_and_delta(tiny_chain):
     assert loss["delta"]["overall"] == pytest.approx(loss["after"]["overall"] - loss["before"]["overall"], abs=1e-3)
     assert "random weights" in report["note"]
     rows = read_json(work / "eval/plots/retention.json")
-    assert [r["length"] for r in rows] == [512]
+    assert [r["length"] for r in rows] == [1024]
     assert (work / "eval/plots/retention.png").stat().st_size > 0
     assert (work / "eval/plots/skills.png").stat().st_size > 0
 
@@ -136,7 +137,7 @@ def test_gate_blocks_with_one_message_naming_each_failed_check(tiny_chain):
     report = read_json(work / "gate/gate_report.json")
     assert report["passed"] is False
     names = {c["name"] for c in report["checks"]}
-    assert {"fp16_safe", "retention@512", "effective_length", "heldout_loss"} <= names  # passed ones too
+    assert {"fp16_safe", "retention@1024", "effective_length", "heldout_loss"} <= names  # passed ones too
 
     # enforce: false records the same verdict and does not block.
     result = gate(work, recipe, "gate.enforce=false",
@@ -144,3 +145,44 @@ def test_gate_blocks_with_one_message_naming_each_failed_check(tiny_chain):
     assert result.returncode == 0
     assert "not blocked" in result.stdout
     assert read_json(work / "gate/gate_report.json")["passed"] is False
+
+
+# ------------------------------------------------------ the destructive run, via DVC
+@pytest.mark.slow
+def test_dvc_repro_gate_blocks_a_destructive_run_and_export_does_not_run(tmp_path):
+    """SmolLM2-135M-Instruct's real weights, LoRA at 20x the recipe's learning rate:
+    `dvc repro` stops at the gate with a message naming the failed check."""
+    from test_dag import PIPELINES, copy_repo
+
+    repo = copy_repo(tmp_path / "repo")
+    recipe = yaml.safe_load((repo / "recipes/smollm2-lora-cpu.yaml").read_text())
+    recipe["teacher"] = {"engine": "transformers", "cache_dir": ".cache/completions", "threads": 1,
+                         "sampling": {"temperature": 0.7, "top_p": 0.95, "max_tokens": 48}}
+    recipe["generate"] = {name: {"count": 3} for name in PIPELINES}
+    recipe["generate"]["needle"]["length_buckets"] = [512]
+    recipe["generate"]["doc_qa"]["length_buckets"] = [512]
+    recipe["review"] = {"mode": "off"}
+    recipe["mix"] = {"eval_fraction": 0.3}
+    recipe["audit"] = {"num_batches": 1, "batch_size": 2, "max_length": 128}
+    recipe["sft"]["learning_rate"] *= 20  # the destructive part
+    recipe["eval"].update(engine="transformers", length_buckets=[1024],
+                          retention={"count": 1, "tasks": ["niah_single_1", "niah_multikey_2"]},
+                          tool_calls={"count": 2}, ifeval={"count": 4, "max_tokens": 128})
+    (repo / "recipes/ci-destructive.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    (repo / "params.yaml").write_text((repo / "params.yaml").read_text().replace(
+        "recipes/tiny-cpu.yaml", "recipes/ci-destructive.yaml"))
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run([str(Path(sys.executable).parent / "dvc"), "repro"], cwd=repo, env=env,
+                            capture_output=True, text=True, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-4000:]
+    assert "Running stage 'gate'" in output, output[-4000:]
+    assert "Running stage 'export'" not in output
+    assert not (repo / "outputs/export/profiles").exists()
+    report = read_json(repo / "outputs/gate/gate_report.json")
+    failed = [c["name"] for c in report["checks"] if not c["passed"]]
+    assert failed and report["passed"] is False
+    message = next(line for line in output.splitlines() if line.startswith("gate: FAILED"))
+    assert all(name in message for name in failed)
+    print(message)  # the closing note quotes it
