@@ -186,3 +186,36 @@ def test_dvc_repro_gate_blocks_a_destructive_run_and_export_does_not_run(tmp_pat
     message = next(line for line in output.splitlines() if line.startswith("gate: FAILED"))
     assert all(name in message for name in failed)
     print(message)  # the closing note quotes it
+
+
+# ------------------------------------------------- a real effect, on real weights
+@pytest.mark.slow
+def test_smollm2_lora_on_tool_use_data_changes_heldout_tool_call_accuracy(tmp_path):
+    """LoRA SFT of SmolLM2-135M-Instruct on the pipeline's own tool_use records, then
+    BFCL's held-out slice before vs after. The delta is printed with its counts
+    (whatever its sign: the eval is not tuned to make it rise)."""
+    recipe = yaml.safe_load((ROOT / "recipes/smollm2-lora-cpu.yaml").read_text())
+    recipe["teacher"] = {"engine": "transformers", "cache_dir": str(tmp_path / "cache"), "threads": 1}
+    recipe["generate"] = {"tool_use": {"count": 24}}
+    recipe["data"] = {"train": [str(tmp_path / "dedup/accepted/tool_use.jsonl")]}
+    recipe["sft"].update(output_dir=str(tmp_path / "sft"), max_steps=30)
+    recipe["eval"] = {"engine": "transformers", "cache_dir": str(tmp_path / "eval-cache"),
+                      "heldout_files": [], "retention": {"enabled": False},
+                      "ifeval": {"enabled": False}, "tool_calls": {"count": 6}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    run = [str(path)]
+    posttrain("generate", "tool_use", *run, "--out", str(tmp_path / "synth/tool_use"), cwd=ROOT)
+    posttrain("dedup", *run, "--input", str(tmp_path / "synth"), "--out", str(tmp_path / "dedup"), cwd=ROOT)
+    posttrain("eval", *run, "--model", "base", "--out", str(tmp_path / "base"), cwd=ROOT)
+    posttrain("train", *run, "--output-dir", str(tmp_path / "sft"), cwd=ROOT)
+    posttrain("eval", *run, "--model", str(tmp_path / "sft/final"), "--out", str(tmp_path / "after"), cwd=ROOT)
+
+    before = read_json(tmp_path / "base/tool_calls.json")
+    after = read_json(tmp_path / "after/tool_calls.json")
+    assert [i["id"] for i in before["items"]] == [i["id"] for i in after["items"]]
+    changed = sum(b["answer"] != a["answer"] for b, a in zip(before["items"], after["items"]))
+    right = {side: sum(bool(i.get("passed")) for i in d["items"]) for side, d in (("before", before), ("after", after))}
+    print(f"tool_calls overall {before['metrics']['overall']} -> {after['metrics']['overall']}; "
+          f"right {right['before']} -> {right['after']} of {len(after['items'])}; answers changed: {changed}")
+    assert changed > 0  # the adapter changed what the model answers on unseen functions
