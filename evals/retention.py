@@ -279,11 +279,20 @@ def ruler_samples(task: str, length: int, count: int, tokenizer: RenderedTokeniz
     return [{"input": s["input"], "outputs": list(s["outputs"]), "max_tokens": budget} for s in samples]
 
 
+def retention_threshold(context: dict) -> float:
+    """eval.retention_threshold: given in the context, else the recipe's eval section.
+    Items carry it to score(), which sees no context."""
+    if "retention_threshold" in context:
+        return float(context["retention_threshold"])
+    recipe = context.get("recipe")
+    return float(recipe.eval.retention_threshold) if recipe is not None else RULER_THRESHOLD
+
+
 def build_items(cfg: Config, tokenizer, context: dict) -> list[dict[str, Any]]:
     buckets = sorted(set(context["length_buckets"]))
     if not buckets or buckets[0] < MIN_LENGTH:
         raise ValueError(f"retention: length_buckets {buckets}: RULER's tasks need lengths of at least {MIN_LENGTH}")
-    threshold = float(context.get("retention_threshold", RULER_THRESHOLD))
+    threshold = retention_threshold(context)
     needle = needle_strings(context.get("data_root"))
     if needle.missing:
         log.warning("retention: needle training records %s; items are not checked against them",

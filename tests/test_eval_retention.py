@@ -144,6 +144,16 @@ def test_planted_needle_training_strings_fail_loudly(quick_items, data_root):
         assert shows in str(error.value)
 
 
+def test_essay_filler_leaves_out_the_needle_pipelines_passages(data_root):
+    needle = rt.needle_strings(data_root)
+    full = " ".join(rt.filler_haystack("auto", rt.NeedleStrings(), seed=0))
+    kept = " ".join(rt.filler_haystack("auto", needle, seed=0))
+    used = [p for p in needle.passages if p in full]
+    assert used  # the needle records' haystacks come from the same filler...
+    assert not [p for p in used if p in kept]  # ...and none of those passages is kept
+    assert len(kept) > 0.9 * len(full)
+
+
 def test_missing_needle_records_are_noted_not_fatal(tokenizer, tmp_path):
     items = rt.build_items(rt.Config(tasks=["cwe"], count=1), tokenizer, {"length_buckets": [1024], "data_root": tmp_path})
     note = items[0]["needle_check"]
