@@ -229,7 +229,8 @@ def evaluate(recipe: Recipe, model_spec: str, out: Path) -> dict[str, Any]:
     timings[heldout_loss.NAME] = round(time.monotonic() - started, 1)
 
     # ------------------------------------------------- items of every suite
-    context = {"recipe": recipe, "length_buckets": section.length_buckets, "data_root": Path(section.data_root)}
+    context = {"recipe": recipe, "length_buckets": section.length_buckets,
+               "retention_threshold": section.retention_threshold, "data_root": Path(section.data_root)}
     items = {name: module.build_items(cfg, tokenizer, context) for name, (module, cfg) in configs.items()}
 
     # -------------------------------------------- the model as an engine
