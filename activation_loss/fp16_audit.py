@@ -51,11 +51,13 @@ def main(args) -> int:
 # ---------------------------------------------------------------------- loading
 def load_model(recipe: Recipe, model_path: str | None):
     """(model in float32, eval mode, tokenizer, description of what was loaded)."""
-    from pipeline.student import config_overrides, has_mamba_layers, load_student, load_tokenizer
+    from pipeline.student import (
+        check_model_folder, config_overrides, has_mamba_layers, load_student, load_tokenizer,
+    )
 
     path = Path(model_path) if model_path else None
-    if path is not None and not path.is_dir():
-        raise RecipeError(f"--model {model_path}: no such folder")
+    if path is not None:
+        check_model_folder(path, trust_remote_code=recipe.model.trust_remote_code)
     has_tokenizer = path is not None and (path / "tokenizer_config.json").is_file()
     if has_tokenizer:
         from transformers import AutoTokenizer

@@ -179,8 +179,9 @@ class ActivationLossCallback(TrainerCallback):
         logs.update(values)
         term = values.get("activation_loss", 0.0)
         if not self.warned and args.max_grad_norm and term > 10 * max(logs["loss"] - term, 1e-6):
-            # Measured on a planted outlier (tests/planted_outlier.py): CE 1.14x the run
-            # without the term with clipping, 1.044x without clipping and beta2 0.95.
+            # Global-norm clipping scales every gradient by one factor, so a dominant
+            # term starves the cross-entropy, and Adam's beta2 remembers those steps
+            # (README, "Clipping and a large term").
             self.warned = True
             log.warning(
                 "activation loss %.3g is over 10x the rest of the loss: with sft.max_grad_norm "

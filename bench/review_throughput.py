@@ -20,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.records import make_record, read_json, write_jsonl  # noqa: E402
+from pipeline.contract import make_record  # noqa: E402
+from pipeline.records import read_json, write_jsonl  # noqa: E402
 from review import pull, push, server  # noqa: E402
 
 
@@ -41,7 +42,8 @@ def records(n: int) -> list[dict]:
         ]
         meta = {"teacher": "SmolLM2-135M-Instruct", "length_bucket": ["short", "medium", "long"][i % 3],
                 "source": "A paragraph of source text. " * 20,
-                "validators": {"format": {"passed": True, "score": 0.9}, "grounded": {"passed": True, "score": 0.7}}}
+                "validators": {"well_formed": {"passed": True, "score": None, "reason": None},
+                               "qa": {"passed": True, "score": 0.7, "reason": None}}}
         out.append(make_record(pipeline, messages, meta=meta))
     return out
 

@@ -8,8 +8,9 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 
-from pipeline.recipe import RecipeError
+from pipeline.records import InputError
 
 # name -> (module, one-line help). The order is the DAG's order.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -17,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("synth_data.generate", "synthetic data: run one pipeline's four steps with the teacher"),
     "dedup": ("synth_data.dedup", "deduplicate + decontaminate all pipelines' accepted records"),
     "review": ("review.cli", "human review in Argilla: serve / stop / status / push / pull"),
+    "prefs": ("synth_data.prefs", "preference pairs ranked by code: a passing and a failing response per prompt"),
     "mix": ("sft.mix", "build the SFT mix (conversational / skill / long-context) + train/eval split"),
     "train": ("sft.train", "supervised fine-tuning of the student (full or LoRA, + activation loss)"),
     "audit": ("activation_loss.fp16_audit", "FP16 audit: per-layer activation maxima, fp16 vs fp32 forward"),
@@ -24,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "gate": ("evals.gate", "before vs after report; block export if the model got worse or overflows FP16"),
     "export": ("sft.export", "export adapter / merged / vllm profiles, verified by reload"),
     "plots": ("pipeline.plots", "PNG plots: loss curve, activation maxima, acceptance per pipeline"),
+    # Not a stage: reads the reports above and prints what a person checks first.
+    "summary": ("pipeline.summary", "print the last run's numbers in ~30 lines and where its files are"),
 }
 
 
@@ -32,7 +36,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         prog="posttrain",
         description="Post-training pipeline for hybrid Transformer-Mamba-MoE models.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and the traceback behind an error")
     # The deepspeed launcher puts --local_rank before the subcommand; ranks come from
     # the environment (LOCAL_RANK), so the value is not used.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
@@ -60,11 +65,19 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return int(module.main(args) or 0)
-    except RecipeError as exc:
-        print(f"posttrain {args.command}: error: {exc}", file=sys.stderr)
+    except InputError as exc:  # bad input (recipe, file, record, model folder): one line
+        if args.verbose:
+            traceback.print_exc()
+        print(f"posttrain {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def one_line(exc: Exception) -> str:
+    """A multi-line error (a recipe with several bad keys) as one line."""
+    head, *rest = [line.strip() for line in str(exc).splitlines() if line.strip()] or [""]
+    return head + (" " + "; ".join(rest) if rest else "")
 
 
 if __name__ == "__main__":

@@ -237,6 +237,10 @@ class VLLMEngine:
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
 
+class _Retryable(Exception):
+    """A refused, reset or timed-out request, or an answer in RETRY_STATUS."""
+
+
 class OpenAIEngine:
     name = "openai"
 
@@ -245,37 +249,46 @@ class OpenAIEngine:
         max_retries: int = 5, concurrency: int = 8, backoff_s: float = 1.0,
     ):
         import httpx
+        import tenacity
 
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.max_retries = max_retries
-        self.backoff_s = backoff_s
         self.concurrency = concurrency
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(timeout=timeout_s, headers=headers)
+        # One pooled connection per worker thread: a smaller pool would make threads
+        # queue for a connection and time out while the server has room.
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        self.client = httpx.Client(timeout=timeout_s, headers=headers, limits=limits)
+        # Jittered exponential backoff: many workers hitting one overloaded server do
+        # not all come back at the same moment.
+        self.retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(max_retries + 1),
+            wait=tenacity.wait_random_exponential(multiplier=backoff_s, max=60),
+            retry=tenacity.retry_if_exception_type(_Retryable), reraise=True,
+        )
 
     def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+        url = f"{self.base_url}/chat/completions"
+        try:
+            return self.retrying(self._post_once, url, body)
+        except _Retryable as exc:
+            raise EngineError(
+                f"teacher endpoint {url} failed after {self.max_retries + 1} attempts: {exc}"
+            ) from None
+
+    def _post_once(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
         import httpx
 
-        url = f"{self.base_url}/chat/completions"
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            try:
-                resp = self.client.post(url, json=body)
-            except httpx.HTTPError as exc:  # refused, reset, timeout
-                last = f"{type(exc).__name__}: {exc}"
-                continue
-            if resp.status_code in RETRY_STATUS:
-                last = f"HTTP {resp.status_code}: {resp.text[:200]}"
-                continue
-            if resp.status_code != 200:  # 4xx: retrying will not help
-                raise EngineError(f"teacher endpoint {url}: HTTP {resp.status_code}: {resp.text[:300]}")
-            return resp.json()
-        raise EngineError(
-            f"teacher endpoint {url} failed after {self.max_retries + 1} attempts: {last}"
-        )
+        try:
+            resp = self.client.post(url, json=body)
+        except httpx.HTTPError as exc:  # refused, reset, timeout
+            raise _Retryable(f"{type(exc).__name__}: {exc}") from None
+        if resp.status_code in RETRY_STATUS:
+            raise _Retryable(f"HTTP {resp.status_code}: {resp.text[:200]}")
+        if resp.status_code != 200:  # 4xx: retrying will not help
+            raise EngineError(f"teacher endpoint {url}: HTTP {resp.status_code}: {resp.text[:300]}")
+        return resp.json()
 
     def _one(self, conversation: Conversation, tools: Tools, sampling: Sampling) -> list[Completion]:
         body: dict[str, Any] = {
@@ -440,12 +453,15 @@ def build_engine(teacher: "TeacherSection", cache_dir: str | Path | None = None)
             raise EngineError("teacher.engine=openai needs teacher.base_url (or use open_engine)")
         engine = OpenAIEngine(
             teacher.base_url, teacher.model, os.environ.get(teacher.api_key_env),
-            teacher.timeout_s, teacher.max_retries,
+            teacher.timeout_s, teacher.max_retries, teacher.concurrency,
         )
     else:  # the recipe validator makes this unreachable
         raise ValueError(f"teacher.engine: unknown engine {teacher.engine!r}")
     if cache_dir is not None:
-        engine = CachedEngine(engine, cache_dir, chunk=teacher.batch_size)
+        # openai sends one chunk at a time: a chunk smaller than `concurrency` would
+        # leave workers idle.
+        chunk = max(teacher.batch_size, teacher.concurrency) if teacher.engine == "openai" else teacher.batch_size
+        engine = CachedEngine(engine, cache_dir, chunk=chunk)
     engine.defaults = Sampling(**teacher.sampling.model_dump())  # see sampling_for
     return engine
 

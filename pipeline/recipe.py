@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+from pipeline.records import InputError
 
 
-class RecipeError(ValueError):
+class RecipeError(InputError):
     """A recipe that cannot be used. The message names the file and the keys."""
 
 
@@ -54,6 +56,9 @@ class DataSection(Section):
     eval: list[str] = Field(default_factory=list)
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    # Records that cannot train (no assistant turn to learn, wrong shape): stop with
+    # the list (error), or drop them, count them in train_metrics.json and log it (skip).
+    on_bad_record: Literal["error", "skip"] = "error"
 
 
 # ------------------------------------------------------------------- activation_loss
@@ -88,7 +93,15 @@ class ExportSection(Section):
     profiles: list[Literal["adapter", "merged", "vllm"]] = Field(
         default_factory=lambda: ["adapter", "merged", "vllm"]
     )
+    # Max |logit diff| of a reloaded profile against the in-memory model. Saving and
+    # reloading is lossless, so adapter, vllm and a full model's merged folder must
+    # match to this (float noise only).
     tolerance: float = 1e-5
+    # The LoRA `merged` profile also gets this fraction of the largest |logit|:
+    # merging rounds every W + s*BA once in the model's dtype, an error that grows with
+    # the logits' scale and the dtype's epsilon. None = 256 machine epsilons of the
+    # weights' dtype (fp32 3.1e-5, bf16 2.0). See the README's Export section.
+    merged_relative_tolerance: float | None = Field(None, ge=0)
 
 
 # ----------------------------------------------------------------------------- mix
@@ -141,6 +154,9 @@ class TeacherSection(Section):
     batch_size: int = Field(16, gt=0)  # prompts per engine call (and per cache flush)
     timeout_s: float = Field(120.0, gt=0)  # per HTTP request (openai)
     max_retries: int = Field(5, ge=0)  # openai: retries with backoff before failing
+    # openai: requests in flight at once. A GPU vLLM server batches them: 64-256 keeps
+    # it busy; 8 suits a CPU server.
+    concurrency: int = Field(8, gt=0)
     dtype: Literal["float32", "bfloat16"] = "float32"
     # transformers engine: torch threads (None = torch's default). On a busy shared
     # CPU, 1 thread is several times faster than threads that wait on each other.
@@ -159,7 +175,7 @@ class DedupSection(Section):
     # Pipelines whose data/synth/<name>/accepted.jsonl are deduplicated together.
     pipelines: list[str] = Field(default_factory=list)  # empty = every folder found
     shingle: int = Field(5, gt=0)  # words per shingle for near-duplicates
-    num_perm: int = Field(64, gt=0)  # MinHash permutations
+    num_perm: int = Field(64, ge=8)  # MinHash permutations (LSH needs 2+ bands of 4)
     threshold: float = Field(0.8, gt=0, le=1)  # Jaccard at or above = near duplicate
     # Decontamination: drop records sharing an n-gram with held-out eval items.
     ngram: int = Field(13, gt=0)
@@ -174,6 +190,12 @@ class ReviewSection(Section):
     # the validators' verdicts through (and say so in review_stats.json), so the DAG
     # never waits on a human; server: a server is required; off: never contact one.
     mode: Literal["auto", "server", "off"] = "auto"
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+
     workspace: str = "posttrain"
     # One Argilla dataset per pipeline, named "<dataset_prefix>-<pipeline>".
     dataset_prefix: str = "posttrain"
@@ -196,7 +218,7 @@ class EvalSection(Section):
 
     model_config = ConfigDict(extra="allow")
     # Context lengths in the student's tokens, rendered with the training template.
-    length_buckets: list[int] = Field(default_factory=lambda: [512, 1024])
+    length_buckets: list[int] = Field(default_factory=lambda: [1024, 2048])
     # RULER's threshold: the effective length is the largest length whose task
     # average is at least this (percent).
     retention_threshold: float = Field(85.6, ge=0, le=100)
@@ -235,6 +257,15 @@ class GateSection(Section):
     min_gain: dict[str, float] = Field(default_factory=dict)
 
 
+# --------------------------------------------------------------------------- prefs
+class PrefsSection(Section):
+    # Pipelines whose samples code ranks: a passing and a failing response of the
+    # same prompt make a pair.
+    pipelines: list[Literal["steerability", "tool_use"]] = Field(
+        default_factory=lambda: ["steerability", "tool_use"], min_length=1
+    )
+
+
 SECTIONS: dict[str, type[Section]] = {
     "model": ModelSection,
     "data": DataSection,
@@ -248,6 +279,7 @@ SECTIONS: dict[str, type[Section]] = {
     "mix": MixSection,
     "eval": EvalSection,
     "gate": GateSection,
+    "prefs": PrefsSection,
 }
 LIBRARY_SECTIONS = ("sft", "lora")
 

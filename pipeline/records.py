@@ -1,7 +1,6 @@
-"""The record contract between stages (see DESIGN.md) and plain-file artifact I/O.
+"""Plain-file artifact I/O: JSONL records and JSON reports.
 
-A record is a dict: `id`, `pipeline`, `messages` (OpenAI style), optional `tools`,
-`meta` (dict), and `reject_reason` for rejected records. Files are JSONL that
+What a record holds is typed in `pipeline.contract`. Files are JSONL that
 `datasets.load_dataset("json", ...)` reads; writes are atomic (temp file + rename)
 so a killed stage never leaves half a file behind.
 """
@@ -18,36 +17,16 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 
+class InputError(ValueError):
+    """Bad input that a user can fix: a missing or broken file, a record that does not
+    fit the contract, a folder that is not a model. `posttrain` prints it as one line
+    naming the file, line, record or key, and exits 2 (no traceback unless -v)."""
+
+
 def stable_hash(*parts: Any, length: int = 16) -> str:
     """A short hex digest of JSON-serialisable parts (key order normalised)."""
     text = json.dumps(parts, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:length]
-
-
-def record_id(pipeline: str, prompt: Any, response: Any) -> str:
-    return stable_hash(pipeline, prompt, response)
-
-
-def make_record(
-    pipeline: str,
-    messages: list[dict[str, Any]],
-    meta: dict[str, Any] | None = None,
-    tools: list[dict[str, Any]] | None = None,
-    reject_reason: str | None = None,
-) -> dict[str, Any]:
-    """Build a record; its id hashes the pipeline, the prompt turns and the final turn."""
-    prompt, response = messages[:-1], messages[-1:]
-    record: dict[str, Any] = {
-        "id": record_id(pipeline, prompt, response),
-        "pipeline": pipeline,
-        "messages": messages,
-    }
-    if tools:
-        record["tools"] = tools
-    record["meta"] = meta or {}
-    if reject_reason is not None:
-        record["reject_reason"] = reject_reason
-    return record
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -55,13 +34,22 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Records of a JSONL file; a missing file, a broken line or a line that is not a
+    JSON object raises InputError naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{number}: not valid JSON: {exc}") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{number}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+            if not isinstance(record, dict):
+                raise InputError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            yield record
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> int:

@@ -19,6 +19,7 @@ import torch
 
 from pipeline.chat_template import apply_training_template
 from pipeline.recipe import ModelSection, RecipeError
+from pipeline.records import InputError
 from pipeline.teacher import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,29 @@ def mamba_path(model) -> str:
     if mamba_kernels_available() and next(model.parameters()).is_cuda:
         return "kernels"
     return "mambapy" if getattr(config, "use_mambapy", False) else "reference"
+
+
+def check_model_folder(path: str | os.PathLike, flag: str = "--model", trust_remote_code: bool = False) -> str:
+    """'adapter' or 'model' for a folder the stages can load, checked before any weights
+    are read; anything else raises InputError naming the path and what was expected."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"{flag} {path}: no such folder")
+    if (path / "adapter_config.json").is_file():
+        return "adapter"
+    if not (path / "config.json").is_file():
+        raise InputError(f"{flag} {path}: not a model folder: expected config.json (a model) "
+                         "or adapter_config.json (a PEFT adapter)")
+    try:
+        AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError(f"{flag} {path}: config.json is not a transformers model config ({reason})") from None
+    return "model"
 
 
 def load_tokenizer(section: ModelSection):

@@ -8,9 +8,11 @@ layout so push and pull treat every pipeline alike:
               source (the document or table the answer rests on, where there is one)
   questions   verdict accept/reject (required), quality 1-5, corrected_answer
               (a replacement for the assistant's final turn)
-  suggestions the validators' verdict on `verdict`, scored by their mean score
-  metadata    pipeline, length_bucket, teacher, validator_reasons (terms),
-              validator_score (float): filterable in the UI
+  suggestions the validators' verdict on `verdict`, scored by their mean score,
+              its agent naming each validator's result (`well_formed:pass`,
+              `verbalisation:dropped_value`, ...)
+  metadata    pipeline, length_bucket, teacher, validator_reasons (those same
+              terms), validator_score (the mean score): filterable in the UI
 
 The Argilla record id is the record's stable id, so pushing twice adds nothing.
 """
@@ -22,12 +24,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.records import iter_jsonl, stable_hash
+from pipeline.contract import RecordError, check_record, validator_summary
+from pipeline.records import InputError, iter_jsonl, stable_hash
 
 VERDICT, QUALITY, CORRECTION = "verdict", "quality", "corrected_answer"
 
 
-class ReviewInputError(ValueError):
+class ReviewInputError(InputError):
     """An input file or record that cannot be reviewed; the message names it."""
 
 
@@ -47,30 +50,15 @@ def load_candidates(patterns: list[str]) -> dict[str, list[dict[str, Any]]]:
             raise ReviewInputError(f"--input {path}: no such file")
         for number, record in enumerate(iter_jsonl(path), 1):
             where = f"{path}:{number}"
-            problem = _shape_problem(record)
-            if problem:
-                raise ReviewInputError(f"{where}: record {record.get('id', '?')!r}: {problem}")
+            try:
+                check_record(record, where)
+            except RecordError as exc:
+                raise ReviewInputError(str(exc)) from None
             if record["id"] in seen:
                 raise ReviewInputError(f"{where}: record id {record['id']!r} already read at {seen[record['id']]}")
             seen[record["id"]] = where
             by_pipeline.setdefault(record["pipeline"], []).append(record)
     return by_pipeline
-
-
-def _shape_problem(record: Any) -> str | None:
-    if not isinstance(record, dict):
-        return "not a JSON object"
-    for key in ("id", "pipeline"):
-        if not isinstance(record.get(key), str) or not record[key]:
-            return f"missing or empty {key!r}"
-    messages = record.get("messages")
-    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-        return "'messages' must be a non-empty list of {role, content} objects"
-    if messages[-1].get("role") != "assistant":
-        return "the final turn is not the assistant's"
-    if not isinstance(record.get("meta", {}), dict):
-        return "'meta' must be an object"
-    return None
 
 
 def sample_for_review(records: list[dict[str, Any]], size: int | None, seed: int) -> set[str]:
@@ -126,8 +114,8 @@ def review_settings(min_submitted: int):
 def to_argilla_record(record: dict[str, Any]):
     import argilla as rg
 
-    meta = record.get("meta") or {}
-    verdict, score, reasons = validator_summary(meta)
+    meta = record["meta"]
+    verdict, score, reasons = validator_summary(meta["validators"])
     fields: dict[str, Any] = {"conversation": render_conversation(record["messages"])}
     if record.get("tools"):
         fields["tools"] = "```json\n" + json.dumps(record["tools"], indent=2, ensure_ascii=False) + "\n```"
@@ -145,7 +133,7 @@ def to_argilla_record(record: dict[str, Any]):
         id=record["id"],
         fields=fields,
         metadata={k: v for k, v in metadata.items() if v is not None},
-        suggestions=[rg.Suggestion(question_name=VERDICT, value=verdict, score=score, agent="validators")],
+        suggestions=[rg.Suggestion(question_name=VERDICT, value=verdict, score=score, agent=suggestion_agent(reasons))],
     )
 
 
@@ -180,25 +168,9 @@ def _term(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def validator_summary(meta: dict[str, Any]) -> tuple[str, float | None, list[str]]:
-    """(verdict, mean score in [0, 1] or None, reason codes) from `meta.validators`.
-
-    `meta.validators` maps a validator's name to its result: a dict with any of
-    `passed`, `score`, `reason`, or a bare bool (passed) or number (score)."""
-    results = meta.get("validators") or {}
-    scores, reasons, failed = [], [], False
-    for name, result in results.items() if isinstance(results, dict) else []:
-        if isinstance(result, dict):
-            passed, score, reason = result.get("passed"), result.get("score"), result.get("reason")
-        elif isinstance(result, bool):
-            passed, score, reason = result, None, None
-        else:
-            passed, score, reason = None, result, None
-        if passed is False:
-            failed = True
-        if isinstance(score, (int, float)) and not isinstance(score, bool):
-            scores.append(min(max(float(score), 0.0), 1.0))
-        reasons.append(str(reason) if reason else str(name))
-    verdict = "reject" if failed else "accept"
-    score = round(sum(scores) / len(scores), 4) if scores else None
-    return verdict, score, reasons
+def suggestion_agent(terms: list[str]) -> str:
+    """The suggestion's agent: who suggested it and each validator's result, so the
+    verdict shows its reasons next to it. Argilla allows 200 characters, no commas;
+    the validator_reasons metadata keeps every term in full."""
+    agent = "validators: " + " ".join(terms)
+    return agent if len(agent) <= 200 else agent[:197] + "..."

@@ -9,6 +9,10 @@ Every input record ends in exactly one bucket, decided in this order:
   pending    nobody reviewed it and `review.unreviewed` is "pending"
 Only submitted responses count; drafts and discards are "not reviewed".
 
+Each output record carries `meta.review` (typed in pipeline.contract.Review):
+`decision` (the bucket), `by` (human / automatic / nobody), and the reviewers'
+verdicts, quality, corrector and original final turn where they apply.
+
 Writes to --out: reviewed.jsonl (accepted + corrected: what enters training),
 rejected.jsonl, pending.jsonl and review_stats.json, all at the end and atomically,
 so a failure mid-way leaves the previous outputs untouched. Reviews keep changing
@@ -24,6 +28,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from pipeline.contract import check_record
 from pipeline.recipe import load_recipe
 from pipeline.records import write_json, write_jsonl
 from review.dataset import CORRECTION, QUALITY, VERDICT, dataset_name, load_candidates, sample_for_review
@@ -113,8 +118,8 @@ def decide(
                 review = {k: v for k, v in review.items() if k != "corrected_answer"}
             if bucket == "rejected":
                 out["reject_reason"] = "human_reject"
-            out.setdefault("meta", {})["review"] = {"decision": bucket, **review}
-            buckets[bucket].append(out)
+            out["meta"]["review"] = {"decision": bucket, **review}
+            buckets[bucket].append(check_record(out, f"review pull ({bucket})"))
             counts[bucket] += 1
             why[f"{bucket}:{review['by']}" + (f":{review['reason']}" if "reason" in review else "")] += 1
             if len(by_user) > 1:

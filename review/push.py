@@ -46,32 +46,33 @@ def main(args) -> int:
 
 
 def push_pipeline(client, cfg, pipeline: str, records: list[dict[str, Any]]) -> dict[str, int]:
+    import tenacity
+
     dataset = ensure_dataset(client, cfg, pipeline)
     chosen = sample_for_review(records, cfg.sample_per_pipeline, cfg.seed)
-    existing = existing_ids(dataset)
-    new = [r for r in records if r["id"] in chosen and r["id"] not in existing]
-    for attempt in range(RETRIES + 1):
-        try:
-            if new:
-                dataset.records.log([to_argilla_record(r) for r in new], batch_size=min(cfg.batch_size, len(new)))
-            break
-        except Exception as exc:  # the SDK raises its own errors and httpx's
-            if attempt == RETRIES or not _transient(exc):
-                raise ReviewServerError(
-                    f"pushing {pipeline} to {client.api_url} failed after {attempt + 1} attempt(s):"
-                    f" {type(exc).__name__}: {exc}"
-                ) from None
-            delay = 2.0**attempt
-            log.warning("push %s: %s; retrying in %.0f s", pipeline, exc, delay)
-            time.sleep(delay)
-            # What the failed call already stored stays; send only the rest.
-            existing = existing_ids(dataset)
-            new = [r for r in new if r["id"] not in existing]
-    return {
-        "added": len(new),
-        "already": sum(1 for r in records if r["id"] in chosen) - len(new),
-        "not_sampled": len(records) - len(chosen),
-    }
+    wanted = [r for r in records if r["id"] in chosen]
+
+    def send_missing() -> int:
+        # Read the ids on every attempt: what a failed call already stored stays.
+        existing = existing_ids(dataset)
+        new = [r for r in wanted if r["id"] not in existing]
+        if new:
+            dataset.records.log([to_argilla_record(r) for r in new], batch_size=min(cfg.batch_size, len(new)))
+        return len(new)
+
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(RETRIES + 1), wait=tenacity.wait_exponential(multiplier=1),  # 1, 2, 4 s
+        retry=tenacity.retry_if_exception(_transient),
+        before_sleep=tenacity.before_sleep_log(log, logging.WARNING), reraise=True,
+    )
+    try:
+        added = retrying(send_missing)
+    except Exception as exc:  # the SDK raises its own errors and httpx's
+        raise ReviewServerError(
+            f"pushing {pipeline} to {client.api_url} failed after"
+            f" {retrying.statistics.get('attempt_number', 1)} attempt(s): {type(exc).__name__}: {exc}"
+        ) from None
+    return {"added": added, "already": len(wanted) - added, "not_sampled": len(records) - len(chosen)}
 
 
 def ensure_dataset(client, cfg, pipeline: str):

@@ -4,6 +4,11 @@ The SFT mix must keep long-context and conversational ability while it adds skil
 so records are grouped into categories (by pipeline, recipe `mix.categories`) and
 drawn to the recipe's ratios, then split into train and eval. Every input record ends
 in exactly one of train, eval or unused (with the reason), and mix_stats.json says so.
+
+The input is review pull's reviewed.jsonl, read through the record contract: every
+record must carry review's decision, accepted or corrected. Anything else (a record
+review rejected or left pending, or one that never went through review) stops the
+stage with an error naming it, rather than being trained on or silently dropped.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from pathlib import Path
 
 from pipeline.categories import category_of
 from pipeline.recipe import add_recipe_arguments, load_recipe
-from pipeline.records import read_jsonl, write_json, write_jsonl
+from pipeline.contract import read_records
+from pipeline.records import write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +35,7 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     cfg = recipe.mix
-    records = [r for path in args.input for r in read_jsonl(path)]
-    records = [r for r in records if r.get("review_status", "accepted") == "accepted"]
+    records = [r for path in args.input for r in read_records(path, trainable=True)]
     stats = build_mix(records, cfg, Path(args.out))
     log.info("mix: %d train, %d eval, %d unused", stats["train"], stats["eval"], stats["unused"])
     return 0

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from pipeline.recipe import Recipe, RecipeError, add_recipe_arguments, check_paths, load_recipe
-from pipeline.records import write_json
+from pipeline.records import InputError, iter_jsonl, write_json
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,20 @@ def check_recipe(recipe: Recipe) -> None:
     check_paths(recipe, ["data.train", "data.eval"])
     if not recipe.data.train:
         raise RecipeError(f"recipe {recipe.path}: data.train: no training files given")
+    deepspeed = recipe.sft.get("deepspeed")
+    if isinstance(deepspeed, str) and not Path(deepspeed).is_file():
+        raise RecipeError(f"recipe {recipe.path}: sft.deepspeed: {deepspeed}: no such file")
+    for key in ("train", "eval"):
+        empty = [f for f in getattr(recipe.data, key) if not f.endswith(".parquet")
+                 and next(iter_jsonl(f), None) is None]
+        if empty:
+            raise InputError(f"data.{key}: {', '.join(empty)}: no records (empty file)")
+        bad = bad_records(getattr(recipe.data, key))
+        if bad and recipe.data.on_bad_record == "error":
+            shown = "; ".join(f"{where}: {problem}" for where, problem, _ in bad[:5])
+            more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+            raise InputError(f"data.{key}: {len(bad)} record(s) cannot train: {shown}{more} "
+                             "(fix them, or set data.on_bad_record: skip)")
     if recipe.model.tiny is None:
         name = recipe.model.name_or_path
         if not name:
@@ -72,6 +86,42 @@ def check_recipe(recipe: Recipe) -> None:
                 "so its state runs from one conversation into the next (logits differ by ~2e-2 "
                 "from unpacked). Use padding (the default) until boundaries reach the mixer."
             )
+
+
+def record_problem(record: dict) -> str | None:
+    """Why a record cannot train with assistant-only loss, or None."""
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return "no `messages` list"
+    for turn in messages:
+        if not isinstance(turn, dict) or turn.get("role") not in ("system", "user", "assistant", "tool"):
+            return "a turn without a role of system/user/assistant/tool"
+        content = turn.get("content")
+        if content is not None and not isinstance(content, str):
+            return f"a {turn['role']} turn whose content is not text"
+    if messages[-1]["role"] != "assistant":
+        return "does not end with an assistant turn (nothing to learn)"
+    if record.get("tools") is not None and not isinstance(record["tools"], list):
+        return "`tools` is not a list"
+    return None
+
+
+def bad_records(files: list[str]) -> list[tuple[str, str, int]]:
+    """(where, problem, index in the loaded dataset) for every record that cannot
+    train; `where` names the file, line and record id. Parquet files are checked by
+    `datasets` itself."""
+    bad, index = [], 0
+    for name in files:
+        if name.endswith(".parquet"):
+            continue
+        with open(name, encoding="utf-8") as handle:
+            lines = [n for n, line in enumerate(handle, 1) if line.strip()]
+        for number, record in zip(lines, iter_jsonl(name)):
+            problem = record_problem(record)
+            if problem:
+                bad.append((f"{name}:{number} (id {record.get('id', '?')})", problem, index))
+            index += 1
+    return bad
 
 
 def student_config(recipe: Recipe):
@@ -102,8 +152,8 @@ def sft_config(recipe: Recipe, output_dir: Path):
         "output_dir": str(output_dir),
     }
     if (fields.get("deepspeed") or int(os.environ.get("WORLD_SIZE", "1")) > 1) and not on_gpu:
-        # DeepSpeed on CPU trains only with use_cpu=True (else batch-size assertion
-        # or a gloo allgather error; STACK.md). Plain DDP under torchrun without it
+        # DeepSpeed on CPU trains only with use_cpu=True (else a batch-size assertion
+        # or a gloo allgather error). Plain DDP under torchrun without it
         # runs unsynchronised copies (every rank its own model and full data).
         fields["use_cpu"] = True
     if fields.get("gradient_checkpointing"):
@@ -120,8 +170,9 @@ def sft_config(recipe: Recipe, output_dir: Path):
     return SFTConfig(**fields)
 
 
-def load_conversations(files: list[str], limit: int | None):
-    """JSONL/parquet records -> a datasets.Dataset with `messages` (+ `tools`)."""
+def load_conversations(files: list[str], limit: int | None, skip: set[int] = frozenset()):
+    """JSONL/parquet records -> a datasets.Dataset with `messages` (+ `tools`), without
+    the records at the indices in `skip`."""
     from datasets import load_dataset
 
     if not files:
@@ -129,9 +180,11 @@ def load_conversations(files: list[str], limit: int | None):
     kind = "parquet" if all(f.endswith(".parquet") for f in files) else "json"
     dataset = load_dataset(kind, data_files=files, split="train")
     if "messages" not in dataset.column_names:
-        raise RecipeError(f"{files}: records need a `messages` column (OpenAI style)")
+        raise InputError(f"{', '.join(files)}: records need a `messages` column (OpenAI style)")
     keep = [c for c in ("messages", "tools") if c in dataset.column_names]
     dataset = dataset.select_columns(keep)
+    if skip:
+        dataset = dataset.select([i for i in range(len(dataset)) if i not in skip])
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
     return dataset
@@ -181,8 +234,16 @@ def train(recipe: Recipe, output_dir: Path, resume: str | None = None) -> dict[s
     from pipeline.student import load_student, load_tokenizer, mamba_path
 
     # ------------------------------------------------------------------ data
-    train_set = load_conversations(recipe.data.train, recipe.data.max_train_samples)
-    eval_set = load_conversations(recipe.data.eval, recipe.data.max_eval_samples)
+    skipped = {key: bad_records(getattr(recipe.data, key)) for key in ("train", "eval")}
+    for key, bad in skipped.items():
+        for where, problem, _ in bad:  # only with data.on_bad_record: skip (check_recipe)
+            log.warning("data.%s: skipping %s: %s", key, where, problem)
+    train_set = load_conversations(recipe.data.train, recipe.data.max_train_samples,
+                                   {i for *_, i in skipped["train"]})
+    eval_set = load_conversations(recipe.data.eval, recipe.data.max_eval_samples,
+                                  {i for *_, i in skipped["eval"]})
+    if len(train_set) == 0:
+        raise InputError(f"data.train: {', '.join(recipe.data.train)}: no record left to train on")
 
     # ------------------------------------------------------- tokenizer, model
     # The training arguments come first: under ZeRO-3 they make from_pretrained load
@@ -242,6 +303,7 @@ def train(recipe: Recipe, output_dir: Path, resume: str | None = None) -> dict[s
             "mode": "lora" if peft_config is not None else "full",
             "mamba_path": mamba_path(model),
             "train_samples": len(train_set),
+            "skipped_records": {key: len(bad) for key, bad in skipped.items()},
         })
         if torch.cuda.is_available():
             metrics["cuda_peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)

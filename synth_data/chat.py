@@ -21,10 +21,10 @@ from typing import Any
 from pydantic import Field
 
 from pipeline.recipe import Section
-from pipeline.records import make_record
+from pipeline.contract import make_record
 from pipeline import sources
 from pipeline.engines import sampling_for
-from synth_data.four_steps import candidate, rejected_if_malformed
+from synth_data.four_steps import candidate, first_failure, rejected_if_malformed, verdict
 
 NAME = "chat"
 REJECT_REASONS = (
@@ -206,14 +206,17 @@ def check_text(text: str, prompt: str, cfg: Config, source: str | None = None) -
 
 def validate(candidates, cfg: Config) -> list[dict[str, Any]]:
     for c in candidates:
-        reason = rejected_if_malformed(c)
-        reason2, c["scores"] = check_text(c["messages"][-1]["content"], c["messages"][-2]["content"], cfg,
-                                          c.get("meta", {}).get("source"))
-        c["reject_reason"] = reason or reason2
+        reason, c["scores"] = check_text(c["messages"][-1]["content"], c["messages"][-2]["content"], cfg,
+                                         c.get("meta", {}).get("source"))
+        # The text's grade: the share of its 4-grams that are not repeats.
+        c["validators"] = {"well_formed": verdict(rejected_if_malformed(c)),
+                           "text": verdict(reason, 1 - c["scores"]["repetition"])}
+        c["reject_reason"] = first_failure(c["validators"])
     return candidates
 
 
 def post_edit(c: dict[str, Any], cfg: Config) -> dict[str, Any]:
     text, actions = strip_label(c["messages"][-1]["content"])
     messages = [*c["messages"][:-1], {"role": "assistant", "content": text}]
-    return make_record(NAME, messages, {**c["meta"], "scores": c["scores"], "post_edit": actions})
+    return make_record(NAME, messages, {**c["meta"], "scores": c["scores"], "post_edit": actions,
+                                        "validators": c["validators"]})

@@ -30,11 +30,11 @@ from typing import Any, Literal
 from pydantic import Field
 
 from pipeline.recipe import Section
-from pipeline.records import make_record
+from pipeline.contract import make_record
 from pipeline import sources
 from synth_data.chat import repeated_lines, repetition, strip_label
 from pipeline.engines import sampling_for
-from synth_data.four_steps import candidate, rejected_if_malformed
+from synth_data.four_steps import candidate, first_failure, rejected_if_malformed, verdict
 
 NAME = "doc_qa"
 REJECT_REASONS = (
@@ -331,20 +331,22 @@ def _source_names(meta: dict[str, Any]) -> list[str]:
 def validate(candidates, cfg: Config) -> list[dict[str, Any]]:
     for c in candidates:
         meta = c["meta"]
-        reason = rejected_if_malformed(c)
         cited = meta["paragraphs"][meta["cited"]]
         if "span" in meta:
-            reason2, c["scores"], qa = check_question(c["messages"][-1]["content"], meta["span"], meta["span_sentence"])
+            reason, c["scores"], qa = check_question(c["messages"][-1]["content"], meta["span"], meta["span_sentence"])
         else:
-            reason2, c["scores"], qa = check_qa(c["messages"][-1]["content"], cited, cfg)
-        c["reject_reason"] = reason or reason2
+            reason, c["scores"], qa = check_qa(c["messages"][-1]["content"], cited, cfg)
+        # The QA pair's grade: how well it is grounded in the cited text.
+        c["validators"] = {"well_formed": verdict(rejected_if_malformed(c)),
+                           "qa": verdict(reason, c["scores"].get("grounding"))}
+        c["reject_reason"] = first_failure(c["validators"])
         if c["reject_reason"] is None and "length_bucket" in meta:
             c["qa"] = qa
             tokens = sources.conversation_tokens(record_messages(meta, *qa))
             lower, upper = sources.bucket_bounds(cfg.length_buckets)[meta["length_bucket"]]
             c["scores"]["tokens"] = tokens
-            if not lower < tokens <= upper:
-                c["reject_reason"] = "out_of_bucket"
+            c["validators"]["length_bucket"] = verdict(None if lower < tokens <= upper else "out_of_bucket")
+            c["reject_reason"] = first_failure(c["validators"])
         elif qa is not None:
             c["qa"] = qa
     return candidates
@@ -356,7 +358,8 @@ def post_edit(c: dict[str, Any], cfg: Config) -> dict[str, Any]:
     actions = ["extract_qa"]
     if tidy_answer(answer) != answer:
         actions.append("tidy_answer")
-    meta = {**c["meta"], "question": question, "answer": answer, "scores": c["scores"], "post_edit": actions}
+    meta = {**c["meta"], "question": question, "answer": answer, "scores": c["scores"], "post_edit": actions,
+            "validators": c["validators"]}
     if "length_bucket" in meta:
         meta["tokens"] = c["scores"]["tokens"]
     return make_record(NAME, messages, meta)

@@ -20,20 +20,26 @@ A pipeline is one module `synth_data/<name>.py` that defines, in this order:
 
     def validate(candidates, cfg) -> list[dict]:                    # (iii) filter / rank
         for c in candidates:
-            c["reject_reason"] = rejected_if_malformed(c) or (None if ok(c) else "wrong_answer")
+            c["validators"] = {"well_formed": verdict(rejected_if_malformed(c)),
+                               "answer": verdict(None if ok(c) else "wrong_answer", score(c))}
+            c["reject_reason"] = first_failure(c["validators"])
             c["scores"] = {...}
         return candidates
 
     def post_edit(candidate, cfg) -> dict:                          # (iv) fix format -> record
         messages = strip_artifacts(candidate["messages"])
-        return make_record(NAME, messages, {**candidate["meta"], "post_edit": [...]})
+        return make_record(NAME, messages, {**candidate["meta"], "post_edit": [...],
+                                            "validators": candidate["validators"]})
 
 A candidate is a dict with `messages` (the prompt turns + the teacher's answer as the
 last assistant turn), optional `tools`, `meta`, `completion` (finish_reason, tokens),
-and after validation `reject_reason` (a code from REJECT_REASONS or None) and
-`scores`. `run` calls the four steps in order, turns every rejected candidate into a
-record carrying its reason, and writes accepted.jsonl, rejected.jsonl and stats.json,
-checking that generated = accepted + rejected.
+and after validation `validators` (every check that ran: `{name: verdict(reason,
+score)}`, the record contract's shape), `reject_reason` (the first failed
+validator's code from REJECT_REASONS, or None) and `scores`. `run` calls the four
+steps in order, checks that each reject reason is a failed validator's, puts the
+validators in every record's `meta.validators` (accepted and rejected), turns every
+rejected candidate into a record carrying its reason, and writes accepted.jsonl,
+rejected.jsonl and stats.json, checking that generated = accepted + rejected.
 """
 
 from __future__ import annotations
@@ -48,7 +54,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from pipeline.recipe import Recipe, RecipeError
-from pipeline.records import conservation_stats, make_record, write_json, write_jsonl
+from pipeline.contract import make_record
+from pipeline.records import conservation_stats, write_json, write_jsonl
 
 # name -> module path; imported only when that pipeline runs.
 PIPELINES: dict[str, str] = {
@@ -122,8 +129,31 @@ def rejected_if_malformed(c: dict[str, Any]) -> str | None:
     return None
 
 
+def verdict(reason: str | None, score: float | None = None) -> dict[str, Any]:
+    """One validator's result in the record contract's shape: failed when it gives a
+    reason code; `score` (higher is better) is clipped to [0, 1]."""
+    if score is not None:
+        score = round(min(max(float(score), 0.0), 1.0), 4)
+    return {"passed": reason is None, "score": score, "reason": reason}
+
+
+def first_failure(validators: dict[str, dict[str, Any]]) -> str | None:
+    """The reject reason: the first failed validator's code, in the order they ran."""
+    return next((v["reason"] for v in validators.values() if not v["passed"]), None)
+
+
+def _check_verdicts(name: str, c: dict[str, Any]) -> None:
+    validators = c.get("validators")
+    if not validators:
+        raise AssertionError(f"{name}.validate left a candidate without validators")
+    failed = {v["reason"] for v in validators.values() if not v["passed"]}
+    if (c["reject_reason"] is None) != (not failed) or (failed and c["reject_reason"] not in failed):
+        raise AssertionError(
+            f"{name}: reject_reason {c['reject_reason']!r} disagrees with its validators {validators}")
+
+
 def _rejected_record(name: str, c: dict[str, Any]) -> dict[str, Any]:
-    meta = {**c.get("meta", {}), "scores": c.get("scores", {})}
+    meta = {**c.get("meta", {}), "scores": c.get("scores", {}), "validators": c["validators"]}
     return make_record(name, c["messages"], meta, c.get("tools"), reject_reason=c["reject_reason"])
 
 
@@ -145,10 +175,12 @@ def run(module: ModuleType, cfg: Any, engine: Any, out_dir: Path) -> dict[str, A
     for c in candidates:
         if "reject_reason" not in c:
             raise AssertionError(f"{name}.validate left a candidate without reject_reason")
+        _check_verdicts(name, c)
         if c["reject_reason"] is None:
             record = module.post_edit(c, cfg)  # (iv); may still reject (unfixable)
             if record.get("reject_reason"):
-                c = {**c, "reject_reason": record["reject_reason"]}
+                validators = {**c["validators"], "post_edit": verdict(record["reject_reason"])}
+                c = {**c, "reject_reason": record["reject_reason"], "validators": validators}
             else:
                 accepted.append(record)
                 continue

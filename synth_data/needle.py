@@ -24,10 +24,10 @@ from typing import Any, Literal
 from pydantic import Field
 
 from pipeline.recipe import Section
-from pipeline.records import make_record
+from pipeline.contract import make_record
 from pipeline import sources
 from pipeline.engines import Completion
-from synth_data.four_steps import candidate
+from synth_data.four_steps import candidate, first_failure, verdict
 
 NAME = "needle"
 REJECT_REASONS = ("empty", "truncated", "out_of_bucket", "needle_not_unique", "value_in_filler")
@@ -149,18 +149,17 @@ def validate(candidates, cfg: Config) -> list[dict[str, Any]]:
         tokens = sources.conversation_tokens(c["messages"])
         lower, upper = bounds[p["length_bucket"]]
         c["scores"] = {"tokens": tokens, "filler_passages": len(p["filler"])}
-        if any(text.count(needle_sentence(k, v)) != 1 for k, v in p["needles"]):
-            c["reject_reason"] = "needle_not_unique"
-        elif any(v in filler for _, v in p["needles"]):
-            c["reject_reason"] = "value_in_filler"
-        elif not lower < tokens <= upper:
-            c["reject_reason"] = "out_of_bucket"
-        else:
-            c["reject_reason"] = None
+        unique = all(text.count(needle_sentence(k, v)) == 1 for k, v in p["needles"])
+        c["validators"] = {
+            "needles_unique": verdict(None if unique else "needle_not_unique"),
+            "values_not_in_filler": verdict("value_in_filler" if any(v in filler for _, v in p["needles"]) else None),
+            "length_bucket": verdict(None if lower < tokens <= upper else "out_of_bucket"),
+        }
+        c["reject_reason"] = first_failure(c["validators"])
     return candidates
 
 
 def post_edit(c: dict[str, Any], cfg: Config) -> dict[str, Any]:
     meta = dict(c["meta"])
-    meta.update(scores=c["scores"], tokens=c["scores"]["tokens"], post_edit=[])
+    meta.update(scores=c["scores"], tokens=c["scores"]["tokens"], post_edit=[], validators=c["validators"])
     return make_record(NAME, c["messages"], meta)

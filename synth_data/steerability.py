@@ -22,10 +22,10 @@ from typing import Any, Callable, Literal
 from pydantic import Field
 
 from pipeline.recipe import Section
-from pipeline.records import make_record
+from pipeline.contract import make_record
 from synth_data.constraints import CONSTRAINTS, check, describe, sample_constraints, words
 from pipeline.engines import Sampling, sampling_for
-from synth_data.four_steps import candidate, rejected_if_malformed
+from synth_data.four_steps import candidate, first_failure, rejected_if_malformed, verdict
 
 NAME = "steerability"
 
@@ -157,8 +157,10 @@ def validate(candidates: list[dict[str, Any]], cfg: Config) -> list[dict[str, An
                   for con in c["meta"]["constraints"]}
         c["scores"] = {"passed": passed, "pass_rate": round(sum(passed.values()) / len(passed), 3),
                        "words": len(words(answers[-1]))}
-        failed = [k for k, ok in passed.items() if not ok]
-        c["reject_reason"] = rejected_if_malformed(c) or (f"violates_{failed[0]}" if failed else None)
+        # One validator per instruction, named after its kind; the reason code names it too.
+        c["validators"] = {"well_formed": verdict(rejected_if_malformed(c)),
+                           **{f"constraint_{k}": verdict(None if ok else f"violates_{k}") for k, ok in passed.items()}}
+        c["reject_reason"] = first_failure(c["validators"])
     # Rejection sampling: keep the best `keep_per_prompt` passing samples per prompt.
     score = SCORERS[cfg.scorer]
     by_prompt: dict[str, list[dict[str, Any]]] = {}
@@ -170,8 +172,9 @@ def validate(candidates: list[dict[str, Any]], cfg: Config) -> list[dict[str, An
         seen = set()
         for rank, c in enumerate(group):
             text = c["messages"][-1]["content"].strip()
-            if rank >= cfg.keep_per_prompt or text in seen:
-                c["reject_reason"] = "not_selected"
+            selected = rank < cfg.keep_per_prompt and text not in seen
+            c["validators"]["selection"] = verdict(None if selected else "not_selected")
+            c["reject_reason"] = first_failure(c["validators"])
             seen.add(text)
             c["scores"]["rank"] = rank
     return candidates
@@ -189,5 +192,6 @@ def post_edit(c: dict[str, Any], cfg: Config) -> dict[str, Any]:
         messages.append(m)
     n_words = c["scores"]["words"]
     bucket = "short" if n_words < 60 else "medium" if n_words < 150 else "long"
-    meta = {**c["meta"], "scores": c["scores"], "post_edit": actions, "length_bucket": bucket}
+    meta = {**c["meta"], "scores": c["scores"], "post_edit": actions, "length_bucket": bucket,
+            "validators": c["validators"]}
     return make_record(NAME, messages, meta)

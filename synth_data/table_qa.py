@@ -27,11 +27,11 @@ import pandas as pd
 from pydantic import Field
 
 from pipeline.recipe import Section
-from pipeline.records import make_record
+from pipeline.contract import make_record
 from pipeline import sources
 from synth_data.chat import repeated_lines, repetition, strip_label
 from pipeline.engines import sampling_for
-from synth_data.four_steps import candidate, rejected_if_malformed
+from synth_data.four_steps import candidate, first_failure, rejected_if_malformed, verdict
 
 NAME = "table_qa"
 REJECT_REASONS = (
@@ -287,11 +287,13 @@ def check_verbalisation(
 
 def validate(candidates, cfg: Config) -> list[dict[str, Any]]:
     for c in candidates:
-        reason = rejected_if_malformed(c)
-        reason2, c["scores"] = check_verbalisation(
+        reason, c["scores"] = check_verbalisation(
             c["messages"][-1]["content"], c["meta"]["needed_values"], c["meta"].get("facts"),
             c["meta"].get("example_labels", []))
-        c["reject_reason"] = reason or reason2
+        # The verbalisation's grade: the share of needed values it states.
+        c["validators"] = {"well_formed": verdict(rejected_if_malformed(c)),
+                           "verbalisation": verdict(reason, c["scores"]["coverage"])}
+        c["reject_reason"] = first_failure(c["validators"])
     return candidates
 
 
@@ -300,7 +302,8 @@ def post_edit(c: dict[str, Any], cfg: Config) -> dict[str, Any]:
     collapsed = " ".join(paragraph.split())
     if collapsed != paragraph:
         actions.append("collapse_whitespace")
-    meta = {**c["meta"], "paragraph": collapsed, "scores": c["scores"], "post_edit": actions}
+    meta = {**c["meta"], "paragraph": collapsed, "scores": c["scores"], "post_edit": actions,
+            "validators": c["validators"]}
     messages = [
         {"role": "user", "content": f"{collapsed}\n\nQuestion: {meta['question']}"},
         {"role": "assistant", "content": meta["answer"]},

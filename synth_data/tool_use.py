@@ -31,12 +31,12 @@ from pydantic import Field
 from pipeline.bfcl import openai_tool, tool_name
 from pipeline.chat_template import parse_tool_calls
 from pipeline.recipe import Section
-from pipeline.records import make_record
+from pipeline.contract import make_record
 from pipeline.bfcl import (
     CATALOGUE_FILES, IRRELEVANCE_FILES, bfcl_answers, bfcl_items, is_heldout,
 )
 from pipeline.engines import sampling_for
-from synth_data.four_steps import rejected_if_malformed
+from synth_data.four_steps import first_failure, rejected_if_malformed, verdict
 
 NAME = "tool_use"
 KINDS = ("single", "parallel", "multiple", "irrelevance")
@@ -363,13 +363,16 @@ def _request_mentions(request: str, calls: list[dict[str, Any]]) -> bool:
 def validate(candidates: list[dict[str, Any]], cfg: Config) -> list[dict[str, Any]]:
     for c in candidates:
         request = c["messages"][0]["content"]
-        reason = None
+        request_reason = None
         if not request.strip():
-            reason = "empty_request"
+            request_reason = "empty_request"
         elif c["expected"] and not _request_mentions(request, c["expected"]):
-            reason = "request_missing_value"
-        reason = reason or rejected_if_malformed(c) or match_calls(c["messages"][-1]["content"], c["expected"], c["tools"])
-        c["reject_reason"] = reason
+            request_reason = "request_missing_value"
+        malformed = rejected_if_malformed(c)
+        c["validators"] = {"request": verdict(request_reason), "well_formed": verdict(malformed)}
+        if not malformed:  # malformed output has no calls to compare
+            c["validators"]["calls"] = verdict(match_calls(c["messages"][-1]["content"], c["expected"], c["tools"]))
+        reason = c["reject_reason"] = first_failure(c["validators"])
         calls, errors = parse_tool_calls(c["messages"][-1]["content"])
         c["scores"] = {"calls_parsed": len(calls), "calls_malformed": len(errors),
                        "calls_expected": len(c["expected"]), "match": reason is None}
@@ -378,7 +381,7 @@ def validate(candidates: list[dict[str, Any]], cfg: Config) -> list[dict[str, An
 
 # ----------------------------------------------------------------------- (iv)
 def post_edit(c: dict[str, Any], cfg: Config) -> dict[str, Any]:
-    meta = {**c["meta"], "scores": c["scores"]}
+    meta = {**c["meta"], "scores": c["scores"], "validators": c["validators"]}
     user = c["messages"][0]
     if c["expected"]:
         # The sampled calls, schema-typed, replace the teacher's text (they matched it).

@@ -17,3 +17,33 @@ def teacher_dir():
     from pipeline.teacher import teacher_path
 
     return teacher_path()
+
+
+@pytest.fixture(scope="session")
+def pipeline_outputs(tmp_path_factory, teacher_dir):
+    """Every synthetic pipeline's real four-step output, made once per session on the
+    packaged teacher (transformers engine, one thread, a few items each, settings that
+    let a 135M model get some accepted). Returns the folder holding <pipeline>/
+    {accepted,rejected}.jsonl and stats.json, as the generate stage writes them."""
+    from pipeline.engines import CachedEngine, TransformersEngine
+    from synth_data import four_steps
+
+    root = tmp_path_factory.mktemp("synth")
+    configs = {
+        "table_qa": {"count": 3, "max_rows": 2, "max_columns": 1, "max_tokens": 80},
+        "doc_qa": {"count": 3, "long_fraction": 0.5, "length_buckets": [1024], "max_paragraphs": 1,
+                   "max_tokens": 64},
+        # n=2: two answers per request, so passing and failing answers of one prompt
+        # make preference pairs (tests/test_prefs.py).
+        "tool_use": {"count": 4, "n": 2, "max_tokens": 64, "request_max_tokens": 40,
+                     "mix": {"single": 0.5, "irrelevance": 0.5}},
+        "steerability": {"count": 3, "conversations": 1, "turns": 2, "n": 2, "max_tokens": 48,
+                         "max_constraints": 1,
+                         "kinds": ["placeholders", "english_only", "exclude_keywords", "max_words"]},
+        "needle": {"count": 6, "length_buckets": [1024]},
+        "chat": {"count": 4, "seeds": ["builtin"], "max_tokens": 48},
+    }
+    engine = CachedEngine(TransformersEngine("teacher", batch_size=8, threads=1), root / "cache", progress=False)
+    for name, raw in configs.items():
+        four_steps.run(four_steps.load_pipeline(name), four_steps.validate_config(name, raw), engine, root / name)
+    return root

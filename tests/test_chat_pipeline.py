@@ -30,6 +30,8 @@ def test_validator_cases(text, finish, reason):
     conv = [{"role": "user", "content": "How do I boil an egg so that the yolk stays soft?"}]
     (c,) = chat.validate([candidate(conv, Completion(text, 20, finish), {})], chat.Config())
     assert c["reject_reason"] == reason, c["scores"]
+    failed = [v["reason"] for v in c["validators"].values() if not v["passed"]]
+    assert failed[:1] == ([reason] if reason else [])  # the first failed validator's reason
 
 
 def test_answers_about_real_text_must_not_invent_numbers():

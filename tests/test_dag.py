@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.contract import read_records
 from pipeline.records import read_json, read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,10 +82,12 @@ def test_dvc_repro_runs_every_stage_and_conserves_counts(tmp_path):
     accepted_total = 0
     for name in PIPELINES:
         stats = read_json(repo / f"data/synth/{name}/stats.json")
-        accepted = read_jsonl(repo / f"data/synth/{name}/accepted.jsonl")
-        rejected = read_jsonl(repo / f"data/synth/{name}/rejected.jsonl")
+        accepted = read_records(repo / f"data/synth/{name}/accepted.jsonl")  # checks the contract
+        rejected = read_records(repo / f"data/synth/{name}/rejected.jsonl")
         assert stats["generated"] == len(accepted) + len(rejected), name
-        assert all(r.get("reject_reason") for r in rejected), name
+        assert all(v["passed"] for r in accepted for v in r["meta"]["validators"].values()), name
+        assert all(r["reject_reason"] in {v["reason"] for v in r["meta"]["validators"].values() if not v["passed"]}
+                   for r in rejected), name
         accepted_total += len(accepted)
 
     # Dedup keeps or removes (with a reason) every accepted record.
@@ -95,7 +98,7 @@ def test_dvc_repro_runs_every_stage_and_conserves_counts(tmp_path):
 
     # Review (off: automatic verdicts) passes every kept record on, in one bucket each.
     review = read_json(repo / "data/review/review_stats.json")
-    reviewed = read_jsonl(repo / "data/review/reviewed.jsonl")
+    reviewed = read_records(repo / "data/review/reviewed.jsonl", trainable=True)
     assert len(reviewed) == kept, review
 
     # The mix places every reviewed-accepted record in train, eval or unused.
@@ -107,14 +110,32 @@ def test_dvc_repro_runs_every_stage_and_conserves_counts(tmp_path):
     train = read_json(repo / "outputs/sft/train_metrics.json")
     assert train["global_step"] == 4 and train["final_loss"] is not None
     assert read_json(repo / "outputs/sft/lora_coverage.json")
+    # The audit measured every MoE and Mamba site in fp32, found all inside fp16's
+    # range, and ran the fp16 forward without a non-finite logit.
     audit = read_json(repo / "outputs/audit/fp16_audit.json")
-    assert "fp16_safe" in audit
+    per_layer = audit["max_abs_per_layer"]
+    assert {"moe", "mamba"} <= set(per_layer) and all(per_layer[k] for k in ("moe", "mamba"))
+    peaks = [v for layers in per_layer.values() for v in layers.values()]
+    assert all(v is not None for v in peaks) and audit["max_abs"] == max(peaks) < audit["fp16_limit"]
+    assert audit["fp16_safe"] is True and audit["offending"] == []
+    assert audit["logits"]["nonfinite_fp16"] == audit["logits"]["nonfinite_fp32"] == 0
+    assert audit["batches"] == 1 and audit["tokens"] > 0
+    # Export reloaded each profile of the LoRA run from disk within the tolerance.
     export = read_json(repo / "outputs/export/export_report.json")
-    assert export
+    assert export["kind"] == "lora" and set(export["profiles"]) == {"adapter", "merged", "vllm"}
+    for name, profile in export["profiles"].items():
+        assert profile["passed"] is True and profile["max_abs_logit_diff"] <= export["tolerance"], name
+        assert (repo / profile["path"]).is_dir() or Path(profile["path"]).is_dir(), name
     for png in ("loss.png", "activation_maxima.png", "acceptance.png"):
         assert (repo / "reports" / png).stat().st_size > 1000, png
     metrics = dvc(repo, "metrics", "show", "--json")
     assert "acceptance_rate" in metrics and "final_loss" in metrics
+    # What `make run` ends with: the run in about 30 lines.
+    summary = subprocess.run([str(BIN / "posttrain"), "summary"], cwd=repo, capture_output=True,
+                             text=True, check=True).stdout
+    assert len(summary.splitlines()) <= 35, summary
+    assert f"loss {train['first_loss']:.4g} -> {train['final_loss']:.4g}" in summary, summary
+    assert "not run" not in summary and "unexpected report shape" not in summary, summary
     assert repro(repo) == set(), "a second repro with nothing changed must skip every stage"
 
     # Precision: an SFT value reruns sft and what follows, and no generation.

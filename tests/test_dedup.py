@@ -1,28 +1,45 @@
 """Dedup and decontamination: exact and near duplicates are removed within and across
 pipelines, records that copy held-out evaluation items are dropped, and every input
-record ends up either kept or in removed.jsonl with its reason."""
+record ends up either kept or in removed.jsonl with its reason. Test records carry a
+real needle record's meta (validators and all) with the texts each test needs."""
 
+import copy
 import json
 import subprocess
 import sys
 
-from pipeline.records import make_record, read_jsonl, write_jsonl
+import pytest
+from stage_outputs import needle_records
+
+from pipeline.contract import make_record
+from pipeline.records import read_jsonl, write_jsonl
 from synth_data.dedup import Decontaminator, dedup, find_duplicates, jaccard, normalise, record_text, shingles
 
 BASE = ("The community garden opens on Saturday morning with free seedlings, a short talk on "
         "composting and a picnic for every volunteer who helped build the raised beds last spring.")
 
 
-def rec(pipeline, text, user="Write a note."):
-    return make_record(pipeline, [{"role": "user", "content": user}, {"role": "assistant", "content": text}])
+@pytest.fixture(scope="module")
+def needle(tmp_path_factory):
+    [record] = needle_records(tmp_path_factory.mktemp("needle"), 1)
+    return record
 
 
-def test_exact_duplicates_ignore_case_punctuation_and_spacing():
+@pytest.fixture
+def rec(needle):
+    def make(pipeline, text, user="Write a note."):
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": text}]
+        return make_record(pipeline, messages, copy.deepcopy(needle["meta"]))
+
+    return make
+
+
+def test_exact_duplicates_ignore_case_punctuation_and_spacing(rec):
     records = [rec("a", BASE), rec("a", BASE.upper().replace(",", "") + "  "), rec("a", "Something else entirely.")]
     assert find_duplicates(records) == {1: ("duplicate", 0, 1.0)}
 
 
-def test_near_duplicates_are_found_and_distinct_texts_kept():
+def test_near_duplicates_are_found_and_distinct_texts_kept(rec):
     near = BASE.replace("Saturday", "Sunday")
     other = "Quarterly revenue grew by four percent while operating costs stayed flat across all regions."
     a, b = rec("a", BASE), rec("a", near)
@@ -40,7 +57,7 @@ def test_decontamination_matches_ngrams_and_short_items_whole():
     assert d.match("The weather in Boston is mild.") is None
 
 
-def test_dedup_across_pipelines_conserves_counts():
+def test_dedup_across_pipelines_conserves_counts(rec):
     inputs = {"steerability": [rec("steerability", BASE), rec("steerability", "Unique one.")],
               "tool_use": [rec("tool_use", BASE), rec("tool_use", "What is the weather like in Boston today?")]}
     kept, removed, stats = dedup(inputs, Decontaminator(["what is the weather like in Boston today"], n=13))
@@ -51,7 +68,7 @@ def test_dedup_across_pipelines_conserves_counts():
     assert [len(kept[n]) for n in sorted(kept)] == [2, 0]
 
 
-def test_dedup_stage_writes_kept_and_removed_files(tmp_path):
+def test_dedup_stage_writes_kept_and_removed_files(rec, needle, tmp_path):
     root = tmp_path / "synth"
     write_jsonl(root / "steerability" / "accepted.jsonl", [rec("steerability", BASE), rec("steerability", BASE)])
     write_jsonl(root / "tool_use" / "accepted.jsonl", [rec("tool_use", "Fine.")])
@@ -72,3 +89,13 @@ def test_dedup_stage_writes_kept_and_removed_files(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "dedup", str(recipe), "--input", str(root),
                            "--out", str(out)], capture_output=True, text=True)
     assert proc.returncode == 2 and "/nonexistent.jsonl: no such file" in proc.stderr
+
+    # Dedup reads through the record contract: a record without validators is named.
+    broken = copy.deepcopy(needle)
+    del broken["meta"]["validators"]
+    write_jsonl(root / "needle" / "accepted.jsonl", [needle, broken])
+    recipe.write_text("dedup:\n  bfcl_heldout: false\n")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "dedup", str(recipe), "--input", str(root),
+                           "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert f"needle/accepted.jsonl:2: record '{needle['id']}': meta.validators: Field required" in proc.stderr

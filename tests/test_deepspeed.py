@@ -1,5 +1,5 @@
-"""DeepSpeed ZeRO with 2 CPU processes through `posttrain train`, launched as STACK.md
-found working (torchrun / the deepspeed launcher, DS_ACCELERATOR=cpu): ZeRO-2 and
+"""DeepSpeed ZeRO with 2 CPU processes through `posttrain train`, launched the two ways
+that work on CPU (torchrun / the deepspeed launcher, DS_ACCELERATOR=cpu): ZeRO-2 and
 ZeRO-3 end where the same run in plain DDP (gloo) ends, and LoRA on every group of the
 hybrid, routed experts included, trains under ZeRO-3 with its gradient check passing."""
 

@@ -7,11 +7,15 @@ import random
 import subprocess
 import sys
 
+import copy
+
 import pytest
+from stage_outputs import needle_records
 
 from evals import ifeval
 from pipeline.ifeval_data import ifeval_items, ifeval_prompts
-from pipeline.records import make_record, read_jsonl, write_jsonl
+from pipeline.contract import make_record
+from pipeline.records import read_jsonl, write_jsonl
 from synth_data import steerability
 from synth_data.dedup import Decontaminator
 
@@ -125,11 +129,15 @@ def test_lm_eval_and_if_verifiable_agree(items):
 
 # --------------------------------------------------------------- decontamination
 def test_dedup_drops_records_that_copy_an_ifeval_prompt(tmp_path):
+    # Records carry a real stage record's meta, with the texts this test needs.
+    [real] = needle_records(tmp_path / "needle", 1)
     prompt = ifeval_prompts()[1]
     planted = make_record("steerability", [{"role": "user", "content": "Here is a task for you. " + prompt},
-                                           {"role": "assistant", "content": "A fine itinerary."}])
+                                           {"role": "assistant", "content": "A fine itinerary."}],
+                          copy.deepcopy(real["meta"]))
     clean = make_record("steerability", [{"role": "user", "content": "Write a memo about a charity run."},
-                                         {"role": "assistant", "content": "The run starts at nine."}])
+                                         {"role": "assistant", "content": "The run starts at nine."}],
+                        copy.deepcopy(real["meta"]))
     root = tmp_path / "synth"
     write_jsonl(root / "steerability" / "accepted.jsonl", [planted, clean])
     recipe = tmp_path / "r.yaml"

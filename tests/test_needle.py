@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline.records import read_jsonl
+from pipeline.contract import read_records
 from pipeline import sources
 from synth_data import four_steps
 from synth_data import needle as nd
@@ -23,8 +23,10 @@ def test_records_fall_inside_their_bucket_with_the_planted_answer(tmp_path, buck
     stats = four_steps.run(nd, cfg, NO_TEACHER, tmp_path)
     assert stats["accepted"] == 3, stats["reject_reasons"]
     lower, upper = sources.bucket_bounds([bucket])[bucket]
-    for record in read_jsonl(tmp_path / "accepted.jsonl"):
+    for record in read_records(tmp_path / "accepted.jsonl"):
         meta, (user, reply) = record["meta"], record["messages"]
+        assert set(meta["validators"]) == {"needles_unique", "values_not_in_filler", "length_bucket"}
+        assert all(v["passed"] for v in meta["validators"].values())
         assert lower < sources.conversation_tokens(record["messages"]) <= upper
         assert meta["length_bucket"] == bucket and meta["answer_by"] == "code"
         asked = [n["value"] for n in meta["needles"] if n["key"] == meta["query"]]

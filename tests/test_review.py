@@ -2,19 +2,24 @@
 real Redis, real SDK, real headless Chromium). No mocks.
 
 One server for the module (start-up is the expensive part); each test uses its own
-dataset prefix so tests do not see each other's records.
+dataset prefix so tests do not see each other's records. The records are real stage
+output: the needle pipeline's, made once for the module (it needs no teacher).
 """
 
 import argparse
+import copy
 import json
 import os
+import shutil
 import socket
 import uuid
 from pathlib import Path
 
 import pytest
+from stage_outputs import needle_records
 
-from pipeline.records import make_record, read_json, read_jsonl, write_jsonl
+from pipeline.contract import read_records
+from pipeline.records import read_json, read_jsonl, write_jsonl
 from review import pull, push, server
 
 pytestmark = pytest.mark.skipif(
@@ -52,26 +57,17 @@ def sdk(argilla):
     return server.argilla_client(conn)
 
 
-def candidates(pipeline: str, n: int, start: int = 0) -> list[dict]:
-    records = []
-    for i in range(start, start + n):
-        messages = [
-            {"role": "system", "content": "Answer from the document."},
-            {"role": "user", "content": f"[{pipeline} #{i}] What colour is item {i}?"},
-        ]
-        tools = None
-        if pipeline == "tool_use":
-            tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
-            messages.append({"role": "assistant", "content": None, "tool_calls": [
-                {"id": "c0", "type": "function", "function": {"name": "lookup", "arguments": json.dumps({"item": i})}}]})
-        else:
-            messages.append({"role": "assistant", "content": f"Item {i} is blue."})
-        meta = {"teacher": "SmolLM2-135M-Instruct", "length_bucket": "short",
-                "validators": {"format": {"passed": True, "score": 0.9}, "grounded": {"passed": True, "score": 0.6}}}
-        if pipeline == "doc_qa":
-            meta["source"] = f"Item {i} is painted blue."
-        records.append(make_record(pipeline, messages, meta=meta, tools=tools))
-    return records
+@pytest.fixture(scope="module")
+def needles(tmp_path_factory):
+    """Eight real needle records: 1,024-token ones, then 2,048-token ones."""
+    folder = tmp_path_factory.mktemp("needle")
+    return needle_records(folder / "short", 4) + needle_records(folder / "long", 4, length_buckets=(2048,), seed=1)
+
+
+@pytest.fixture
+def candidates(needles):
+    """The first n real records (copies: a test may change its own)."""
+    return lambda n: copy.deepcopy(needles[:n])
 
 
 def write_inputs(root: Path, records: list[dict]) -> list[str]:
@@ -109,19 +105,21 @@ def submit(dataset, record_id: str, user_id, **answers) -> None:
 
 
 # ------------------------------------------------------------------------ tests
-def test_round_trip_accept_reject_correct_and_pending(argilla, sdk, tmp_path):
-    records = candidates("doc_qa", 4) + candidates("tool_use", 2)
+def test_round_trip_accept_reject_correct_and_pending(argilla, sdk, candidates, tmp_path):
+    records = candidates(6)
     inputs = write_inputs(tmp_path, records)
     name = prefix()
     path = recipe(tmp_path, mode="server", dataset_prefix=name, unreviewed="pending")
     assert push.main(args(path, inputs)) == 0
 
-    dataset = sdk.datasets(f"{name}-doc_qa", workspace="posttrain")
+    dataset = sdk.datasets(f"{name}-needle", workspace="posttrain")
     me = sdk.me.id
-    accepted, rejected, corrected, _ = [r["id"] for r in records[:4]]
+    accepted, rejected, corrected = [r["id"] for r in records[:3]]
+    original = records[2]["messages"][-1]
+    fixed = original["content"].rstrip(".") + ", as the text says."
     submit(dataset, accepted, me, verdict="accept", quality=5)
     submit(dataset, rejected, me, verdict="reject", quality=1)
-    submit(dataset, corrected, me, verdict="accept", corrected_answer="Item 2 is green.")
+    submit(dataset, corrected, me, verdict="accept", corrected_answer=fixed)
 
     # A second reviewer agrees on two records (logged by the owner on their behalf,
     # as the SDK allows an owner to).
@@ -138,17 +136,21 @@ def test_round_trip_accept_reject_correct_and_pending(argilla, sdk, tmp_path):
     stats = read_json(out / "review_stats.json")
     assert (stats["accepted"], stats["rejected"], stats["corrected"], stats["pending"]) == (1, 1, 1, 3)
     assert stats["total"] == 6 == sum(stats[b] for b in pull.BUCKETS)
-    assert stats["per_pipeline"]["tool_use"]["pending"] == 2
+    assert stats["per_pipeline"]["needle"]["pending"] == 3
     assert stats["agreement"] == {"records_with_several_reviewers": 2, "unanimous_verdict": 2, "rate": 1.0}
 
-    reviewed = {r["id"]: r for r in read_jsonl(out / "reviewed.jsonl")}
+    # Pull's outputs keep the record contract, with review's decision typed in meta.review.
+    reviewed = {r["id"]: r for r in read_records(out / "reviewed.jsonl", trainable=True)}
     assert set(reviewed) == {accepted, corrected}
-    assert reviewed[corrected]["messages"][-1] == {"role": "assistant", "content": "Item 2 is green."}
-    assert reviewed[corrected]["meta"]["review"]["original_final_turn"]["content"] == "Item 2 is blue."
+    assert reviewed[corrected]["messages"][-1] == {"role": "assistant", "content": fixed}
+    assert reviewed[corrected]["meta"]["review"]["original_final_turn"] == original
+    assert reviewed[corrected]["meta"]["review"]["decision"] == "corrected"
     assert reviewed[accepted]["meta"]["review"]["quality"] == 4.5
-    [rej] = read_jsonl(out / "rejected.jsonl")
+    [rej] = read_records(out / "rejected.jsonl")
     assert rej["id"] == rejected and rej["reject_reason"] == "human_reject"
-    assert len(read_jsonl(out / "pending.jsonl")) == 3
+    assert rej["meta"]["review"]["decision"] == "rejected"
+    pending = read_records(out / "pending.jsonl")
+    assert len(pending) == 3 and {r["meta"]["review"]["decision"] for r in pending} == {"pending"}
 
     # The recipe decides about unreviewed records: keep the automatic verdict.
     assert pull.main(args(path, inputs, out, ["review.unreviewed=keep"])) == 0
@@ -156,65 +158,68 @@ def test_round_trip_accept_reject_correct_and_pending(argilla, sdk, tmp_path):
     assert (stats["accepted"], stats["rejected"], stats["corrected"], stats["pending"]) == (4, 1, 1, 0)
 
 
-def test_push_twice_holds_each_record_once_and_adds_only_new(argilla, sdk, tmp_path):
+def test_push_twice_holds_each_record_once_and_adds_only_new(argilla, sdk, candidates, tmp_path):
     name = prefix()
     path = recipe(tmp_path, mode="server", dataset_prefix=name, batch_size=3)
-    first = candidates("table_qa", 5)
+    first = candidates(5)
     inputs = write_inputs(tmp_path, first)
     assert push.main(args(path, inputs)) == 0
     assert push.main(args(path, inputs)) == 0
-    dataset = sdk.datasets(f"{name}-table_qa", workspace="posttrain")
+    dataset = sdk.datasets(f"{name}-needle", workspace="posttrain")
     ids = [r.id for r in dataset.records()]
     assert sorted(ids) == sorted(r["id"] for r in first)
 
-    inputs = write_inputs(tmp_path, first + candidates("table_qa", 2, start=5))
+    inputs = write_inputs(tmp_path, candidates(7))
     assert push.main(args(path, inputs)) == 0
     assert len([r.id for r in dataset.records()]) == 7
 
 
-def test_seeded_sample_is_pushed_and_the_rest_keeps_its_automatic_verdict(argilla, sdk, tmp_path):
+def test_seeded_sample_is_pushed_and_the_rest_keeps_its_automatic_verdict(argilla, sdk, candidates, tmp_path):
     name = prefix()
     path = recipe(tmp_path, mode="server", dataset_prefix=name, sample_per_pipeline=3, seed=7, unreviewed="pending")
-    records = candidates("steerability", 8)
+    records = candidates(8)
     inputs = write_inputs(tmp_path, records)
     assert push.main(args(path, inputs)) == 0
-    dataset = sdk.datasets(f"{name}-steerability", workspace="posttrain")
+    dataset = sdk.datasets(f"{name}-needle", workspace="posttrain")
     assert len(list(dataset.records())) == 3
     out = tmp_path / "review"
     assert pull.main(args(path, inputs, out)) == 0
     stats = read_json(out / "review_stats.json")
     assert (stats["accepted"], stats["pending"]) == (5, 3)
-    assert stats["per_pipeline"]["steerability"]["how"]["accepted:automatic:not_sampled"] == 5
+    assert stats["per_pipeline"]["needle"]["how"]["accepted:automatic:not_sampled"] == 5
 
 
-def test_sql_search_engine_answers_filters_text_and_progress(argilla, sdk, tmp_path):
+def test_sql_search_engine_answers_filters_text_and_progress(argilla, sdk, candidates, tmp_path):
     import argilla as rg
 
     name = prefix()
     path = recipe(tmp_path, mode="server", dataset_prefix=name)
-    records = candidates("doc_qa", 6)
-    records[0]["meta"]["length_bucket"] = "long"
+    records = candidates(6)  # four in the 1,024-token bucket, two in the 2,048 one
     assert push.main(args(path, write_inputs(tmp_path, records))) == 0
-    dataset = sdk.datasets(f"{name}-doc_qa", workspace="posttrain")
+    dataset = sdk.datasets(f"{name}-needle", workspace="posttrain")
     submit(dataset, records[1]["id"], sdk.me.id, verdict="reject")
 
     def found(query):
         return sorted(r.id for r in dataset.records(query=query))
 
-    assert found(rg.Query(filter=rg.Filter(("metadata.length_bucket", "==", "long")))) == [records[0]["id"]]
-    assert found(rg.Query(query="item 3 green")) == []
-    assert found(rg.Query(query="ITEM 3")) == [records[3]["id"]]
+    longer = sorted(r["id"] for r in records if r["meta"]["length_bucket"] == 2048)
+    assert len(longer) == 2
+    assert found(rg.Query(filter=rg.Filter(("metadata.length_bucket", "==", "2048")))) == longer
+    value = records[3]["meta"]["needles"][0]["value"]
+    assert found(rg.Query(query=f"MAGIC {value} zebra")) == []
+    assert found(rg.Query(query=f"MAGIC {value}")) == [records[3]["id"]]
     assert found(rg.Query(filter=rg.Filter(("response.status", "==", "submitted")))) == [records[1]["id"]]
     assert len(found(rg.Query(filter=rg.Filter(("response.status", "==", "pending"))))) == 5
     assert len(found(rg.Query(filter=rg.Filter(("verdict.suggestion", "==", "accept"))))) == 6
+    assert len(found(rg.Query(filter=rg.Filter(("metadata.validator_reasons", "==", "length_bucket:pass"))))) == 6
     progress = dataset.progress()
     assert progress["total"] == 6 and progress["completed"] == 1
 
 
-def test_auto_mode_without_a_server_passes_automatic_verdicts_through(tmp_path, monkeypatch):
+def test_auto_mode_without_a_server_passes_automatic_verdicts_through(candidates, tmp_path, monkeypatch):
     monkeypatch.setenv("ARGILLA_API_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     monkeypatch.setenv("ARGILLA_API_KEY", "unused")
-    records = candidates("doc_qa", 3)
+    records = candidates(3)
     inputs = write_inputs(tmp_path, records)
     out = tmp_path / "review"
     assert pull.main(args(recipe(tmp_path, mode="auto"), inputs, out)) == 0
@@ -223,14 +228,18 @@ def test_auto_mode_without_a_server_passes_automatic_verdicts_through(tmp_path, 
     assert [r["id"] for r in read_jsonl(out / "reviewed.jsonl")] == [r["id"] for r in records]
 
 
-def test_bad_input_and_bad_recipe_keys_are_named(tmp_path, capsys):
+def test_bad_input_and_bad_recipe_keys_are_named(candidates, tmp_path, capsys):
     from pipeline.recipe import RecipeError, load_recipe
     from review.dataset import ReviewInputError, load_candidates
 
-    records = candidates("doc_qa", 2)
+    records = candidates(3)
     records[1]["messages"] = records[1]["messages"][:-1]  # ends on the user's turn
+    del records[2]["meta"]["validators"]
     [path] = write_inputs(tmp_path, records)
-    with pytest.raises(ReviewInputError, match=rf"{path}:2: record '{records[1]['id']}': the final turn"):
+    with pytest.raises(ReviewInputError, match=rf"{path}:2: record '{records[1]['id']}': messages: the final turn"):
+        load_candidates([path])
+    write_inputs(tmp_path, [records[0], records[2]])
+    with pytest.raises(ReviewInputError, match=rf"{path}:2: record '{records[2]['id']}': meta.validators: Field required"):
         load_candidates([path])
     with pytest.raises(ReviewInputError, match="matches no file"):
         load_candidates([str(tmp_path / "nothing" / "*.jsonl")])
@@ -238,11 +247,11 @@ def test_bad_input_and_bad_recipe_keys_are_named(tmp_path, capsys):
         load_recipe(recipe(tmp_path), ["review.unreviewed=maybe"])
 
 
-def test_wrong_api_key_is_one_clear_error(argilla, tmp_path, monkeypatch, capsys):
+def test_wrong_api_key_is_one_clear_error(argilla, candidates, tmp_path, monkeypatch, capsys):
     from review import cli
 
     monkeypatch.setenv("ARGILLA_API_KEY", "not-the-key")
-    inputs = write_inputs(tmp_path, candidates("doc_qa", 2))
+    inputs = write_inputs(tmp_path, candidates(2))
     out = tmp_path / "review"
     for command in ("push", "pull"):
         ns = args(recipe(tmp_path, mode="auto"), inputs, out)
@@ -253,39 +262,66 @@ def test_wrong_api_key_is_one_clear_error(argilla, tmp_path, monkeypatch, capsys
     assert not out.exists()
 
 
-@pytest.mark.slow
-def test_browser_reviewer_rejects_a_record_and_pull_sees_it(argilla, sdk, tmp_path):
-    from webdriver import Browser, chromium_available
-
-    if not chromium_available():
+@pytest.fixture
+def browser(tmp_path):
+    """Headless Debian Chromium, driven by selenium through Debian's chromedriver."""
+    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and chromedriver):
         pytest.skip("chromium + chromium-driver not installed (CI installs them with apt)")
+    from selenium import webdriver
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1400,1000"):
+        options.add_argument(flag)
+    # A driver path skips Selenium Manager, which would try to download a driver.
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(chromedriver))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.mark.slow
+def test_browser_reviewer_rejects_a_record_and_pull_sees_it(argilla, sdk, candidates, tmp_path, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
     conn, state = argilla
     creds = json.loads((state / "credentials.json").read_text())
     name = prefix()
     path = recipe(tmp_path, mode="server", dataset_prefix=name, unreviewed="pending")
-    records = candidates("doc_qa", 3)
+    records = candidates(3)
     inputs = write_inputs(tmp_path, records)
     assert push.main(args(path, inputs)) == 0
-    dataset = sdk.datasets(f"{name}-doc_qa", workspace="posttrain")
+    dataset = sdk.datasets(f"{name}-needle", workspace="posttrain")
 
-    browser = Browser()
-    try:
-        browser.open(f"{conn.api_url}/sign-in")
-        browser.type(browser.find("input[name=Username]"), creds["username"])
-        browser.type(browser.find("input[name=Password]"), creds["password"])
-        browser.click(browser.find("button[type=submit]"))
-        browser.find_text("body", "posttrain")  # the home page lists the workspace
-        browser.open(f"{conn.api_url}/dataset/{dataset.id}/annotation-mode")
-        browser.click(browser.find("label[for=verdict_reject]"))
-        browser.find("label.label-active[for=verdict_reject]")  # the choice is shown
-        page = browser.page_text()
-        shown = next(r for r in records if r["messages"][1]["content"] in page)
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        shot = browser.screenshot(ARTIFACTS / "review-annotation-page.png")
-        browser.click(browser.find("button.button--submit"))
-        browser.find_text("body", "Submitted\n1")  # the progress counter moved
-    finally:
-        browser.close()
+    wait = WebDriverWait(browser, 30)
+
+    def visible(css):  # the first displayed element matching css, once there is one
+        return wait.until(EC.visibility_of_any_elements_located((By.CSS_SELECTOR, css)))[0]
+
+    def page_says(text):
+        wait.until(EC.text_to_be_present_in_element((By.TAG_NAME, "body"), text))
+
+    browser.get(f"{conn.api_url}/sign-in")
+    visible("input[name=Username]").send_keys(creds["username"])
+    visible("input[name=Password]").send_keys(creds["password"])
+    visible("button[type=submit]").click()
+    page_says("posttrain")  # the home page lists the workspace
+    browser.get(f"{conn.api_url}/dataset/{dataset.id}/annotation-mode")
+    visible("label[for=verdict_reject]").click()
+    visible("label.label-active[for=verdict_reject]")  # the choice is shown
+    page = browser.find_element(By.TAG_NAME, "body").text
+    shown = next(r for r in records if r["messages"][-1]["content"] in page)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "review-annotation-page.png"
+    assert browser.save_screenshot(str(shot))
+    visible("button.button--submit").click()
+    page_says("Submitted\n1")  # the progress counter moved
     assert shot.stat().st_size > 10_000
 
     out = tmp_path / "review"
@@ -296,13 +332,13 @@ def test_browser_reviewer_rejects_a_record_and_pull_sees_it(argilla, sdk, tmp_pa
     assert rej["id"] == shown["id"] and rej["reject_reason"] == "human_reject"
 
 
-def test_stopped_server_fails_fast_and_writes_nothing(argilla, tmp_path, capsys):
+def test_stopped_server_fails_fast_and_writes_nothing(argilla, candidates, tmp_path, capsys):
     # Runs last: it stops the module's server, as a person running `review stop` would.
     from review import cli
 
     conn, state = argilla
     assert server.stop(state) == ["worker", "server", "redis"]
-    inputs = write_inputs(tmp_path, candidates("doc_qa", 2))
+    inputs = write_inputs(tmp_path, candidates(2))
     out = tmp_path / "review"
     for command in ("push", "pull"):
         ns = args(recipe(tmp_path, mode="server"), inputs, out)

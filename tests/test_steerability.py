@@ -123,9 +123,13 @@ def assert_pipeline_output(out, stats, reasons, teacher_dir):
     from transformers import AutoTokenizer
 
     from pipeline.chat_template import CHATML_TOOLS_TEMPLATE
-    from pipeline.records import read_jsonl
+    from pipeline.contract import read_records
 
-    accepted, rejected = read_jsonl(out / "accepted.jsonl"), read_jsonl(out / "rejected.jsonl")
+    # Read through the record contract; a rejected record's reason is a failed validator's.
+    accepted, rejected = read_records(out / "accepted.jsonl"), read_records(out / "rejected.jsonl")
+    assert all(v["passed"] for r in accepted for v in r["meta"]["validators"].values())
+    assert all(r["reject_reason"] in {v["reason"] for v in r["meta"]["validators"].values() if not v["passed"]}
+               for r in rejected)
     saved = json.loads((out / "stats.json").read_text())
     assert saved["generated"] == stats["generated"] == len(accepted) + len(rejected)
     assert all(r["reject_reason"] in reasons + ("empty", "truncated") for r in rejected)

@@ -119,6 +119,50 @@ def test_unreachable_server_fails_with_one_error_naming_the_endpoint_and_keeps_f
     assert engine.chat([[{"role": "user", "content": "done"}]], Sampling())[0][0].text == "cached"
 
 
+class GatedServer(FlakyServer):
+    """Holds each request until `expect` are in flight, a moment longer in case more
+    come, and records the most it saw at once."""
+
+    failures = 0
+    expect = 4
+    cond = threading.Condition()
+    active = peak = 0
+
+    def do_POST(self):
+        cls = type(self)
+        with cls.cond:
+            cls.active += 1
+            cls.peak = max(cls.peak, cls.active)
+            cls.cond.notify_all()
+            cls.cond.wait_for(lambda: cls.active >= cls.expect, timeout=10)
+            cls.cond.wait_for(lambda: cls.active > cls.expect, timeout=0.5)  # time for one too many to show
+        super().do_POST()
+        with cls.cond:
+            cls.active -= 1
+
+
+def test_teacher_concurrency_is_the_number_of_requests_in_flight(tmp_path):
+    from pipeline.engines import build_engine
+    from pipeline.recipe import RecipeError
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), GatedServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    teacher = {"engine": "openai", "model": "m", "base_url": f"http://127.0.0.1:{server.server_port}/v1",
+               "concurrency": GatedServer.expect}
+    try:
+        for batch_size in (16, 2):  # neither a larger nor a smaller batch changes it
+            GatedServer.peak = 0
+            recipe = write_recipe(tmp_path / "r.yaml", {**teacher, "batch_size": batch_size}, {})
+            engine = build_engine(load_recipe(recipe).teacher, tmp_path / f"cache{batch_size}")
+            out = engine.chat([[{"role": "user", "content": f"q{i}"}] for i in range(8)], Sampling(n=1))
+            assert [c[0].text for c in out] == ["echo 0"] * 8
+            assert GatedServer.peak == GatedServer.expect, batch_size
+    finally:
+        server.shutdown()
+    with pytest.raises(RecipeError, match="teacher.concurrency"):
+        load_recipe(recipe, ["teacher.concurrency=0"])
+
+
 # ---------------------------------------------------------------- recipe checks
 def test_bad_pipeline_key_is_named_before_the_teacher_loads(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", {"engine": "transformers"},

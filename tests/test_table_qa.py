@@ -100,8 +100,11 @@ def test_malformed_teacher_output_is_rejected_with_a_reason():
     cands = _cands(Completion("", 0, "stop"), Completion("   \n", 2, "stop"),
                    Completion("Shop 1 sold 12 units and", 200, "length"),
                    Completion("Shop 1 sold 12 units.", 9, "stop"))
-    reasons = [c["reject_reason"] for c in tq.validate(cands, tq.Config())]
-    assert reasons == ["empty", "empty", "truncated", None]
+    validated = tq.validate(cands, tq.Config())
+    assert [c["reject_reason"] for c in validated] == ["empty", "empty", "truncated", None]
+    # Each verdict is recorded in the contract's shape; the reason is the failed validator's.
+    assert [c["validators"]["well_formed"]["reason"] for c in validated] == ["empty", "empty", "truncated", None]
+    assert validated[3]["validators"]["verbalisation"] == {"passed": True, "score": 1.0, "reason": None}
 
 
 def test_post_edit_pairs_the_paragraph_with_the_computed_answer():

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from fixtures_chat import tiny_recipe, write_chat_data, write_recipe

@@ -1,0 +1,182 @@
+"""`posttrain prefs RECIPE`: preference pairs whose ranking code decided.
+
+Two pipelines already sample several responses per prompt and check each by code:
+steerability (the instructions' validators) and tool_use (the calls against the
+sampled assignments). For every such prompt that has both
+
+- a **chosen** response: accepted (it passed every validator; after dedup, so it is
+  decontaminated like every training record) and ranked best by the pipeline, and
+- a **rejected** response: it failed a validator that judges the *response* (a
+  violated instruction, a wrong call, a truncated answer; not a flaw of the prompt
+  such as a request missing a value), with the most failed validators,
+
+one pair is written in TRL's conversational preference format: `prompt` (the turns
+before the answer), `chosen` and `rejected` (one assistant turn each), `tools`, plus
+`id`, `pipeline` and `meta`. `meta.checks` holds what the validators checked (the
+steerability constraints, the tool_use expected calls), so anyone can re-verify a
+pair with the project's own validators; `meta.rejected_reason` is the rejected
+response's reason code. Pairs whose text shares an n-gram with a held-out eval item
+are dropped, as dedup drops records.
+
+Every prompt ends in exactly one place: a pair, or `prefs_stats.json`'s
+`no_pair` count under its reason (all_passed, all_failed, prompt_rejected,
+chosen_removed, contaminated, single_sample). Writes OUT/pairs.jsonl and
+OUT/prefs_stats.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+from pipeline.contract import read_records
+from pipeline.recipe import RecipeError, add_recipe_arguments, load_recipe
+from pipeline.records import stable_hash, write_json, write_jsonl
+from synth_data.dedup import Decontaminator, heldout_reference, record_text
+
+log = logging.getLogger(__name__)
+
+# Reject reasons that say the response is wrong (not the prompt, not the ranking).
+RESPONSE_FAILURES: dict[str, set[str]] = {
+    "steerability": {"empty", "truncated"},  # plus every violates_<kind>
+    "tool_use": {"empty", "truncated", "malformed_call", "no_call", "call_when_irrelevant",
+                 "wrong_function", "missing_call", "extra_call", "wrong_type", "wrong_arguments"},
+}
+NO_PAIR_REASONS = ("all_passed", "all_failed", "prompt_rejected", "chosen_removed", "contaminated",
+                   "single_sample")
+
+
+def add_arguments(parser) -> None:
+    add_recipe_arguments(parser)
+    parser.add_argument("--synth", default="data/synth", help="generation outputs: <pipeline>/rejected.jsonl")
+    parser.add_argument("--dedup", default="data/dedup/accepted",
+                        help="dedup's kept records: <pipeline>.jsonl (the chosen responses come from here)")
+    parser.add_argument("--out", default="data/prefs", help="folder for pairs.jsonl and prefs_stats.json")
+
+
+def main(args) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    cfg = recipe.prefs
+    synth, kept = Path(args.synth), Path(args.dedup)
+    missing = [str(p) for name in cfg.pipelines
+               for p in (synth / name / "accepted.jsonl", synth / name / "rejected.jsonl", kept / f"{name}.jsonl")
+               if not p.is_file()]
+    if missing:
+        raise RecipeError(f"prefs.pipelines: missing input {', '.join(missing)} (run generate and dedup first)")
+
+    items = heldout_reference(recipe)  # the same held-out eval items dedup checks against
+    decontaminator = Decontaminator(items, recipe.dedup.ngram) if items else None
+
+    pairs, stats = [], {"pipelines": {}}
+    for name in cfg.pipelines:
+        accepted = read_records(synth / name / "accepted.jsonl")
+        rejected = read_records(synth / name / "rejected.jsonl")
+        survivors = {r["id"] for r in read_records(kept / f"{name}.jsonl")}
+        made, counts = build_pairs(name, accepted, rejected, survivors, decontaminator)
+        pairs += made
+        stats["pipelines"][name] = counts
+    out = Path(args.out)
+    write_jsonl(out / "pairs.jsonl", pairs)
+    stats["pairs"] = len(pairs)
+    stats["prompts"] = sum(c["prompts"] for c in stats["pipelines"].values())
+    write_json(out / "prefs_stats.json", stats)
+    print(json.dumps({name: {"prompts": c["prompts"], "pairs": c["pairs"], "no_pair": c["no_pair"]}
+                      for name, c in stats["pipelines"].items()}))
+    return 0
+
+
+def is_response_failure(pipeline: str, reason: str | None) -> bool:
+    return bool(reason) and (reason in RESPONSE_FAILURES[pipeline] or reason.startswith("violates_"))
+
+
+def failed_count(record: dict[str, Any]) -> int:
+    return sum(not v["passed"] for v in record["meta"]["validators"].values())
+
+
+def rank(record: dict[str, Any]) -> tuple:
+    """Best first: the pipeline's own rank (steerability's scorer), then the mean
+    validator score, then the sample index."""
+    meta = record["meta"]
+    scores = [v["score"] for v in meta["validators"].values() if v.get("score") is not None]
+    return ((meta.get("scores") or {}).get("rank", 0), -(sum(scores) / len(scores) if scores else 0.0),
+            meta.get("sample", 0))
+
+
+def checks_of(pipeline: str, record: dict[str, Any]) -> dict[str, Any]:
+    """What the validators checked, enough to re-verify either response."""
+    meta = record["meta"]
+    if pipeline == "steerability":
+        return {"constraints": meta["constraints"]}
+    return {"expected_calls": json.loads(meta["expected_calls"])}
+
+
+def build_pairs(
+    pipeline: str, accepted: list[dict], rejected: list[dict], survivors: set[str], decontaminator,
+) -> tuple[list[dict], dict[str, Any]]:
+    by_prompt: dict[str, dict[str, list[dict]]] = defaultdict(lambda: {"pass": [], "fail": [], "other": []})
+    for record in accepted:
+        by_prompt[record["meta"]["seed_id"]]["pass"].append(record)
+    for record in rejected:
+        kind = "fail" if is_response_failure(pipeline, record.get("reject_reason")) else "other"
+        if record.get("reject_reason") == "not_selected":
+            kind = "other"  # it passed, but the ranking preferred another sample
+        by_prompt[record["meta"]["seed_id"]][kind].append(record)
+
+    pairs, no_pair = [], Counter()
+    for seed_id, group in sorted(by_prompt.items()):
+        samples = len(group["pass"]) + len(group["fail"]) + len(group["other"])
+        passing = sorted((r for r in group["pass"] if r["id"] in survivors), key=rank)
+        if samples < 2:
+            no_pair["single_sample"] += 1
+        elif not group["pass"] and not group["fail"]:
+            no_pair["prompt_rejected"] += 1
+        elif not group["fail"]:
+            no_pair["all_passed"] += 1
+        elif not group["pass"]:
+            no_pair["all_failed"] += 1
+        elif not passing:
+            no_pair["chosen_removed"] += 1
+        else:
+            chosen = passing[0]
+            loser = sorted(group["fail"], key=lambda r: (-failed_count(r), r["meta"].get("sample", 0)))[0]
+            pair = make_pair(pipeline, seed_id, chosen, loser)
+            if decontaminator is not None and decontaminator.match(pair_text(pair)):
+                no_pair["contaminated"] += 1
+            else:
+                pairs.append(pair)
+    counts = {"prompts": len(by_prompt), "pairs": len(pairs),
+              "no_pair": {reason: no_pair[reason] for reason in NO_PAIR_REASONS if no_pair[reason]}}
+    if counts["pairs"] + sum(counts["no_pair"].values()) != counts["prompts"]:
+        raise AssertionError(f"prefs: counts not conserved for {pipeline}: {counts}")
+    return pairs, counts
+
+
+def make_pair(pipeline: str, seed_id: str, chosen: dict, loser: dict) -> dict[str, Any]:
+    prompt = chosen["messages"][:-1]
+    pair: dict[str, Any] = {
+        "id": stable_hash("prefs", pipeline, chosen["id"], loser["id"]),
+        "pipeline": pipeline,
+        "prompt": prompt,
+        "chosen": [chosen["messages"][-1]],
+        "rejected": [loser["messages"][-1]],
+    }
+    if chosen.get("tools"):
+        pair["tools"] = chosen["tools"]
+    pair["meta"] = {
+        "seed_id": seed_id,
+        "chosen_id": chosen["id"],
+        "rejected_id": loser["id"],
+        "rejected_reason": loser["reject_reason"],
+        "rejected_failed": sorted(n for n, v in loser["meta"]["validators"].items() if not v["passed"]),
+        "checks": checks_of(pipeline, chosen),
+        "teacher": chosen["meta"].get("teacher"),
+    }
+    return pair
+
+
+def pair_text(pair: dict[str, Any]) -> str:
+    turns = pair["prompt"] + pair["chosen"] + pair["rejected"]
+    return record_text({"messages": turns})
