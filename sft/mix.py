@@ -18,6 +18,7 @@ import random
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from pipeline.categories import category_of
 from pipeline.recipe import add_recipe_arguments, load_recipe
 from pipeline.contract import read_records
 from pipeline.records import write_json, write_jsonl
@@ -38,16 +39,6 @@ def main(args) -> int:
     stats = build_mix(records, cfg, Path(args.out))
     log.info("mix: %d train, %d eval, %d unused", stats["train"], stats["eval"], stats["unused"])
     return 0
-
-
-def category_of(record: dict, cfg) -> str:
-    pipeline = record.get("pipeline", "")
-    # Long-context pipelines give a bucket in student tokens (an int); other pipelines
-    # may use words like "short" for their own length classes, which do not count.
-    bucket = (record.get("meta") or {}).get("length_bucket")
-    if isinstance(bucket, int) and cfg.long_context_from_buckets:
-        return "long_context"
-    return cfg.categories.get(pipeline, "skill")
 
 
 def build_mix(records: list[dict], cfg, out: Path) -> dict:

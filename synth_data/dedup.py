@@ -5,8 +5,8 @@ records together.
 - near duplicates: word-shingle Jaccard >= dedup.threshold, found with MinHash + LSH
   banding and confirmed on the exact shingle sets
 - contamination: a record sharing a word n-gram (dedup.ngram words, or the whole item
-  when it is shorter) with a held-out evaluation item: BFCL's held-out slice and
-  any dedup.heldout_files
+  when it is shorter) with a held-out evaluation item: BFCL's held-out slice, IFEval's
+  prompts and any dedup.heldout_files
 
 Records are visited pipeline by pipeline (sorted), in file order; the first of a group
 is kept. Kept records go to OUT/accepted/<pipeline>.jsonl, removed ones to
@@ -111,14 +111,18 @@ class Decontaminator:
         return None
 
 
-def heldout_items(paths: list[str], bfcl_fraction: float | None) -> list[str]:
-    """Text of held-out evaluation items: BFCL's held-out slice plus files (JSONL,
-    JSON or plain text, one item per line); every string inside JSON counts."""
+def heldout_items(paths: list[str], bfcl_fraction: float | None, ifeval: bool = False) -> list[str]:
+    """Text of held-out evaluation items: BFCL's held-out slice, IFEval's prompts, plus
+    files (JSONL, JSON or plain text, one item per line); every string inside JSON counts."""
     items: list[str] = []
     if bfcl_fraction is not None:
         from pipeline.bfcl import heldout_questions
 
         items += heldout_questions(bfcl_fraction)
+    if ifeval:
+        from pipeline.ifeval_data import ifeval_prompts
+
+        items += ifeval_prompts()
     for name in paths:
         path = Path(name)
         if not path.is_file():
@@ -138,12 +142,12 @@ def heldout_items(paths: list[str], bfcl_fraction: float | None) -> list[str]:
 
 def heldout_reference(recipe) -> list[str]:
     """The held-out eval items the recipe's dedup section names (BFCL's held-out
-    slice at tool_use's heldout_fraction, plus dedup.heldout_files)."""
+    slice at tool_use's heldout_fraction, IFEval's prompts, plus dedup.heldout_files)."""
     cfg = recipe.dedup
     fraction = None
     if cfg.bfcl_heldout:
         fraction = ((recipe.raw.get("generate") or {}).get("tool_use") or {}).get("heldout_fraction", 0.1)
-    return heldout_items(cfg.heldout_files, fraction)
+    return heldout_items(cfg.heldout_files, fraction, cfg.ifeval_heldout)
 
 
 def _strings(value: Any) -> Iterable[str]:

@@ -28,6 +28,7 @@ from typing import Any
 
 from pydantic import Field
 
+from pipeline.bfcl import openai_tool, tool_name
 from pipeline.chat_template import parse_tool_calls
 from pipeline.recipe import Section
 from pipeline.contract import make_record
@@ -90,32 +91,6 @@ def catalogue(fraction: float) -> dict[str, dict[str, Any]]:
         name: {"function": fn, "pool": pools.get(name, {})}
         for name, fn in sorted(functions.items()) if name not in banned
     }
-
-
-def openai_tool(fn: dict[str, Any]) -> dict[str, Any]:
-    """A BFCL function as an OpenAI-style tool (JSON-schema types, API-safe name)."""
-    return {"type": "function", "function": {
-        "name": tool_name(fn["name"]), "description": fn.get("description", ""),
-        "parameters": _json_schema(fn.get("parameters", {"type": "dict", "properties": {}})),
-    }}
-
-
-def tool_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]", "_", name)
-
-
-TYPE_MAP = {"dict": "object", "float": "number", "tuple": "array"}
-
-
-def _json_schema(spec: dict[str, Any]) -> dict[str, Any]:
-    out = {k: v for k, v in spec.items() if k not in ("type", "properties", "items")}
-    if spec.get("type") not in (None, "any"):
-        out["type"] = TYPE_MAP.get(spec["type"], spec["type"])
-    if "properties" in spec:
-        out["properties"] = {k: _json_schema(v) for k, v in spec["properties"].items()}
-    if isinstance(spec.get("items"), dict):
-        out["items"] = _json_schema(spec["items"])
-    return out
 
 
 # ----------------------------------------------------------- sampling assignments

@@ -1,0 +1,75 @@
+"""Held-out loss: the model's cross-entropy on the mix's eval split, per category.
+
+The eval split (data/mix/eval.jsonl) holds records of every category the SFT mix
+draws (conversational / skill / long-context) that training never saw. Each record is
+rendered with the training template, exactly as SFT renders it, and the loss is the
+mean token-level cross-entropy (nats) over the assistant tokens only (the tokens
+`assistant_only_loss` trains on). Means are over tokens, per category and overall, so
+a long record weighs by its length as it does in training.
+
+Lower is better: a trained model that learned the mix ends below the base; a run that
+destroyed the model ends far above it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from pipeline.categories import category_of
+
+NAME = "heldout_loss"
+
+
+def assistant_tokens(tokenizer, record: dict[str, Any], max_length: int) -> tuple[list[int], list[int]]:
+    """(input ids, 1 where the token is an assistant token) with the training template."""
+    enc = tokenizer.apply_chat_template(
+        record["messages"], tools=record.get("tools") or None, tokenize=True,
+        return_dict=True, return_assistant_tokens_mask=True,
+    )
+    ids, mask = list(enc["input_ids"]), list(enc["assistant_masks"])
+    return ids[:max_length], mask[:max_length]
+
+
+@torch.inference_mode()
+def record_loss(model, ids: list[int], mask: list[int]) -> tuple[float, int]:
+    """(sum of CE over the assistant tokens, their count) for one record."""
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([ids], device=device)
+    logits = model(input_ids=input_ids, use_cache=False).logits[0, :-1].float()
+    targets = input_ids[0, 1:]
+    keep = torch.tensor(mask[1:], device=device, dtype=torch.bool)  # predicted token is assistant's
+    if not keep.any():
+        return 0.0, 0
+    ce = torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum")
+    return float(ce), int(keep.sum())
+
+
+def evaluate(model, tokenizer, records: list[dict[str, Any]], mix_cfg, max_length: int) -> dict[str, Any]:
+    """{"metrics": {category: loss, ..., "overall": loss, "tokens": {...}, "records": {...}},
+    "items": [per-record id, category, loss, tokens]}"""
+    model.eval()
+    sums: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    records_per: dict[str, int] = defaultdict(int)
+    items = []
+    for record in records:
+        category = category_of(record, mix_cfg)
+        ids, mask = assistant_tokens(tokenizer, record, max_length)
+        total, n = record_loss(model, ids, mask)
+        items.append({"id": record.get("id"), "category": category, "tokens": n,
+                      "loss": round(total / n, 4) if n else None})
+        if n:
+            sums[category] += total
+            counts[category] += n
+            records_per[category] += 1
+    metrics: dict[str, Any] = {c: round(sums[c] / counts[c], 4) for c in sorted(counts)}
+    all_tokens = sum(counts.values())
+    metrics["overall"] = round(sum(sums.values()) / all_tokens, 4) if all_tokens else None
+    metrics["perplexity"] = round(math.exp(metrics["overall"]), 2) if all_tokens else None
+    metrics["tokens"] = {c: counts[c] for c in sorted(counts)}
+    metrics["records"] = {c: records_per[c] for c in sorted(records_per)}
+    return {"metrics": metrics, "items": items}

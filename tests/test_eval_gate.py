@@ -1,0 +1,222 @@
+"""Evaluation and the release gate, on real stage outputs.
+
+- A recipe's `eval:` subsections are validated by each suite's Config: a wrong key
+  names itself.
+- `posttrain eval --model base` and `--model <trained adapter>` score the tiny student
+  on the mix's eval split (held-out loss per category) and on every enabled suite;
+  `posttrain gate` writes before/after/delta for each, records every check, blocks
+  (exit 1, one message naming each failed check with its numbers) when a check fails,
+  and only reports when `gate.enforce` is false.
+- Through `dvc repro`: a destructive SFT run (learning rate 20x the recipe's) is
+  blocked by the gate, and export does not run.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.recipe import RecipeError, load_recipe
+from pipeline.records import read_json
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "recipes/tiny-cpu.yaml"
+
+
+def posttrain(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd,
+                            capture_output=True, text=True, check=False)
+    if check:
+        assert result.returncode == 0, f"posttrain {' '.join(args)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def test_eval_section_names_a_wrong_suite_key():
+    from evals.evaluate import suite_configs
+
+    recipe = load_recipe(TINY, ["eval.tool_calls.cuont=3", "eval.retentoin.count=1"])
+    with pytest.raises(RecipeError) as err:
+        suite_configs(recipe)
+    assert "eval.tool_calls.cuont" in str(err.value)
+    assert "eval.retentoin" in str(err.value)
+
+
+# --------------------------------------------------------------- the tiny chain
+def small_recipe(work: Path) -> Path:
+    """tiny-cpu with small counts: the transformers teacher, a few items per suite."""
+    recipe = yaml.safe_load(TINY.read_text())
+    recipe["teacher"].update(engine="transformers", cache_dir=str(work / "cache"), threads=1)
+    recipe["teacher"]["sampling"]["max_tokens"] = 48
+    recipe["generate"] = {"chat": {"count": 4}, "needle": {"count": 4, "length_buckets": [1024]},
+                          "tool_use": {"count": 4, "heldout_fraction": 0.1}}
+    recipe["review"] = {"mode": "off"}
+    recipe["mix"]["eval_fraction"] = 0.3
+    recipe["data"] = {"train": [str(work / "mix/train.jsonl")], "eval": [str(work / "mix/eval.jsonl")]}
+    recipe["sft"].update(max_steps=4, logging_steps=2, max_length=512, output_dir=str(work / "sft"))
+    recipe["audit"].update(num_batches=1, batch_size=2, max_length=128)
+    recipe["eval"].update(length_buckets=[1024], cache_dir=str(work / "eval-cache"),
+                          heldout_files=[str(work / "mix/eval.jsonl")], data_root=str(work))
+    for suite, fields in {"retention": {"count": 1, "tasks": ["niah_single_1", "vt"]},
+                          "tool_calls": {"count": 1, "max_tokens": 16},
+                          "ifeval": {"count": 2, "max_tokens": 16}}.items():
+        recipe["eval"][suite] = fields
+    path = work / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_chain(tmp_path_factory):
+    """generate -> dedup -> mix -> eval base -> train -> eval after -> audit, real stages."""
+    work = tmp_path_factory.mktemp("eval-chain")
+    recipe = str(small_recipe(work))
+    for pipeline in ("chat", "needle", "tool_use"):
+        posttrain("generate", pipeline, recipe, "--out", str(work / "synth" / pipeline), cwd=ROOT)
+    posttrain("dedup", recipe, "--input", str(work / "synth"), "--out", str(work / "dedup"), cwd=ROOT)
+    accepted = sorted(str(p) for p in (work / "dedup/accepted").glob("*.jsonl"))
+    posttrain("mix", recipe, "--input", *accepted, "--out", str(work / "mix"), cwd=ROOT)
+    posttrain("eval", recipe, "--model", "base", "--out", str(work / "eval/base"), cwd=ROOT)
+    posttrain("train", recipe, "--output-dir", str(work / "sft"), cwd=ROOT)
+    posttrain("eval", recipe, "--model", str(work / "sft/final"), "--out", str(work / "eval/after"), cwd=ROOT)
+    posttrain("audit", recipe, "--model", str(work / "sft/final"), "--out", str(work / "audit"), cwd=ROOT)
+    return work, recipe
+
+
+def gate(work: Path, recipe: str, *overrides: str) -> subprocess.CompletedProcess:
+    sets = [arg for o in overrides for arg in ("--set", o)]
+    return posttrain("gate", recipe, *sets, "--before", str(work / "eval/base/scores.json"),
+                     "--after", str(work / "eval/after/scores.json"),
+                     "--audit", str(work / "audit/fp16_audit.json"),
+                     "--report", str(work / "eval/eval_report.json"), "--out", str(work / "gate"),
+                     cwd=ROOT, check=False)
+
+
+@pytest.mark.slow
+def test_base_and_trained_scores_give_before_after_and_delta(tiny_chain):
+    work, recipe = tiny_chain
+    base = read_json(work / "eval/base/scores.json")
+    after = read_json(work / "eval/after/scores.json")
+    assert base["model_spec"] == "base" and base["weights_digest"] != after["weights_digest"]
+    # Jamba has no Mamba-1 kernel on vLLM-CPU: the transformers engine answers.
+    assert base["engine"] == after["engine"] == "transformers"
+    suites = {"heldout_loss", "retention", "tool_calls", "ifeval"}
+    assert set(base["scores"]) == set(after["scores"]) == suites
+    # Held-out loss per category of the records the eval split holds.
+    eval_split = [json.loads(line) for line in (work / "mix/eval.jsonl").read_text().splitlines()]
+    loss_items = read_json(work / "eval/base/heldout_loss.json")["items"]
+    assert [i["id"] for i in loss_items] == [r["id"] for r in eval_split]
+    # A random-init student predicts ~uniformly over the 49,152-token vocabulary: ln 49152 = 10.8.
+    assert base["scores"]["heldout_loss"]["overall"] == pytest.approx(10.8, abs=0.5)
+    assert after["scores"]["heldout_loss"]["overall"] < base["scores"]["heldout_loss"]["overall"]
+
+    assert gate(work, recipe).returncode in (0, 1)
+    report = read_json(work / "eval/eval_report.json")
+    assert set(report["suites"]) == suites
+    loss = report["suites"]["heldout_loss"]
+    assert loss["delta"]["overall"] == pytest.approx(loss["after"]["overall"] - loss["before"]["overall"], abs=1e-3)
+    assert "random weights" in report["note"]
+    rows = read_json(work / "eval/plots/retention.json")
+    assert [r["length"] for r in rows] == [1024]
+    assert (work / "eval/plots/retention.png").stat().st_size > 0
+    assert (work / "eval/plots/skills.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_gate_blocks_with_one_message_naming_each_failed_check(tiny_chain):
+    work, recipe = tiny_chain
+    # Floors no model reaches: both checks fail and the message names both, with numbers.
+    result = gate(work, recipe, "gate.min_scores={tool_calls.overall: 101, ifeval.prompt_strict: 101}")
+    assert result.returncode == 1
+    message = result.stderr.strip().splitlines()[-1]
+    assert "min_score tool_calls.overall" in message and "min_score ifeval.prompt_strict" in message
+    assert "minimum 101" in message
+    report = read_json(work / "gate/gate_report.json")
+    assert report["passed"] is False
+    names = {c["name"] for c in report["checks"]}
+    assert {"fp16_safe", "retention@1024", "effective_length", "heldout_loss"} <= names  # passed ones too
+
+    # enforce: false records the same verdict and does not block.
+    result = gate(work, recipe, "gate.enforce=false",
+                  "gate.min_scores={tool_calls.overall: 101}")
+    assert result.returncode == 0
+    assert "not blocked" in result.stdout
+    assert read_json(work / "gate/gate_report.json")["passed"] is False
+
+
+# ------------------------------------------------------ the destructive run, via DVC
+@pytest.mark.slow
+def test_dvc_repro_gate_blocks_a_destructive_run_and_export_does_not_run(tmp_path):
+    """SmolLM2-135M-Instruct's real weights, LoRA at 20x the recipe's learning rate:
+    `dvc repro` stops at the gate with a message naming the failed check."""
+    from test_dag import PIPELINES, copy_repo
+
+    repo = copy_repo(tmp_path / "repo")
+    recipe = yaml.safe_load((repo / "recipes/smollm2-lora-cpu.yaml").read_text())
+    recipe["teacher"] = {"engine": "transformers", "cache_dir": ".cache/completions", "threads": 1,
+                         "sampling": {"temperature": 0.7, "top_p": 0.95, "max_tokens": 48}}
+    recipe["generate"] = {name: {"count": 3} for name in PIPELINES}
+    recipe["generate"]["needle"]["length_buckets"] = [512]
+    recipe["generate"]["doc_qa"]["length_buckets"] = [512]
+    recipe["generate"]["tool_use"]["heldout_fraction"] = 0.1  # a DVC param of dedup and eval
+    recipe["review"] = {"mode": "off"}
+    recipe["mix"] = {"eval_fraction": 0.3}
+    recipe["audit"] = {"num_batches": 1, "batch_size": 2, "max_length": 128}
+    recipe["sft"]["learning_rate"] *= 20  # the destructive part
+    recipe["eval"].update(engine="transformers", length_buckets=[1024],
+                          retention={"count": 1, "tasks": ["niah_single_1", "niah_multikey_2"]},
+                          tool_calls={"count": 2}, ifeval={"count": 4, "max_tokens": 128})
+    (repo / "recipes/ci-destructive.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    (repo / "params.yaml").write_text((repo / "params.yaml").read_text().replace(
+        "recipes/tiny-cpu.yaml", "recipes/ci-destructive.yaml"))
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run([str(Path(sys.executable).parent / "dvc"), "repro"], cwd=repo, env=env,
+                            capture_output=True, text=True, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-4000:]
+    assert "Running stage 'gate'" in output, output[-4000:]
+    assert "Running stage 'export'" not in output
+    assert not (repo / "outputs/export/profiles").exists()
+    report = read_json(repo / "outputs/gate/gate_report.json")
+    failed = [c["name"] for c in report["checks"] if not c["passed"]]
+    assert failed and report["passed"] is False
+    message = next(line for line in output.splitlines() if line.startswith("gate: FAILED"))
+    assert all(name in message for name in failed)
+    print(message)  # the closing note quotes it
+
+
+# ------------------------------------------------- a real effect, on real weights
+@pytest.mark.slow
+def test_smollm2_lora_on_tool_use_data_changes_heldout_tool_call_accuracy(tmp_path):
+    """LoRA SFT of SmolLM2-135M-Instruct on the pipeline's own tool_use records, then
+    BFCL's held-out slice before vs after. The delta is printed with its counts
+    (whatever its sign: the eval is not tuned to make it rise)."""
+    recipe = yaml.safe_load((ROOT / "recipes/smollm2-lora-cpu.yaml").read_text())
+    recipe["teacher"] = {"engine": "transformers", "cache_dir": str(tmp_path / "cache"), "threads": 1}
+    recipe["generate"] = {"tool_use": {"count": 24}}
+    recipe["data"] = {"train": [str(tmp_path / "dedup/accepted/tool_use.jsonl")]}
+    recipe["sft"].update(output_dir=str(tmp_path / "sft"), max_steps=30)
+    recipe["eval"] = {"engine": "transformers", "cache_dir": str(tmp_path / "eval-cache"),
+                      "heldout_files": [], "retention": {"enabled": False},
+                      "ifeval": {"enabled": False}, "tool_calls": {"count": 6}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    run = [str(path)]
+    posttrain("generate", "tool_use", *run, "--out", str(tmp_path / "synth/tool_use"), cwd=ROOT)
+    posttrain("dedup", *run, "--input", str(tmp_path / "synth"), "--out", str(tmp_path / "dedup"), cwd=ROOT)
+    posttrain("eval", *run, "--model", "base", "--out", str(tmp_path / "base"), cwd=ROOT)
+    posttrain("train", *run, "--output-dir", str(tmp_path / "sft"), cwd=ROOT)
+    posttrain("eval", *run, "--model", str(tmp_path / "sft/final"), "--out", str(tmp_path / "after"), cwd=ROOT)
+
+    before = read_json(tmp_path / "base/tool_calls.json")
+    after = read_json(tmp_path / "after/tool_calls.json")
+    assert [i["id"] for i in before["items"]] == [i["id"] for i in after["items"]]
+    changed = sum(b["answer"] != a["answer"] for b, a in zip(before["items"], after["items"]))
+    right = {side: sum(bool(i.get("passed")) for i in d["items"]) for side, d in (("before", before), ("after", after))}
+    print(f"tool_calls overall {before['metrics']['overall']} -> {after['metrics']['overall']}; "
+          f"right {right['before']} -> {right['after']} of {len(after['items'])}; answers changed: {changed}")
+    assert changed > 0  # the adapter changed what the model answers on unseen functions
