@@ -82,7 +82,8 @@ def load_tokenizer(section: ModelSection):
     tokenizer = AutoTokenizer.from_pretrained(
         resolve_model_path(source), trust_remote_code=section.trust_remote_code
     )
-    return apply_training_template(tokenizer)
+    return apply_training_template(tokenizer, section.chat_template,
+                                   built_from_config=section.tiny is not None, source=source)
 
 
 def config_overrides(section: ModelSection) -> dict[str, Any]:
@@ -153,6 +154,10 @@ def load_student(section: ModelSection, tokenizer):
         if section.attn_implementation:
             kwargs["attn_implementation"] = section.attn_implementation
         model = AutoModelForCausalLM.from_pretrained(path, dtype=section.dtype, **kwargs)
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            # Chat markers added to the tokenizer (ChatML on a model without a template)
+            # need rows of their own.
+            model.resize_token_embeddings(len(tokenizer))
     else:
         raise RecipeError("model: give either model.name_or_path or model.tiny")
 
