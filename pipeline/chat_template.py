@@ -148,6 +148,22 @@ def turn_end(tokenizer) -> str:
     return marker
 
 
+def teacher_template(tokenizer, tools=None) -> str | None:
+    """The template a teacher's prompt is rendered with: None = the teacher's own, or
+    the project's ChatML where it has none, or where tools must be shown and its own
+    template drops them (SmolLM2's does): a tool-use prompt without its tools would
+    ask for calls the teacher never saw, and ChatML's `<tool_call>` answers are what
+    the tool-use pipeline parses."""
+    if not tokenizer.chat_template:
+        return CHATML_TOOLS_TEMPLATE
+    if tools:
+        probe = [{"role": "user", "content": "Hi"}]
+        if render(tokenizer, probe, tools, add_generation_prompt=True) == render(
+                tokenizer, probe, add_generation_prompt=True):
+            return CHATML_TOOLS_TEMPLATE
+    return None
+
+
 def _names(message) -> list[str]:
     calls = message.get("tool_calls") or []
     return [(c.get("function") or c)["name"] for c in calls]
@@ -189,7 +205,9 @@ def assistant_spans(tokenizer, messages, tools=None, marker: str | None = None):
     except BadRecord:
         raise
     except Exception as exc:  # the template refused the conversation (roles, types)
-        raise BadRecord(f"the template refuses it: {exc}") from None
+        tool_parts = tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
+        why = " (the record has tools, tool calls or tool results)" if tool_parts else ""
+        raise BadRecord(f"the template refuses it{why}: {exc}") from None
     return text, spans
 
 

@@ -9,10 +9,11 @@
   base_url it starts vLLM's OpenAI server on 127.0.0.1 for the run and stops it.
 - `transformers`: in-process HF `generate`; the fallback and the fast-test engine.
 
-vllm and transformers render prompts with the student's ChatML template
-(pipeline.chat_template), so both engines see identical prompt text and tool calls
-come back as `<tool_call>{json}</tool_call>`; openai answers' `tool_calls` are turned
-into that same text.
+vllm and transformers render prompts in the teacher's own chat template (a served
+teacher: its server's), so both engines see identical prompt text; where tools must
+be shown and that template drops them, in the project's ChatML template, whose tool
+calls come back as `<tool_call>{json}</tool_call>` (pipeline.chat_template.
+teacher_template); openai answers' `tool_calls` are turned into that same text.
 
 `CachedEngine` appends every finished completion to a JSONL file keyed by (engine,
 model, sampling, conversation, tools): a run killed with SIGKILL and started again
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from pipeline.chat_template import CHATML_TOOLS_TEMPLATE
+from pipeline.chat_template import teacher_template
 from pipeline.records import append_jsonl, stable_hash
 
 if TYPE_CHECKING:
@@ -97,7 +98,7 @@ def _tools_list(tools: list[Tools] | None, count: int) -> list[Tools]:
 def _render_prompts(tokenizer, conversations: list[Conversation], tools: list[Tools]) -> list[str]:
     return [
         tokenizer.apply_chat_template(
-            conv, tools=tool, chat_template=CHATML_TOOLS_TEMPLATE,
+            conv, tools=tool, chat_template=teacher_template(tokenizer, tool),
             tokenize=False, add_generation_prompt=True,
         )
         for conv, tool in zip(conversations, tools)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from pipeline.chat_template import apply_training_template
+from pipeline.chat_template import TemplateError, apply_training_template
 from pipeline.recipe import ModelSection, RecipeError
 from pipeline.teacher import resolve_model_path
 
@@ -82,8 +82,11 @@ def load_tokenizer(section: ModelSection):
     tokenizer = AutoTokenizer.from_pretrained(
         resolve_model_path(source), trust_remote_code=section.trust_remote_code
     )
-    return apply_training_template(tokenizer, section.chat_template,
-                                   built_from_config=section.tiny is not None, source=source)
+    try:
+        return apply_training_template(tokenizer, section.chat_template,
+                                       built_from_config=section.tiny is not None, source=source)
+    except TemplateError as exc:
+        raise RecipeError(f"model.chat_template: {exc}") from None
 
 
 def config_overrides(section: ModelSection) -> dict[str, Any]:
