@@ -107,6 +107,8 @@ def apply_training_template(tokenizer, choice: str | None = None, built_from_con
         if missing:
             tokenizer.add_special_tokens({"additional_special_tokens": missing},
                                          replace_extra_special_tokens=False)
+            # Turns end with <|im_end|>: generation must stop there.
+            tokenizer.eos_token = END_OF_TURN
     else:
         path = Path(choice)
         if not path.is_file():

@@ -159,8 +159,11 @@ def load_student(section: ModelSection, tokenizer):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=section.dtype, **kwargs)
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             # Chat markers added to the tokenizer (ChatML on a model without a template)
-            # need rows of their own.
+            # need rows of their own, and the end-of-turn marker must stop generation.
             model.resize_token_embeddings(len(tokenizer))
+            eos = model.generation_config.eos_token_id
+            eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+            model.generation_config.eos_token_id = [tokenizer.eos_token_id, *eos]
     else:
         raise RecipeError("model: give either model.name_or_path or model.tiny")
 

@@ -176,6 +176,9 @@ def tokenize_conversations(dataset, tokenizer, recipe: Recipe, name: str = "trai
     if skipped:
         log.warning("%s: skipped %d of %d records the chat template cannot render (%s): %s",
                     name, len(skipped), len(dataset), template_source(tokenizer), skipped[0]["reason"])
+    if not rows["input_ids"]:
+        raise RecipeError(f"data.{name}: the chat template ({template_source(tokenizer)}) "
+                          f"renders none of the {len(dataset)} records: {skipped[0]['reason']}")
     if not masked:
         del rows["assistant_masks"]
     from datasets import Dataset

@@ -172,8 +172,10 @@ def test_chatml_markers_become_single_tokens_and_a_pretrained_student_grows_rows
     assert len(tokenizer) == len(original) + 2
     for marker in ("<|im_start|>", "<|im_end|>"):
         assert len(tokenizer(marker, add_special_tokens=False)["input_ids"]) == 1
+    assert tokenizer.eos_token == "<|im_end|>"  # generation stops at the end of a turn
     model = load_student(section, tokenizer)
     assert model.get_input_embeddings().num_embeddings == len(tokenizer)
+    assert tokenizer.eos_token_id in model.generation_config.eos_token_id
 
 
 def test_a_template_whose_turns_cannot_be_located_is_refused_naming_it(tmp_path, teacher_dir):
