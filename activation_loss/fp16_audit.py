@@ -62,9 +62,10 @@ def load_model(recipe: Recipe, model_path: str | None):
     if has_tokenizer:
         from transformers import AutoTokenizer
 
-        from pipeline.chat_template import apply_training_template
-
-        tokenizer = apply_training_template(AutoTokenizer.from_pretrained(path))
+        # Saved by train with the template it trained in.
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
     else:
         tokenizer = load_tokenizer(recipe.model)
 

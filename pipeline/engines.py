@@ -9,10 +9,11 @@
   base_url it starts vLLM's OpenAI server on 127.0.0.1 for the run and stops it.
 - `transformers`: in-process HF `generate`; the fallback and the fast-test engine.
 
-vllm and transformers render prompts with the student's ChatML template
-(pipeline.chat_template), so both engines see identical prompt text and tool calls
-come back as `<tool_call>{json}</tool_call>`; openai answers' `tool_calls` are turned
-into that same text.
+vllm and transformers render prompts in the teacher's own chat template (a served
+teacher: its server's), so both engines see identical prompt text; where tools must
+be shown and that template drops them, in the project's ChatML template, whose tool
+calls come back as `<tool_call>{json}</tool_call>` (pipeline.chat_template.
+teacher_template); openai answers' `tool_calls` are turned into that same text.
 
 `CachedEngine` appends every finished completion to a JSONL file keyed by (engine,
 model, sampling, conversation, tools): a run killed with SIGKILL and started again
@@ -35,7 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from pipeline.chat_template import CHATML_TOOLS_TEMPLATE
+from pipeline.chat_template import teacher_template
+
+# Prompt rendering of the in-process engines: the teacher's format (see above), or
+# None for the tokenizer's own template (a student evaluated in its training format).
+TEACHER = "teacher"
 from pipeline.records import append_jsonl, stable_hash
 
 if TYPE_CHECKING:
@@ -95,11 +100,13 @@ def _tools_list(tools: list[Tools] | None, count: int) -> list[Tools]:
 
 
 def _render_prompts(tokenizer, conversations: list[Conversation], tools: list[Tools],
-                    template: str | None = CHATML_TOOLS_TEMPLATE) -> list[str]:
-    """template None = the tokenizer's own (a student folder carries its training one)."""
+                    template: str | None = TEACHER) -> list[str]:
+    """TEACHER: the teacher's own template (ChatML where it would drop the tools);
+    None: the tokenizer's own (a student folder carries its training template)."""
     return [
         tokenizer.apply_chat_template(
-            conv, tools=tool, chat_template=template,
+            conv, tools=tool,
+            chat_template=teacher_template(tokenizer, tool) if template == TEACHER else template,
             tokenize=False, add_generation_prompt=True,
         )
         for conv, tool in zip(conversations, tools)
@@ -115,7 +122,7 @@ class TransformersEngine:
     name = "transformers"
 
     def __init__(self, model: str = "teacher", batch_size: int = 8, dtype: str = "float32",
-                 threads: int | None = None, chat_template: str | None = CHATML_TOOLS_TEMPLATE):
+                 threads: int | None = None, chat_template: str | None = TEACHER):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -190,7 +197,7 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, model: str = "teacher", dtype: str = "float32", max_model_len: int = 4096,
-                 chat_template: str | None = CHATML_TOOLS_TEMPLATE):
+                 chat_template: str | None = TEACHER):
         from pipeline.teacher import resolve_model_path
 
         _vllm_environment()

@@ -38,6 +38,11 @@ class ModelSection(Section):
     # Where the tokenizer comes from: "teacher" = the packaged SmolLM2 tokenizer,
     # otherwise a hub id / local folder (default: the model's own).
     tokenizer: str | None = None
+    # The chat template the student trains in (saved with the trained model): None =
+    # the tokenizer's own, or the project's ChatML where it has none or the student is
+    # built from config (`tiny`, whose tokenizer is borrowed); "chatml"; "tokenizer"
+    # (its own, also for `tiny`); or a path to a Jinja file. See pipeline/chat_template.py.
+    chat_template: str | None = None
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     # Mamba scan on machines without the CUDA kernels: "mambapy" (parallel scan,
     # usable backward) or "reference" (transformers' sequential loop, slow backward).
@@ -56,8 +61,10 @@ class DataSection(Section):
     eval: list[str] = Field(default_factory=list)
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
-    # Records that cannot train (no assistant turn to learn, wrong shape): stop with
-    # the list (error), or drop them, count them in train_metrics.json and log it (skip).
+    # Records that cannot train: no assistant turn to learn, a wrong shape, or what the
+    # chat template cannot render faithfully or mask (tool calls in a template without
+    # tool support). error: stop naming them; skip: drop them, count them in
+    # train_metrics.json and log it.
     on_bad_record: Literal["error", "skip"] = "error"
 
 

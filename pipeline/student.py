@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from pipeline.chat_template import apply_training_template
+from pipeline.chat_template import TemplateError, apply_training_template
 from pipeline.recipe import ModelSection, RecipeError
 from pipeline.records import InputError
 from pipeline.teacher import resolve_model_path
@@ -106,7 +106,11 @@ def load_tokenizer(section: ModelSection):
     tokenizer = AutoTokenizer.from_pretrained(
         resolve_model_path(source), trust_remote_code=section.trust_remote_code
     )
-    return apply_training_template(tokenizer)
+    try:
+        return apply_training_template(tokenizer, section.chat_template,
+                                       built_from_config=section.tiny is not None, source=source)
+    except TemplateError as exc:
+        raise RecipeError(f"model.chat_template: {exc}") from None
 
 
 def config_overrides(section: ModelSection) -> dict[str, Any]:
@@ -177,6 +181,13 @@ def load_student(section: ModelSection, tokenizer):
         if section.attn_implementation:
             kwargs["attn_implementation"] = section.attn_implementation
         model = AutoModelForCausalLM.from_pretrained(path, dtype=section.dtype, **kwargs)
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            # Chat markers added to the tokenizer (ChatML on a model without a template)
+            # need rows of their own, and the end-of-turn marker must stop generation.
+            model.resize_token_embeddings(len(tokenizer))
+            eos = model.generation_config.eos_token_id
+            eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+            model.generation_config.eos_token_id = [tokenizer.eos_token_id, *eos]
     else:
         raise RecipeError("model: give either model.name_or_path or model.tiny")
 

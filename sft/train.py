@@ -13,6 +13,7 @@ recipe has no `lora:` section. Writes into the output folder:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from pathlib import Path
@@ -75,6 +76,9 @@ def check_recipe(recipe: Recipe) -> None:
                 f"recipe {recipe.path}: model.name_or_path: {name}: not a model folder and "
                 f"not loadable from the hub ({str(exc).splitlines()[0]})"
             ) from None
+    if recipe.sft.get("chat_template_path"):
+        raise RecipeError(f"recipe {recipe.path}: sft.chat_template_path: use model.chat_template "
+                          "(the template is chosen, and saved with the model, by the tokenizer loader)")
     if recipe.sft.get("packing") or recipe.sft.get("padding_free"):
         from pipeline.mamba_packing import packing_supported
         from pipeline.student import has_mamba_layers
@@ -144,7 +148,6 @@ def sft_config(recipe: Recipe, output_dir: Path):
     on_gpu = torch.cuda.is_available()
     fields: dict[str, Any] = {
         # Our defaults; anything in the recipe's sft: section wins.
-        "assistant_only_loss": True,
         "bf16": on_gpu,
         "report_to": "none",
         "logging_steps": 5,
@@ -153,6 +156,10 @@ def sft_config(recipe: Recipe, output_dir: Path):
         "dataset_num_proc": None,
         **recipe.sft,
         "output_dir": str(output_dir),
+        # The masks come with the tokenised records (tokenize_conversations), computed
+        # from the student's own template; TRL's switch would need {% generation %}
+        # markers in that template and refuses tokenised data, so it stays off.
+        "assistant_only_loss": False,
     }
     if (fields.get("deepspeed") or int(os.environ.get("WORLD_SIZE", "1")) > 1) and not on_gpu:
         # DeepSpeed on CPU trains only with use_cpu=True (else a batch-size assertion
@@ -184,13 +191,55 @@ def load_conversations(files: list[str], limit: int | None, skip: set[int] = fro
     dataset = load_dataset(kind, data_files=files, split="train")
     if "messages" not in dataset.column_names:
         raise InputError(f"{', '.join(files)}: records need a `messages` column (OpenAI style)")
-    keep = [c for c in ("messages", "tools") if c in dataset.column_names]
+    keep = [c for c in ("id", "messages", "tools") if c in dataset.column_names]
     dataset = dataset.select_columns(keep)
     if skip:
         dataset = dataset.select([i for i in range(len(dataset)) if i not in skip])
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
     return dataset
+
+
+def tokenize_conversations(dataset, tokenizer, recipe: Recipe, name: str = "train"):
+    """Records -> input_ids in the student's own chat template, plus assistant_masks
+    (from which TRL builds labels: -100 outside the assistant turns) unless
+    sft.assistant_only_loss is false. Returns (dataset, skipped records as
+    {"id", "reason"}). A record the template cannot render faithfully fails the run,
+    naming it, or is skipped when data.on_bad_record is `skip`."""
+    from pipeline.chat_template import BadRecord, encode_conversation, template_source, turn_end
+
+    if dataset is None:
+        return None, []
+    marker = turn_end(tokenizer)
+    masked = recipe.sft.get("assistant_only_loss", True)
+    rows, skipped = {"input_ids": [], "assistant_masks": []}, []
+    for index, record in enumerate(dataset):
+        tools = record.get("tools")
+        tools = json.loads(tools) if isinstance(tools, str) else tools
+        label = record.get("id") or f"#{index}"
+        try:
+            encoded = encode_conversation(tokenizer, record["messages"], tools, marker)
+        except BadRecord as exc:
+            if recipe.data.on_bad_record == "error":
+                raise RecipeError(
+                    f"{name} record {label} (data.{name}): {exc}; template: "
+                    f"{template_source(tokenizer)}. Set data.on_bad_record: skip to leave such "
+                    "records out, or model.chat_template to train in another template") from None
+            skipped.append({"id": label, "reason": str(exc)})
+            continue
+        rows["input_ids"].append(encoded["input_ids"])
+        rows["assistant_masks"].append(encoded["assistant_masks"])
+    if skipped:
+        log.warning("%s: skipped %d of %d records the chat template cannot render (%s): %s",
+                    name, len(skipped), len(dataset), template_source(tokenizer), skipped[0]["reason"])
+    if not rows["input_ids"]:
+        raise RecipeError(f"data.{name}: the chat template ({template_source(tokenizer)}) "
+                          f"renders none of the {len(dataset)} records: {skipped[0]['reason']}")
+    if not masked:
+        del rows["assistant_masks"]
+    from datasets import Dataset
+
+    return Dataset.from_dict(rows), skipped
 
 
 def make_trainer_class():
@@ -237,14 +286,14 @@ def train(recipe: Recipe, output_dir: Path, resume: str | None = None) -> dict[s
     from pipeline.student import load_student, load_tokenizer, mamba_path
 
     # ------------------------------------------------------------------ data
-    skipped = {key: bad_records(getattr(recipe.data, key)) for key in ("train", "eval")}
-    for key, bad in skipped.items():
+    unfit = {key: bad_records(getattr(recipe.data, key)) for key in ("train", "eval")}
+    for key, bad in unfit.items():
         for where, problem, _ in bad:  # only with data.on_bad_record: skip (check_recipe)
             log.warning("data.%s: skipping %s: %s", key, where, problem)
     train_set = load_conversations(recipe.data.train, recipe.data.max_train_samples,
-                                   {i for *_, i in skipped["train"]})
+                                   {i for *_, i in unfit["train"]})
     eval_set = load_conversations(recipe.data.eval, recipe.data.max_eval_samples,
-                                  {i for *_, i in skipped["eval"]})
+                                  {i for *_, i in unfit["eval"]})
     if len(train_set) == 0:
         raise InputError(f"data.train: {', '.join(recipe.data.train)}: no record left to train on")
 
@@ -254,6 +303,8 @@ def train(recipe: Recipe, output_dir: Path, resume: str | None = None) -> dict[s
     args = sft_config(recipe, output_dir)
     tokenizer = load_tokenizer(recipe.model)
     model = load_student(recipe.model, tokenizer)
+    train_set, skipped = tokenize_conversations(train_set, tokenizer, recipe, "train")
+    eval_set, eval_skipped = tokenize_conversations(eval_set, tokenizer, recipe, "eval")
 
     # ------------------------------------------------------------------ LoRA
     peft_config, callbacks, coverage = None, [], None
@@ -306,7 +357,13 @@ def train(recipe: Recipe, output_dir: Path, resume: str | None = None) -> dict[s
             "mode": "lora" if peft_config is not None else "full",
             "mamba_path": mamba_path(model),
             "train_samples": len(train_set),
-            "skipped_records": {key: len(bad) for key, bad in skipped.items()},
+            "chat_template": tokenizer.chat_template_source,
+            # Records that cannot train (data.on_bad_record: skip): a wrong shape, or
+            # what the chat template cannot render.
+            "skipped_records": {"train": len(unfit["train"]) + len(skipped),
+                                "eval": len(unfit["eval"]) + len(eval_skipped),
+                                "examples": ([{"id": w, "reason": p} for w, p, _ in unfit["train"] + unfit["eval"]]
+                                             + skipped + eval_skipped)[:5]},
         })
         if torch.cuda.is_available():
             metrics["cuda_peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)

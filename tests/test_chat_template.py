@@ -54,3 +54,36 @@ def test_parse_tool_calls_separates_valid_and_malformed_blocks():
     calls, errors = parse_tool_calls(text)
     assert calls == [{"name": "a", "arguments": {"x": 1}}, {"name": "b", "arguments": {"y": 2}}]
     assert len(errors) == 2
+
+
+def test_masks_from_the_render_equal_the_generation_marker_masks(tokenizer):
+    """The mask computed from the template's own render (any template) marks exactly
+    the tokens transformers' {% generation %} machinery marks on ChatML."""
+    from pipeline.chat_template import encode_conversation
+
+    ours = encode_conversation(tokenizer, CONVERSATION, TOOLS)
+    theirs = tokenizer.apply_chat_template(CONVERSATION, tools=TOOLS, tokenize=True, return_dict=True,
+                                           return_assistant_tokens_mask=True)
+    assert ours["input_ids"] == theirs["input_ids"]
+    assert ours["assistant_masks"] == theirs["assistant_masks"]
+
+
+def test_parse_tool_calls_reads_qwen3_blocks_and_jamba_lists():
+    qwen3 = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    jamba = '<tool_calls>[{"name": "a", "arguments": {"x": 1}}, {"name": "b", "arguments": {}}]</tool_calls>'
+    assert parse_tool_calls(qwen3) == ([{"name": "get_weather", "arguments": {"city": "Paris"}}], [])
+    assert parse_tool_calls(jamba) == ([{"name": "a", "arguments": {"x": 1}},
+                                        {"name": "b", "arguments": {}}], [])
+    assert parse_tool_calls('<tool_calls>{"name": "a"}</tool_calls>')[1] == ['{"name": "a"}']
+
+
+def test_the_teacher_prompts_in_its_own_template_and_in_chatml_only_for_tools_it_would_drop(teacher_dir):
+    from transformers import AutoTokenizer
+
+    from pipeline.chat_template import teacher_template
+
+    smollm2 = AutoTokenizer.from_pretrained(teacher_dir)  # its own ChatML renders no tools
+    assert teacher_template(smollm2) is None
+    assert teacher_template(smollm2, TOOLS) == CHATML_TOOLS_TEMPLATE
+    smollm2.chat_template = CHATML_TOOLS_TEMPLATE  # a template that renders tools keeps them
+    assert teacher_template(smollm2, TOOLS) is None

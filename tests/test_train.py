@@ -64,14 +64,17 @@ def test_only_assistant_turns_are_trained(tmp_path, data_dir):
     every assistant token, its tool calls and its closing <|im_end|> are trained."""
     from pipeline.recipe import load_recipe
     from pipeline.student import load_student, load_tokenizer
-    from sft.train import load_conversations, make_trainer_class, sft_config
+    from sft.train import load_conversations, make_trainer_class, sft_config, tokenize_conversations
 
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(data_dir, tmp_path / "out"))
     recipe = load_recipe(path)
     tokenizer = load_tokenizer(recipe.model)
+    train_set, skipped = tokenize_conversations(
+        load_conversations(recipe.data.train, None), tokenizer, recipe)
+    assert skipped == []
     trainer = make_trainer_class()(
         model=load_student(recipe.model, tokenizer), args=sft_config(recipe, tmp_path / "out"),
-        train_dataset=load_conversations(recipe.data.train, None), processing_class=tokenizer,
+        train_dataset=train_set, processing_class=tokenizer,
     )
     dataset = trainer.train_dataset
     records = read_jsonl(data_dir / "train.jsonl")
