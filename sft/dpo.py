@@ -251,6 +251,14 @@ def train(recipe: Recipe, sft_dir: Path, pairs, output_dir: Path) -> dict[str, A
     args = dpo_config(recipe, output_dir)
     tokenizer = load_tokenizer(recipe.model)
     policy, reference, peft_config, coverage, mode = load_policy(recipe, sft_dir, tokenizer)
+    plugin = getattr(args, "deepspeed_plugin", None)
+    if (coverage is not None and args.gradient_checkpointing and recipe.activation_loss.alpha > 0
+            and plugin is not None and plugin.zero_stage == 3):
+        # TRL switches LoRA + ZeRO-3 + checkpointing to reentrant checkpointing, under
+        # which the activation loss silently adds no gradient.
+        raise RecipeError(f"recipe {recipe.path}: dpo.gradient_checkpointing: LoRA under ZeRO-3 makes TRL "
+                          "use reentrant checkpointing, which drops the activation loss's gradient; turn "
+                          "checkpointing off or use ZeRO-2")
 
     callbacks = []
     if coverage is not None:

@@ -31,7 +31,7 @@ GENERATE = {
 ACTIVATION_LOSS = {"alpha": 1e-5, "sites": ["mamba"], "last_n_mamba": 1}
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
         "target_modules": ["attention", "mamba", "mlp", "experts"]}
-DPO = {"enabled": True, "max_steps": 16, "per_device_train_batch_size": 2, "learning_rate": 2e-3,
+DPO = {"enabled": True, "max_steps": 12, "per_device_train_batch_size": 2, "learning_rate": 2e-3,
        "beta": 0.1, "max_length": 256, "logging_steps": 2, "bf16": False, "use_cpu": True,
        "disable_tqdm": True, "max_grad_norm": 0.0, "adam_beta2": 0.95}
 
@@ -55,12 +55,18 @@ def planted_student(folder):
     return folder
 
 
-def merged_peak(recipe_path, model_dir) -> float:
-    from activation_loss.fp16_audit import load_model
+def merged_peaks(recipe_path, model_dir, pairs) -> tuple[float, float]:
+    """max |activation| at PLANTED, the adapter merged as the audit merges it: over the
+    preference pairs (chosen and rejected) and over other text (planted_outlier's)."""
+    from activation_loss.fp16_audit import load_model, measure
     from pipeline.recipe import load_recipe
 
     model, tokenizer, _ = load_model(load_recipe(recipe_path), str(model_dir))
-    return site_peak(model, tokenizer)
+    texts = [tokenizer.apply_chat_template(p["prompt"] + p[side], tokenize=False)
+             for p in pairs for side in ("chosen", "rejected")]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    peaks, _ = measure(model, [{k: batch[k] for k in ("input_ids", "attention_mask")}], kinds=[PLANTED.kind])
+    return peaks[PLANTED], site_peak(model, tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -101,10 +107,12 @@ def test_dpo_raises_the_reward_margin_and_logs_the_activation_loss(dpo_run):
           "accuracies", [r["rewards/accuracies"] for r in curve], "seconds", metrics["train_seconds"])
     assert metrics["pairs"] == len(pairs) > 0 and metrics["global_step"] == DPO["max_steps"]
     assert len(curve) == DPO["max_steps"] // DPO["logging_steps"]
-    # At step one the policy is the reference: margin 0. It must end clearly above.
-    assert abs(margins[0]) < 0.05
+    # The policy starts as the reference (margin 0 at step one; the first row averages
+    # steps 1-2). Measured: 0.08 -> 2.3 over 12 steps on one pair, accuracy 1 from step 4.
+    assert margins[0] < 0.2
     last = margins[len(margins) // 2:]
-    assert sum(last) / len(last) > margins[0] + 0.1, margins
+    assert sum(last) / len(last) > margins[0] + 1.0, margins
+    assert curve[-1]["rewards/accuracies"] == 1.0
     assert all(r["activation_loss"] > 0 and "activation_max_mamba" in r for r in curve)
     assert (root / "dpo" / "dpo_curve.png").stat().st_size > 0
 
@@ -128,11 +136,16 @@ def test_dpo_continues_the_sft_adapter_with_every_adapted_module_trained(dpo_run
 @pytest.mark.slow
 def test_dpo_keeps_the_planted_outlier_site_in_fp16_range(dpo_run):
     root, recipe = dpo_run
-    before = merged_peak(recipe, root / "sft" / "final")
-    after = merged_peak(recipe, root / "dpo" / "final")
-    print(f"planted site {PLANTED}: SFT {before:.4g}, after DPO {after:.4g}")
+    pairs = read_jsonl(root / "prefs" / "pairs.jsonl")
+    before, before_other = merged_peaks(recipe, root / "sft" / "final", pairs)
+    after, after_other = merged_peaks(recipe, root / "dpo" / "final", pairs)
+    print(f"planted site {PLANTED}: on the pairs SFT {before:.4g} -> DPO {after:.4g}; "
+          f"on other text SFT {before_other:.4g} -> DPO {after_other:.4g}")
+    # Measured: pairs 2.2e4 -> 5e3 (the term acts on what DPO trains on); other text
+    # 1.43e4 -> 1.52e4 (a shift well inside the range).
     assert before > PLANT_AT / 2
-    assert after < before < FP16_MAX
+    assert after < before / 2
+    assert max(after, after_other) < FP16_MAX / 2
 
 
 def test_a_wrong_dpo_key_is_named(tmp_path, capsys):
@@ -158,3 +171,29 @@ def test_dpo_off_writes_a_pointer_that_audit_and_export_follow(tmp_path, teacher
     assert check_model_folder(final) == "model" and resolve_model_folder(final) == student
     _, _, source = load_model(load_recipe(recipe), str(final))
     assert source == f"model {student}"
+
+
+@pytest.mark.slow
+def test_dpo_trains_under_deepspeed_zero2_with_2_cpu_processes(dpo_run, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_deepspeed import ROOT, free_port
+
+    root, recipe = dpo_run
+    out = tmp_path / "dpo"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+           "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions")}
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port",
+           str(free_port()), "-m", "pipeline.cli", "dpo", str(recipe), "--sft", str(root / "sft" / "final"),
+           "--pairs", str(root / "prefs" / "pairs.jsonl"), "--output-dir", str(out),
+           "--set", f"dpo.deepspeed={ROOT / 'recipes' / 'accelerate' / 'zero2.json'}",
+           "--set", "dpo.max_steps=4", "--set", "dpo.per_device_train_batch_size=1"]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    curve = read_json(out / "dpo_curve.json")
+    assert [r["step"] for r in curve] == [2, 4] and curve[-1]["rewards/margins"] > curve[0]["rewards/margins"]
+    assert read_json(out / "lora_coverage.json")["no_gradient"] == []
+    assert (out / "final" / "adapter_model.safetensors").is_file()
