@@ -108,7 +108,8 @@ def test_dpo_raises_the_reward_margin_and_logs_the_activation_loss(dpo_run):
     assert metrics["pairs"] == len(pairs) > 0 and metrics["global_step"] == DPO["max_steps"]
     assert len(curve) == DPO["max_steps"] // DPO["logging_steps"]
     # The policy starts as the reference (margin 0 at step one; the first row averages
-    # steps 1-2). Measured: 0.08 -> 2.3 over 12 steps on one pair, accuracy 1 from step 4.
+    # steps 1-2). Measured on one pair: 0.08, 0.35, 0.55, 0.94, 1.36, 1.65 (steps 2-12),
+    # accuracy 1 from step 4.
     assert margins[0] < 0.2
     last = margins[len(margins) // 2:]
     assert sum(last) / len(last) > margins[0] + 1.0, margins
@@ -141,8 +142,8 @@ def test_dpo_keeps_the_planted_outlier_site_in_fp16_range(dpo_run):
     after, after_other = merged_peaks(recipe, root / "dpo" / "final", pairs)
     print(f"planted site {PLANTED}: on the pairs SFT {before:.4g} -> DPO {after:.4g}; "
           f"on other text SFT {before_other:.4g} -> DPO {after_other:.4g}")
-    # Measured: pairs 2.2e4 -> 5e3 (the term acts on what DPO trains on); other text
-    # 1.43e4 -> 1.52e4 (a shift well inside the range).
+    # Measured: on the pairs 1.28e4 -> 4.6e3 (the term acts on what DPO trains on);
+    # on other text 1.43e4 -> 1.52e4 (a shift well inside the range).
     assert before > PLANT_AT / 2
     assert after < before / 2
     assert max(after, after_other) < FP16_MAX / 2
