@@ -53,11 +53,13 @@ def load_model(recipe: Recipe, model_path: str | None):
     """(model in float32, eval mode, tokenizer, description of what was loaded)."""
     from pipeline.student import (
         check_model_folder, config_overrides, has_mamba_layers, load_student, load_tokenizer,
+        resolve_model_folder,
     )
 
     path = Path(model_path) if model_path else None
     if path is not None:
         check_model_folder(path, trust_remote_code=recipe.model.trust_remote_code)
+        path = resolve_model_folder(path)  # the dpo stage's pointer when DPO is off
     has_tokenizer = path is not None and (path / "tokenizer_config.json").is_file()
     if has_tokenizer:
         from transformers import AutoTokenizer

@@ -100,10 +100,12 @@ def suite_configs(recipe: Recipe) -> dict[str, Any]:
 def load_model(recipe: Recipe, spec: str):
     """(float32 model in eval mode, its training tokenizer, a description)."""
     from pipeline.student import (
+        check_model_folder,
         config_overrides,
         has_mamba_layers,
         load_student,
         load_tokenizer,
+        resolve_model_folder,
     )
 
     if spec == "base":
@@ -112,6 +114,8 @@ def load_model(recipe: Recipe, spec: str):
     path = Path(spec)
     if not path.is_dir():
         raise RecipeError(f"--model {spec}: not 'base' and no such folder")
+    check_model_folder(path, trust_remote_code=recipe.model.trust_remote_code)
+    path = resolve_model_folder(path)  # outputs/dpo/final points to SFT's when DPO is off
     if (path / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prefs": ("synth_data.prefs", "preference pairs ranked by code: a passing and a failing response per prompt"),
     "mix": ("sft.mix", "build the SFT mix (conversational / skill / long-context) + train/eval split"),
     "train": ("sft.train", "supervised fine-tuning of the student (full or LoRA, + activation loss)"),
+    "dpo": ("sft.dpo", "preference training (TRL DPO) of the SFT model, + activation loss; off: a pointer"),
     "audit": ("activation_loss.fp16_audit", "FP16 audit: per-layer activation maxima, fp16 vs fp32 forward"),
     "eval": ("evals.evaluate", "score a model (base, folder or adapter): retention, tool use, IFEval, held-out loss"),
     "gate": ("evals.gate", "before vs after report; block export if the model got worse or overflows FP16"),

@@ -1,5 +1,6 @@
-"""Recipes: YAML files whose `sft:` section is `trl.SFTConfig` fields, whose `lora:`
-section is `peft.LoraConfig` fields, and whose other sections are ours, typed here.
+"""Recipes: YAML files whose `sft:` section is `trl.SFTConfig` fields, whose `dpo:`
+section is `trl.DPOConfig` fields (plus our `enabled`), whose `lora:` section is
+`peft.LoraConfig` fields, and whose other sections are ours, typed here.
 
 `load_recipe` reads the file, applies `--set key.path=value` overrides and validates
 everything at once, before any model is built or data read: a wrong key, a wrong type
@@ -288,7 +289,7 @@ SECTIONS: dict[str, type[Section]] = {
     "gate": GateSection,
     "prefs": PrefsSection,
 }
-LIBRARY_SECTIONS = ("sft", "lora")
+LIBRARY_SECTIONS = ("sft", "lora", "dpo")
 
 
 @dataclasses.dataclass
@@ -298,6 +299,10 @@ class Recipe:
     sections: dict[str, Section]
     sft: dict[str, Any]
     lora: dict[str, Any] | None
+    # `dpo:` without our `enabled` key: trl.DPOConfig fields only.
+    dpo: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # dpo.enabled: the one line that puts preference training after SFT in the DAG.
+    dpo_enabled: bool = False
 
     def __getattr__(self, name: str) -> Any:
         sections = self.__dict__.get("sections", {})
@@ -373,9 +378,32 @@ def validate_recipe(raw: dict[str, Any], path: Path) -> Recipe:
     if raw.get("lora") is not None:
         lora, lora_problems = check_library_fields("lora", raw["lora"], lora_config_fields())
         problems += lora_problems
+    dpo, dpo_enabled = {}, False
+    if raw.get("dpo") is not None:
+        dpo, dpo_enabled, dpo_problems = check_dpo_section(raw["dpo"])
+        problems += dpo_problems
     if problems:
         raise RecipeError(f"recipe {path}:\n  " + "\n  ".join(problems))
-    return Recipe(path=path, raw=raw, sections=sections, sft=sft, lora=lora)
+    return Recipe(path=path, raw=raw, sections=sections, sft=sft, lora=lora, dpo=dpo,
+                  dpo_enabled=dpo_enabled)
+
+
+def check_dpo_section(values: Any) -> tuple[dict[str, Any], bool, list[str]]:
+    """`dpo:` = our `enabled` flag + trl.DPOConfig fields (TRL is imported only when
+    there are library fields to check)."""
+    if not isinstance(values, dict):
+        return {}, False, [f"dpo: must be a mapping, got {type(values).__name__}"]
+    values = dict(values)
+    problems: list[str] = []
+    enabled = values.pop("enabled", False)
+    if not isinstance(enabled, bool):
+        problems.append(f"dpo.enabled: must be true or false (got {enabled!r})")
+        enabled = False
+    fields: dict[str, Any] = {}
+    if values:
+        fields, field_problems = check_library_fields("dpo", values, dpo_config_fields())
+        problems += field_problems
+    return fields, enabled, problems
 
 
 def check_library_fields(
@@ -420,6 +448,13 @@ def sft_config_fields() -> dict[str, Any]:
     from trl import SFTConfig
 
     return _field_adapters(SFTConfig)
+
+
+@functools.cache
+def dpo_config_fields() -> dict[str, Any]:
+    from trl import DPOConfig
+
+    return _field_adapters(DPOConfig)
 
 
 @functools.cache

@@ -74,14 +74,39 @@ def mamba_path(model) -> str:
     return "mambapy" if getattr(config, "use_mambapy", False) else "reference"
 
 
-def check_model_folder(path: str | os.PathLike, flag: str = "--model", trust_remote_code: bool = False) -> str:
-    """'adapter' or 'model' for a folder the stages can load, checked before any weights
-    are read; anything else raises InputError naming the path and what was expected."""
+# A folder holding only this file stands for the model folder it names: the dpo stage
+# writes one when preference training is off, so later stages always read one path.
+POINTER_FILE = "posttrain_model.json"
+
+
+def resolve_model_folder(path: str | os.PathLike, flag: str = "--model"):
+    """The model or adapter folder `path` stands for: itself, or, for a pointer folder
+    (POINTER_FILE inside), the folder the pointer names (followed once more if that is
+    a pointer too). A relative target is read from the working directory, as written."""
+    import json
     from pathlib import Path
 
+    path = Path(path)
+    for _ in range(8):  # a chain of pointers is allowed; a cycle is an error
+        pointer = path / POINTER_FILE
+        if not pointer.is_file():
+            return path
+        try:
+            target = json.loads(pointer.read_text())["model"]
+        except (ValueError, KeyError, TypeError):
+            raise InputError(f"{flag} {path}: {POINTER_FILE} does not name a model folder "
+                             '(expected {"model": "<folder>"})') from None
+        path = Path(target)
+    raise InputError(f"{flag} {path}: {POINTER_FILE} pointers form a cycle")
+
+
+def check_model_folder(path: str | os.PathLike, flag: str = "--model", trust_remote_code: bool = False) -> str:
+    """'adapter' or 'model' for a folder the stages can load (a pointer folder is
+    followed: see resolve_model_folder), checked before any weights are read; anything
+    else raises InputError naming the path and what was expected."""
     from transformers import AutoConfig
 
-    path = Path(path)
+    path = resolve_model_folder(path, flag)
     if not path.is_dir():
         raise InputError(f"{flag} {path}: no such folder")
     if (path / "adapter_config.json").is_file():

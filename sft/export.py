@@ -65,11 +65,12 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     model_dir, out = Path(args.model), Path(args.out)
-    from pipeline.student import check_model_folder
+    from pipeline.student import check_model_folder, resolve_model_folder
 
     if not model_dir.exists():
         raise RecipeError(f"--model {model_dir}: no such folder (run posttrain train first)")
     check_model_folder(model_dir, trust_remote_code=recipe.model.trust_remote_code)
+    model_dir = resolve_model_folder(model_dir)  # the dpo stage's pointer when DPO is off
     report = export(recipe, model_dir, out)
     if args.report:
         write_json(args.report, report)

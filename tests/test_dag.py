@@ -76,7 +76,7 @@ def changed_stages(repo: Path) -> set[str]:
 def test_dvc_repro_runs_every_stage_and_conserves_counts(tmp_path):
     repo = copy_repo(tmp_path / "repo")
     recipe_path = reduced_recipe(repo)
-    assert repro(repo) >= {"teacher", "dedup", "mix", "sft", "audit", "export", "plots"}
+    assert repro(repo) >= {"teacher", "dedup", "mix", "sft", "prefs", "dpo", "audit", "export", "plots"}
 
     # Generation: every generated record is accepted or rejected (with a reason).
     accepted_total = 0
@@ -142,7 +142,8 @@ def test_dvc_repro_runs_every_stage_and_conserves_counts(tmp_path):
     text = recipe_path.read_text()
     recipe_path.write_text(text.replace("learning_rate: 0.001", "learning_rate: 0.002"))
     assert changed_stages(repo) == {"sft"}
-    assert repro(repo) == {"sft", "audit", "export", "plots"}
+    # dpo (off) rewrites its pointer, which carries the SFT folder's hash.
+    assert repro(repo) == {"sft", "dpo", "audit", "export", "plots"}
 
     # One pipeline's count changes that pipeline's stage only; DVC then reruns what
     # depends on its outputs.

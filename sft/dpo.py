@@ -1,0 +1,360 @@
+"""`posttrain dpo RECIPE`: preference training (TRL DPO) of the SFT model.
+
+Reads top to bottom: recipe -> off? pointer -> pairs -> SFT model -> reference ->
+activation loss -> DPOTrainer -> train -> save -> reports. The pairs are
+`posttrain prefs`' pairs.jsonl (TRL's conversational preference format); the model is
+train's final/ folder:
+
+  adapter       the recipe's student with that adapter loaded trainable: DPO continues
+                the same adapter, so the result is again an adapter on the student
+                (audit, eval, export and vLLM read it unchanged). The reference is the
+                SFT model itself: TRL keeps a frozen copy of the adapter ("ref").
+  full weights  policy and reference both load from the folder. With a `lora:`
+                section DPO trains a new adapter on top (reference: adapter off);
+                without one it is full DPO against a frozen copy.
+
+The recipe's `dpo:` section is `trl.DPOConfig` fields plus our `enabled`. With
+`dpo.enabled: false` (the default) nothing trains: final/ holds only a pointer to the
+SFT folder (pipeline.student.resolve_model_folder follows it), so the stages after
+this one always read outputs/dpo/final and turning DPO on is that one recipe line.
+The activation loss, LoRA coverage and the first-step gradient check apply as in SFT.
+Writes into the output folder:
+  final/             the trained adapter or model (+ tokenizer), or the pointer
+  dpo_metrics.json   reward margin and accuracy first/last, steps, pairs, runtime
+  dpo_curve.json     one row per logging step (DVC plot data): margins, accuracies,
+                     loss, activation loss
+  dpo_curve.png      the margin and accuracy curves
+  lora_coverage.json per target group: layers covered / present, trainable params
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.recipe import Recipe, RecipeError, add_recipe_arguments, load_recipe
+from pipeline.records import InputError, read_jsonl, write_json
+
+log = logging.getLogger(__name__)
+
+CURVE_KEYS = ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected", "loss")
+
+
+def add_arguments(parser) -> None:
+    add_recipe_arguments(parser)
+    parser.add_argument("--sft", default="outputs/sft/final", help="the SFT model or adapter folder")
+    parser.add_argument("--pairs", default="data/prefs/pairs.jsonl", help="posttrain prefs' pairs")
+    parser.add_argument("--output-dir", help="default: dpo.output_dir, else outputs/dpo")
+    # The deepspeed launcher passes --local_rank to every process.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+
+
+def main(args) -> int:
+    from pipeline.student import check_model_folder
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    output_dir = Path(args.output_dir or recipe.dpo.get("output_dir") or "outputs/dpo")
+    check_model_folder(args.sft, flag="--sft", trust_remote_code=recipe.model.trust_remote_code)
+    if not recipe.dpo_enabled:
+        write_pointer(Path(args.sft), output_dir)
+        return 0
+    deepspeed = recipe.dpo.get("deepspeed")
+    if isinstance(deepspeed, str) and not Path(deepspeed).is_file():
+        raise RecipeError(f"recipe {recipe.path}: dpo.deepspeed: {deepspeed}: no such file")
+    pairs = load_pairs(Path(args.pairs))
+    train(recipe, Path(args.sft), pairs, output_dir)
+    return 0
+
+
+# ------------------------------------------------------------------ DPO off
+def folder_digest(folder: Path) -> str:
+    """sha256 over the folder's files: the pointer changes whenever the model it points
+    to does, so DVC reruns what reads the pointer."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def write_pointer(sft_dir: Path, output_dir: Path) -> None:
+    import shutil
+
+    from pipeline.student import POINTER_FILE, resolve_model_folder
+
+    target = resolve_model_folder(sft_dir, "--sft")
+    final = output_dir / "final"
+    if final.exists():
+        shutil.rmtree(final)
+    write_json(final / POINTER_FILE, {"model": str(target), "why": "dpo.enabled is false",
+                                      "sha256": folder_digest(target)})
+    write_json(output_dir / "dpo_metrics.json", {"enabled": False, "model": str(target)})
+    write_json(output_dir / "dpo_curve.json", [])
+    write_json(output_dir / "lora_coverage.json", {"lora": False})
+    plot_curve([], output_dir / "dpo_curve.png", note="DPO is off (dpo.enabled: false)")
+    log.info("dpo.enabled is false: %s points to %s", final, target)
+
+
+# --------------------------------------------------------------------- data
+def load_pairs(path: Path):
+    """pairs.jsonl -> a datasets.Dataset of prompt / chosen / rejected (+ tools as JSON
+    text, which TRL parses back: tool schemas differ per record, one Arrow type cannot
+    hold them all)."""
+    from datasets import Dataset
+
+    if not path.is_file():
+        raise InputError(f"--pairs {path}: no such file (run posttrain prefs first)")
+    rows = []
+    for number, pair in enumerate(read_jsonl(path), 1):
+        if not all(isinstance(pair.get(k), list) and pair[k] for k in ("prompt", "chosen", "rejected")):
+            raise InputError(f"--pairs {path}:{number}: a pair needs prompt, chosen and rejected turns")
+        tools = pair.get("tools")
+        rows.append({"prompt": [clean_turn(t) for t in pair["prompt"]],
+                     "chosen": [clean_turn(t) for t in pair["chosen"]],
+                     "rejected": [clean_turn(t) for t in pair["rejected"]],
+                     "tools": json.dumps(tools) if tools else None})
+    if not rows:
+        raise InputError(f"--pairs {path}: no pairs (prefs found no prompt with a passing and a failing "
+                         "response; see prefs_stats.json)")
+    return Dataset.from_list(rows)
+
+
+def clean_turn(turn: dict[str, Any]) -> dict[str, Any]:
+    """A turn with the keys the chat template reads, the same keys and types in every
+    turn (tool-call arguments as JSON text, OpenAI style) so Arrow can type them."""
+    calls = None
+    if turn.get("tool_calls"):
+        calls = []
+        for call in turn["tool_calls"]:
+            arguments = call["function"]["arguments"]
+            calls.append({"type": "function", "function": {
+                "name": call["function"]["name"],
+                "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments)}})
+    return {"role": turn["role"], "content": turn.get("content") or "", "tool_calls": calls}
+
+
+# ------------------------------------------------------------------- config
+def dpo_config(recipe: Recipe, output_dir: Path):
+    from trl import DPOConfig
+
+    on_gpu = torch.cuda.is_available()
+    fields: dict[str, Any] = {
+        # Our defaults; anything in the recipe's dpo: section wins.
+        "bf16": on_gpu,
+        "report_to": "none",
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "seed": recipe.model.seed,
+        "dataset_num_proc": None,
+        "gradient_checkpointing": False,
+        **recipe.dpo,
+        "output_dir": str(output_dir),
+    }
+    if (fields.get("deepspeed") or int(os.environ.get("WORLD_SIZE", "1")) > 1) and not on_gpu:
+        fields["use_cpu"] = True  # DeepSpeed / DDP on CPU train only with use_cpu (as in SFT)
+    if fields.get("gradient_checkpointing"):
+        # Reentrant checkpointing recomputes without grad: the activation loss would
+        # silently add no gradient.
+        kwargs = dict(fields.get("gradient_checkpointing_kwargs") or {})
+        if kwargs.get("use_reentrant") and recipe.activation_loss.alpha > 0:
+            raise RecipeError(
+                f"recipe {recipe.path}: dpo.gradient_checkpointing_kwargs.use_reentrant: true "
+                "drops the activation loss's gradient; use use_reentrant: false"
+            )
+        kwargs["use_reentrant"] = False
+        fields["gradient_checkpointing_kwargs"] = kwargs
+    return DPOConfig(**fields)
+
+
+def make_trainer_class():
+    from trl import DPOTrainer
+
+    class HybridDPOTrainer(DPOTrainer):
+        """DPOTrainer plus the activation-loss term (a no-op when alpha = 0). The term
+        comes from the policy's forward on chosen + rejected; the reference forward runs
+        without grad and so is not recorded."""
+
+        def __init__(self, *args, activation_loss=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.activation_loss = activation_loss
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+            loss, outputs = result if return_outputs else (result, None)
+            if self.activation_loss is not None and model.training:
+                term = self.activation_loss.term(self.state.global_step)
+                if term is not None:
+                    loss = loss + term
+            return (loss, outputs) if return_outputs else loss
+
+    return HybridDPOTrainer
+
+
+# -------------------------------------------------------------------- model
+def load_policy(recipe: Recipe, sft_dir: Path, tokenizer):
+    """(policy, reference or None, peft_config or None, coverage or None, mode)."""
+    from pipeline.student import config_overrides, has_mamba_layers, load_student
+
+    if (sft_dir / "adapter_config.json").is_file():
+        from peft import LoraConfig, PeftModel
+
+        from sft.lora import build_lora_config
+
+        base = load_student(recipe.model, tokenizer)
+        saved = LoraConfig.from_pretrained(sft_dir)
+        # Coverage is measured against what was asked for: the recipe's lora: section
+        # (the one SFT trained with), else the adapter's own targets.
+        fields = recipe.lora or {"target_modules": sorted(saved.target_modules or []),
+                                 "target_parameters": list(saved.target_parameters or [])}
+        _, coverage = build_lora_config(fields, base)
+        policy = PeftModel.from_pretrained(base, sft_dir, is_trainable=True)
+        # No reference model: TRL copies the trainable adapter into a frozen "ref"
+        # adapter and computes the reference log-probs through it.
+        return policy, None, None, coverage, "lora (SFT adapter continued)"
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    def from_folder():
+        config = AutoConfig.from_pretrained(sft_dir, trust_remote_code=recipe.model.trust_remote_code)
+        if has_mamba_layers(config):
+            for key, value in config_overrides(recipe.model).items():
+                setattr(config, key, value)
+        return AutoModelForCausalLM.from_pretrained(
+            sft_dir, config=config, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code)
+
+    policy = from_folder()
+    if recipe.lora is not None:
+        from sft.lora import build_lora_config
+
+        peft_config, coverage = build_lora_config(recipe.lora, policy)
+        return policy, None, peft_config, coverage, "lora (new adapter on the SFT weights)"
+    return policy, from_folder(), None, None, "full"
+
+
+# -------------------------------------------------------------------- train
+def train(recipe: Recipe, sft_dir: Path, pairs, output_dir: Path) -> dict[str, Any]:
+    from pipeline.student import load_tokenizer, mamba_path, resolve_model_folder
+
+    sft_dir = resolve_model_folder(sft_dir, "--sft")
+    args = dpo_config(recipe, output_dir)
+    tokenizer = load_tokenizer(recipe.model)
+    policy, reference, peft_config, coverage, mode = load_policy(recipe, sft_dir, tokenizer)
+    plugin = getattr(args, "deepspeed_plugin", None)
+    if (coverage is not None and args.gradient_checkpointing and recipe.activation_loss.alpha > 0
+            and plugin is not None and plugin.zero_stage == 3):
+        # TRL switches LoRA + ZeRO-3 + checkpointing to reentrant checkpointing, under
+        # which the activation loss silently adds no gradient.
+        raise RecipeError(f"recipe {recipe.path}: dpo.gradient_checkpointing: LoRA under ZeRO-3 makes TRL "
+                          "use reentrant checkpointing, which drops the activation loss's gradient; turn "
+                          "checkpointing off or use ZeRO-2")
+
+    callbacks = []
+    if coverage is not None:
+        from sft.lora import GradientCoverageCallback
+
+        callbacks.append(GradientCoverageCallback(coverage))
+
+    penalty = None
+    if recipe.activation_loss.alpha > 0:
+        from activation_loss.term import ActivationLoss, ActivationLossCallback
+
+        # Hooks on the policy only: the reference is frozen and not penalised.
+        penalty = ActivationLoss(policy, recipe.activation_loss)
+        callbacks.append(ActivationLossCallback(penalty))
+
+    trainer = make_trainer_class()(
+        model=policy,
+        ref_model=reference,
+        args=args,
+        train_dataset=pairs,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+        activation_loss=penalty,
+    )
+    if penalty is not None:
+        penalty.attach(trainer.model)
+    started = time.perf_counter()
+    result = trainer.train()
+    runtime = time.perf_counter() - started
+
+    # ----------------------------------------------------------------- save
+    final_dir = output_dir / "final"
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if "ref" in getattr(model, "peft_config", {}):
+        # TRL's frozen copy of the SFT adapter: not part of the result.
+        model.delete_adapter("ref")
+    trainer.save_model(str(final_dir))
+    metrics: dict[str, Any] = dict(result.metrics)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(final_dir)
+        rows = [r for r in trainer.state.log_history if "rewards/margins" in r and "loss" in r]
+        curve = [{"step": r["step"], **{k: r[k] for k in CURVE_KEYS if k in r},
+                  **{k: v for k, v in r.items() if k.startswith("activation")}} for r in rows]
+        write_json(output_dir / "dpo_curve.json", curve)
+        plot_curve(curve, output_dir / "dpo_curve.png")
+        first, last = (curve[0], curve[-1]) if curve else ({}, {})
+        metrics.update({
+            "enabled": True,
+            "sft_model": str(sft_dir),
+            "mode": mode,
+            "mamba_path": mamba_path(model),
+            "pairs": len(pairs),
+            "global_step": trainer.state.global_step,
+            "train_seconds": round(runtime, 1),
+            "margin_first": first.get("rewards/margins"),
+            "margin_last": last.get("rewards/margins"),
+            "accuracy_first": first.get("rewards/accuracies"),
+            "accuracy_last": last.get("rewards/accuracies"),
+            "loss_first": first.get("loss"),
+            "loss_last": last.get("loss"),
+            "beta": args.beta,
+        })
+        if penalty is not None:
+            metrics["activation_loss"] = penalty.summary()
+        write_json(output_dir / "lora_coverage.json", coverage or {"lora": False})
+        write_json(output_dir / "dpo_metrics.json", metrics)
+        log.info("DPO %d steps on %d pairs, margin %s -> %s, accuracy %s -> %s; saved %s",
+                 metrics["global_step"], len(pairs), metrics["margin_first"], metrics["margin_last"],
+                 metrics["accuracy_first"], metrics["accuracy_last"], final_dir)
+    if penalty is not None:
+        penalty.detach()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # ZeRO-3 under the deepspeed launcher exits 250 unless the group is destroyed.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return metrics
+
+
+def plot_curve(curve: list[dict], path: Path, note: str | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
+    steps = [r["step"] for r in curve]
+    top.plot(steps, [r.get("rewards/margins") for r in curve], marker="o")
+    top.set_ylabel("reward margin")
+    top.axhline(0, color="grey", linewidth=0.5)
+    bottom.plot(steps, [r.get("rewards/accuracies") for r in curve], marker="o", color="tab:green")
+    bottom.set_ylabel("reward accuracy")
+    bottom.set_xlabel("step")
+    bottom.set_ylim(-0.05, 1.05)
+    top.set_title(note or "DPO: chosen vs rejected implicit reward")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
