@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.recipe import add_recipe_arguments, load_recipe
-from pipeline.records import read_json, write_json
+from pipeline.records import InputError, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,12 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     before, after = read_json(args.before), read_json(args.after)
+    for path, scores in ((args.before, before), (args.after, after)):
+        if not isinstance(scores, dict) or not isinstance(scores.get("scores"), dict):
+            raise InputError(f"{path}: not a posttrain eval scores.json (expected an object with `scores`)")
     audit = read_json(args.audit) if Path(args.audit).is_file() else None
+    if audit is not None and not isinstance(audit, dict):
+        raise InputError(f"{args.audit}: not a posttrain audit report (expected an object)")
     report = eval_report(before, after, recipe)
     write_json(args.report, report)
     plot_dir = Path(args.report).parent / "plots"

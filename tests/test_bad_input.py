@@ -46,6 +46,8 @@ def inputs(ws: Path, good: dict) -> dict[str, Path]:
     files["empty"].write_text("")
     files["broken"].write_text(json.dumps(GOOD) + "\n" + '{"id": "b2", "messages": [\n')
     files["shape"].write_text(json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "id": "odd-2", "messages": "hello"}) + "\n")
+    files["list"] = ws / "list.json"
+    files["list"].write_text("[1, 2]\n")
     notmodel = ws / "notmodel"
     notmodel.mkdir()
     (notmodel / "config.json").write_text('{"hidden_size": 8}')
@@ -56,6 +58,11 @@ def inputs(ws: Path, good: dict) -> dict[str, Path]:
         folder.mkdir(parents=True)
         shutil.copy(files[kind], folder / "accepted.jsonl")
     return files
+
+
+def gate(ws: Path, scores: Path) -> list[str]:
+    return ["gate", str(RECIPE), "--before", str(scores), "--after", str(scores), "--audit", str(ws / "nope.json"),
+            "--report", str(ws / "out" / "eval_report.json"), "--out", str(ws / "out")]
 
 
 def rows():
@@ -114,6 +121,33 @@ def rows():
         ("export-wrong-type", lambda ws, f: ["export", R, "--set", "export.tolerance=tight", "--model", str(f["notmodel"]),
                                             "--out", str(ws / "out")],
          ["export.tolerance"], "out/export_report.json"),
+        ("prefs-missing", lambda ws, f: ["prefs", R, "--synth", str(ws / "nope"), "--dedup", str(ws / "nope"),
+                                        "--out", str(ws / "out")],
+         ["nope", "steerability", "accepted.jsonl"], "out/pairs.jsonl"),
+        ("prefs-wrong-type", lambda ws, f: ["prefs", R, "--set", "prefs.pipelines=[chat]", "--out", str(ws / "out")],
+         ["prefs.pipelines"], "out/pairs.jsonl"),
+        ("dpo-not-a-model", lambda ws, f: ["dpo", R, "--sft", str(f["notmodel"]), "--pairs", str(f["broken"]),
+                                          "--output-dir", str(ws / "out")],
+         ["--sft", "notmodel", "config"], "out/dpo_metrics.json"),
+        ("dpo-missing-model", lambda ws, f: ["dpo", R, "--sft", str(ws / "nope"), "--pairs", str(f["broken"]),
+                                            "--output-dir", str(ws / "out")],
+         ["--sft", "nope", "no such folder"], "out/dpo_metrics.json"),
+        ("dpo-wrong-type", lambda ws, f: ["dpo", R, "--set", "dpo.beta=high", "--sft", str(f["notmodel"]),
+                                         "--output-dir", str(ws / "out")],
+         ["dpo.beta"], "out/dpo_metrics.json"),
+        ("eval-not-a-model", lambda ws, f: ["eval", R, "--model", str(f["notmodel"]), "--out", str(ws / "out")],
+         ["--model", "notmodel", "config"], "out/scores.json"),
+        ("eval-missing-model", lambda ws, f: ["eval", R, "--model", str(ws / "nope"), "--out", str(ws / "out")],
+         ["nope", "no such folder"], "out/scores.json"),
+        ("eval-wrong-type", lambda ws, f: ["eval", R, "--set", "eval.batch_size=many", "--model", "base",
+                                          "--out", str(ws / "out")],
+         ["eval.batch_size"], "out/scores.json"),
+        ("gate-missing", lambda ws, f: gate(ws, f["missing"]), ["missing.jsonl", "no such file"], "out/gate_report.json"),
+        ("gate-empty", lambda ws, f: gate(ws, f["empty"]), ["empty.jsonl"], "out/gate_report.json"),
+        ("gate-broken", lambda ws, f: gate(ws, f["broken"]), ["broken.jsonl:2", "not valid JSON"], "out/gate_report.json"),
+        ("gate-wrong-shape", lambda ws, f: gate(ws, f["list"]), ["list.json", "scores"], "out/gate_report.json"),
+        ("gate-wrong-type", lambda ws, f: gate(ws, f["list"]) + ["--set", "gate.max_retention_drop=lots"],
+         ["gate.max_retention_drop"], "out/gate_report.json"),
     ]
     for verb in ("push", "pull"):
         out = ["--out", None] if verb == "pull" else []

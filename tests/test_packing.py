@@ -235,8 +235,11 @@ def test_packing_is_refused_for_mamba_models_it_does_not_handle(tmp_path):
     from pipeline.recipe import RecipeError, load_recipe
     from sft.train import check_recipe
 
+    from pipeline.records import write_jsonl
+    from stage_outputs import needle_records
+
     Mamba2Config(hidden_size=64, num_hidden_layers=2, num_heads=2, head_dim=64).save_pretrained(tmp_path / "m2")
-    (tmp_path / "train.jsonl").write_text("")
+    write_jsonl(tmp_path / "train.jsonl", needle_records(tmp_path / "needle", 1, (512,)))
     for name, model in (("jamba", {"tiny": {}, "tokenizer": "teacher"}),
                         ("mamba2", {"name_or_path": str(tmp_path / "m2")})):
         path = tmp_path / f"{name}.yaml"
