@@ -20,7 +20,8 @@ import pytest
 from chat_tokenizers import gemma3_dir, qwen3_dir
 from fixtures_chat import TEST_TINY, WEATHER_TOOL, chat_records, tiny_recipe, write_recipe
 from pipeline.cli import main as cli
-from pipeline.records import make_record, read_json, write_jsonl
+from pipeline.contract import make_record
+from pipeline.records import read_json, write_jsonl
 
 GEMMA3_IT = Path(__import__("trl").__file__).parent / "chat_templates" / "gemma3.jinja"
 CHATML_TURN = r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)"
@@ -51,7 +52,8 @@ def parallel_record():
         {"role": "tool", "content": json.dumps({"city": "Rome", "celsius": 25})},
         {"role": "assistant", "content": "Paris 18C, Rome 25C."},
     ]
-    return make_record("fixture", messages, meta={"index": "parallel"}, tools=[WEATHER_TOOL])
+    meta = {"index": "parallel", "validators": {"by_code": {"passed": True, "score": None, "reason": None}}}
+    return make_record("fixture", messages, meta=meta, tools=[WEATHER_TOOL])
 
 
 def folder_of(name):

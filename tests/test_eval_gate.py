@@ -166,9 +166,10 @@ def test_dvc_repro_gate_blocks_a_destructive_run_and_export_does_not_run(tmp_pat
     recipe["mix"] = {"eval_fraction": 0.3}
     recipe["audit"] = {"num_batches": 1, "batch_size": 2, "max_length": 128}
     recipe["sft"]["learning_rate"] *= 20  # the destructive part
+    recipe["sft"]["max_steps"] = 20  # at 20x the rate the damage is done within a few steps
     recipe["eval"].update(engine="transformers", length_buckets=[1024],
-                          retention={"count": 1, "tasks": ["niah_single_1", "niah_multikey_2"]},
-                          tool_calls={"count": 2}, ifeval={"count": 4, "max_tokens": 128})
+                          retention={"count": 1, "tasks": ["niah_single_1"]},
+                          tool_calls={"count": 1, "max_tokens": 96}, ifeval={"count": 2, "max_tokens": 96})
     (repo / "recipes/ci-destructive.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     (repo / "params.yaml").write_text((repo / "params.yaml").read_text().replace(
         "recipes/tiny-cpu.yaml", "recipes/ci-destructive.yaml"))
@@ -202,7 +203,7 @@ def test_smollm2_lora_on_tool_use_data_changes_heldout_tool_call_accuracy(tmp_pa
     recipe["sft"].update(output_dir=str(tmp_path / "sft"), max_steps=30)
     recipe["eval"] = {"engine": "transformers", "cache_dir": str(tmp_path / "eval-cache"),
                       "heldout_files": [], "retention": {"enabled": False},
-                      "ifeval": {"enabled": False}, "tool_calls": {"count": 6}}
+                      "ifeval": {"enabled": False}, "tool_calls": {"count": 3, "max_tokens": 96}}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     run = [str(path)]
