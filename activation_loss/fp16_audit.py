@@ -51,48 +51,10 @@ def main(args) -> int:
 # ---------------------------------------------------------------------- loading
 def load_model(recipe: Recipe, model_path: str | None):
     """(model in float32, eval mode, tokenizer, description of what was loaded)."""
-    from pipeline.student import (
-        check_model_folder, config_overrides, has_mamba_layers, load_student, load_tokenizer,
-        resolve_model_folder,
-    )
+    from pipeline.student import load_for_inference
 
-    path = Path(model_path) if model_path else None
-    if path is not None:
-        check_model_folder(path, trust_remote_code=recipe.model.trust_remote_code)
-        path = resolve_model_folder(path)  # the dpo stage's pointer when DPO is off
-    has_tokenizer = path is not None and (path / "tokenizer_config.json").is_file()
-    if has_tokenizer:
-        from transformers import AutoTokenizer
-
-        # Saved by train with the template it trained in.
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-    else:
-        tokenizer = load_tokenizer(recipe.model)
-
-    if path is None:
-        model, source = load_student(recipe.model, tokenizer), "recipe student"
-    elif (path / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        base = load_student(recipe.model, tokenizer)
-        model = PeftModel.from_pretrained(base, path).merge_and_unload()
-        source = f"adapter {path} merged into the recipe student"
-    elif (path / "config.json").is_file():
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        config = AutoConfig.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
-        if has_mamba_layers(config):
-            for key, value in config_overrides(recipe.model).items():
-                setattr(config, key, value)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, config=config, dtype=torch.float32, trust_remote_code=recipe.model.trust_remote_code
-        )
-        source = f"model {path}"
-    else:
-        raise RecipeError(f"--model {model_path}: neither a model (config.json) nor an adapter folder")
-    return on_gpu_if_it_fits(model.float().eval()), tokenizer, source
+    model, tokenizer, source = load_for_inference(recipe.model, model_path)
+    return on_gpu_if_it_fits(model), tokenizer, source
 
 
 def on_gpu_if_it_fits(model: nn.Module) -> nn.Module:

@@ -99,51 +99,14 @@ def suite_configs(recipe: Recipe) -> dict[str, Any]:
 # -------------------------------------------------------------------- the model
 def load_model(recipe: Recipe, spec: str):
     """(float32 model in eval mode, its training tokenizer, a description)."""
-    from pipeline.student import (
-        check_model_folder,
-        config_overrides,
-        has_mamba_layers,
-        load_student,
-        load_tokenizer,
-        resolve_model_folder,
-    )
+    from pipeline.student import load_for_inference
 
     if spec == "base":
-        tokenizer = load_tokenizer(recipe.model)
-        return load_student(recipe.model, tokenizer).float().eval(), tokenizer, "base (the recipe's student)"
-    path = Path(spec)
-    if not path.is_dir():
+        model, tokenizer, _ = load_for_inference(recipe.model, None)
+        return model, tokenizer, "base (the recipe's student)"
+    if not Path(spec).is_dir():
         raise RecipeError(f"--model {spec}: not 'base' and no such folder")
-    check_model_folder(path, trust_remote_code=recipe.model.trust_remote_code)
-    path = resolve_model_folder(path)  # outputs/dpo/final points to SFT's when DPO is off
-    if (path / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
-        # Training saves its tokenizer (with the training template) next to the model.
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-    else:
-        tokenizer = load_tokenizer(recipe.model)
-    if (path / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        base = load_student(recipe.model, tokenizer)
-        model = PeftModel.from_pretrained(base, path).merge_and_unload()
-        source = f"adapter {path} merged into the recipe's student"
-    elif (path / "config.json").is_file():
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        config = AutoConfig.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
-        if has_mamba_layers(config):
-            for key, value in config_overrides(recipe.model).items():
-                setattr(config, key, value)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, config=config, dtype=torch.float32, trust_remote_code=recipe.model.trust_remote_code)
-        source = f"model {path}"
-    else:
-        raise RecipeError(f"--model {spec}: neither a model (config.json) nor an adapter folder")
-    return model.float().eval(), tokenizer, source
+    return load_for_inference(recipe.model, spec)
 
 
 def weights_digest(model, tokenizer) -> str:

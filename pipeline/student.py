@@ -235,3 +235,44 @@ def load_student(section: ModelSection, tokenizer):
         type(model).__name__, params / 1e6, path_taken,
     )
     return model
+
+
+def load_for_inference(section: ModelSection, model_path: str | os.PathLike | None):
+    """(float32 model in eval mode, its training tokenizer, what was loaded) for the
+    stages that read a trained model (audit, eval): a model folder, an adapter folder
+    (merged into the recipe's student), a pointer folder (followed), or None for the
+    recipe's student as built."""
+    from pathlib import Path
+
+    path = Path(model_path) if model_path is not None else None
+    if path is not None:
+        check_model_folder(path, trust_remote_code=section.trust_remote_code)
+        path = resolve_model_folder(path)  # the dpo stage's pointer when DPO is off
+    if path is not None and (path / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        # Training saves its tokenizer, with the template it trained in, beside the model.
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    else:
+        tokenizer = load_tokenizer(section)
+
+    if path is None:
+        model, source = load_student(section, tokenizer), "the recipe's student"
+    elif (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(load_student(section, tokenizer), path).merge_and_unload()
+        source = f"adapter {path} merged into the recipe's student"
+    else:  # check_model_folder made sure config.json is a model's
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(path, trust_remote_code=section.trust_remote_code)
+        if has_mamba_layers(config):
+            for key, value in config_overrides(section).items():
+                setattr(config, key, value)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=torch.float32, trust_remote_code=section.trust_remote_code)
+        source = f"model {path}"
+    return model.float().eval(), tokenizer, source
