@@ -142,8 +142,9 @@ def test_dvc_repro_runs_every_stage_and_conserves_counts(tmp_path):
     text = recipe_path.read_text()
     recipe_path.write_text(text.replace("learning_rate: 0.001", "learning_rate: 0.002"))
     assert changed_stages(repo) == {"sft"}
-    # dpo (off) rewrites its pointer, which carries the SFT folder's hash.
-    assert repro(repo) == {"sft", "dpo", "audit", "export", "plots"}
+    # dpo (off) rewrites its pointer, which carries the SFT folder's hash; the trained
+    # model is scored again and gated; eval_base (the untrained student) is not rerun.
+    assert repro(repo) == {"sft", "dpo", "audit", "eval", "gate", "export", "plots"}
 
     # One pipeline's count changes that pipeline's stage only; DVC then reruns what
     # depends on its outputs.

@@ -22,9 +22,11 @@ FP16_MAX = 65504.0
 PLANT_AT = 2e4
 GENERATE = {
     "teacher": {"engine": "transformers", "model": "teacher", "threads": 1, "batch_size": 8},
-    "generate": {"steerability": {"count": 6, "n": 4, "conversations": 0, "max_tokens": 96,
-                                  "kinds": ["lowercase", "no_commas", "end_phrase", "max_words",
-                                            "include_keywords"]}},
+    # One instruction per prompt, of kinds the 135M teacher sometimes follows and room
+    # to finish: prompts with a passing and a failing sample (measured: 6 pairs of 8).
+    "generate": {"steerability": {"count": 8, "n": 4, "conversations": 0, "max_tokens": 160,
+                                  "max_constraints": 1,
+                                  "kinds": ["english_only", "exclude_keywords", "max_words", "placeholders"]}},
     "dedup": {},
     "prefs": {"pipelines": ["steerability"]},
 }
