@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from pipeline.recipe import Section
+from pipeline.recipe import RecipeError, Section
 from pipeline.contract import make_record
 from pipeline import sources
 from synth_data.chat import repeated_lines, repetition, strip_label
@@ -106,9 +106,10 @@ def pack_context(names: tuple[str, ...], gold: int, bucket: int, cfg: Config, rn
             chosen.append(i)
             used += t
     if used <= lower:
-        raise ValueError(
-            f"doc_qa: sources {list(names)} hold ~{used} tokens around {docs[gold]['id']}, too little"
-            f" for bucket {bucket} ({lower}, {upper}]; add sources or use smaller length_buckets"
+        raise RecipeError(
+            f"generate.doc_qa.length_buckets: sources {list(names)} hold ~{used} tokens around "
+            f"{docs[gold]['id']}, too little for bucket {bucket} ({lower}, {upper}]; add sources or "
+            "change the buckets"
         )
     rng.shuffle(chosen)
     return [docs[i]["id"] for i in chosen]
