@@ -58,7 +58,7 @@ test: setup $(VENV)/.chat-tokenizers
 	$(VENV)/bin/pytest -v --durations=20
 
 test-fast: setup $(VENV)/.chat-tokenizers
-	$(VENV)/bin/pytest -m "not slow"
+	$(VENV)/bin/pytest -m "not slow and not proof"
 
 # The local Argilla server (review UI) on 127.0.0.1:6900; credentials in .argilla/.
 argilla: setup

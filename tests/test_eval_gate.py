@@ -193,7 +193,9 @@ def test_dvc_repro_gate_blocks_a_destructive_run_and_export_does_not_run(tmp_pat
 
 
 # ------------------------------------------------- a real effect, on real weights
-@pytest.mark.slow
+# Generation, two evals and 30 SmolLM2 steps take longer than the suite can spare on a
+# 2-core CI machine: run it with `pytest -m proof`.
+@pytest.mark.proof
 def test_smollm2_lora_on_tool_use_data_changes_heldout_tool_call_accuracy(tmp_path):
     """LoRA SFT of SmolLM2-135M-Instruct on the pipeline's own tool_use records, then
     BFCL's held-out slice before vs after. The delta is printed with its counts
