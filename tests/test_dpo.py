@@ -179,11 +179,13 @@ def test_dpo_off_writes_a_pointer_that_audit_and_export_follow(tmp_path, teacher
 
 @pytest.mark.slow
 def test_dpo_trains_under_deepspeed_zero2_with_2_cpu_processes(dpo_run, tmp_path):
+    import math
     import os
     import subprocess
     import sys
     from pathlib import Path
 
+    from safetensors.torch import load_file
     from test_deepspeed import ROOT, free_port
 
     root, recipe = dpo_run
@@ -198,6 +200,12 @@ def test_dpo_trains_under_deepspeed_zero2_with_2_cpu_processes(dpo_run, tmp_path
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     curve = read_json(out / "dpo_curve.json")
-    assert [r["step"] for r in curve] == [2, 4] and curve[-1]["rewards/margins"] > curve[0]["rewards/margins"]
+    # Four steps over different pairs on each rank: the margin need not rise yet (the
+    # single-process test checks that); what must hold is that both ranks trained the
+    # adapter, every adapted module got a gradient, and the adapter moved off SFT's.
+    assert [r["step"] for r in curve] == [2, 4]
+    assert all(math.isfinite(r["rewards/margins"]) and r["activation_loss"] > 0 for r in curve)
     assert read_json(out / "lora_coverage.json")["no_gradient"] == []
-    assert (out / "final" / "adapter_model.safetensors").is_file()
+    trained = load_file(out / "final" / "adapter_model.safetensors")
+    sft = load_file(root / "sft" / "final" / "adapter_model.safetensors")
+    assert set(trained) == set(sft) and any(not torch.equal(trained[k], sft[k]) for k in sft)
