@@ -164,6 +164,7 @@ def test_dvc_repro_gate_blocks_a_destructive_run_and_export_does_not_run(tmp_pat
     recipe["generate"]["needle"]["length_buckets"] = [512]
     recipe["generate"]["doc_qa"]["long_fraction"] = 0.0  # SmolLM2's own template leaves a 512 bucket unfillable
     recipe["generate"]["tool_use"]["heldout_fraction"] = 0.1  # a DVC param of dedup and eval
+    recipe["dedup"] = {}
     recipe["review"] = {"mode": "off"}
     recipe["mix"] = {"eval_fraction": 0.3}
     recipe["audit"] = {"num_batches": 1, "batch_size": 2, "max_length": 128}
