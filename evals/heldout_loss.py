@@ -2,9 +2,12 @@
 
 The eval split (data/mix/eval.jsonl) holds records of every category the SFT mix
 draws (conversational / skill / long-context) that training never saw. Each record is
-rendered with the training template, exactly as SFT renders it, and the loss is the
-mean token-level cross-entropy (nats) over the assistant tokens only (the tokens
-`assistant_only_loss` trains on). Means are over tokens, per category and overall, so
+rendered with the training template and masked exactly as SFT masks it
+(pipeline.chat_template.encode_conversation, which works for templates without
+`{% generation %}` markers too), and the loss is the mean token-level cross-entropy
+(nats) over the assistant tokens only. A record the template cannot render faithfully
+(SmolLM2's own template drops tools) cannot train either; it is counted under
+`unrenderable`, not scored. Means are over tokens, per category and overall, so
 a long record weighs by its length as it does in training.
 
 Lower is better: a trained model that learned the mix ends below the base; a run that
@@ -20,18 +23,17 @@ from typing import Any
 import torch
 
 from pipeline.categories import category_of
+from pipeline.chat_template import BadRecord, encode_conversation, turn_end
 
 NAME = "heldout_loss"
 
 
-def assistant_tokens(tokenizer, record: dict[str, Any], max_length: int) -> tuple[list[int], list[int]]:
-    """(input ids, 1 where the token is an assistant token) with the training template."""
-    enc = tokenizer.apply_chat_template(
-        record["messages"], tools=record.get("tools") or None, tokenize=True,
-        return_dict=True, return_assistant_tokens_mask=True,
-    )
-    ids, mask = list(enc["input_ids"]), list(enc["assistant_masks"])
-    return ids[:max_length], mask[:max_length]
+def assistant_tokens(tokenizer, record: dict[str, Any], max_length: int,
+                     marker: str | None = None) -> tuple[list[int], list[int]]:
+    """(input ids, 1 where the token is an assistant token) as SFT renders and masks
+    the record. Raises BadRecord when the template cannot render it."""
+    enc = encode_conversation(tokenizer, record["messages"], record.get("tools") or None, marker)
+    return enc["input_ids"][:max_length], enc["assistant_masks"][:max_length]
 
 
 @torch.inference_mode()
@@ -55,10 +57,15 @@ def evaluate(model, tokenizer, records: list[dict[str, Any]], mix_cfg, max_lengt
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     records_per: dict[str, int] = defaultdict(int)
-    items = []
+    items, unrenderable = [], 0
+    marker = turn_end(tokenizer)
     for record in records:
         category = category_of(record, mix_cfg)
-        ids, mask = assistant_tokens(tokenizer, record, max_length)
+        try:
+            ids, mask = assistant_tokens(tokenizer, record, max_length, marker)
+        except BadRecord:
+            unrenderable += 1
+            continue
         total, n = record_loss(model, ids, mask)
         items.append({"id": record.get("id"), "category": category, "tokens": n,
                       "loss": round(total / n, 4) if n else None})
@@ -72,4 +79,5 @@ def evaluate(model, tokenizer, records: list[dict[str, Any]], mix_cfg, max_lengt
     metrics["perplexity"] = round(math.exp(metrics["overall"]), 2) if all_tokens else None
     metrics["tokens"] = {c: counts[c] for c in sorted(counts)}
     metrics["records"] = {c: records_per[c] for c in sorted(records_per)}
+    metrics["unrenderable"] = unrenderable
     return {"metrics": metrics, "items": items}

@@ -67,8 +67,9 @@ PIPELINES: dict[str, str] = {
     "chat": "synth_data.chat",
 }
 
-# Codes any pipeline may use besides its own list: malformed teacher output.
-COMMON_REASONS = ("empty", "truncated")
+# Codes any pipeline may use besides its own list: malformed teacher output, or a
+# sample identical to one already accepted for the same prompt.
+COMMON_REASONS = ("empty", "truncated", "duplicate_sample")
 
 
 def load_pipeline(name: str) -> ModuleType:
@@ -171,7 +172,7 @@ def run(module: ModuleType, cfg: Any, engine: Any, out_dir: Path) -> dict[str, A
     if len(candidates) != generated:
         raise AssertionError(f"{name}.validate returned {len(candidates)} of {generated} candidates")
 
-    accepted, rejected = [], []
+    accepted, rejected, kept_ids = [], [], set()
     for c in candidates:
         if "reject_reason" not in c:
             raise AssertionError(f"{name}.validate left a candidate without reject_reason")
@@ -181,7 +182,13 @@ def run(module: ModuleType, cfg: Any, engine: Any, out_dir: Path) -> dict[str, A
             if record.get("reject_reason"):
                 validators = {**c["validators"], "post_edit": verdict(record["reject_reason"])}
                 c = {**c, "reject_reason": record["reject_reason"], "validators": validators}
+            elif record["id"] in kept_ids:
+                # Two samples of one prompt can come out identical; the contract wants
+                # one record per id, and a second copy teaches nothing new.
+                c = {**c, "reject_reason": "duplicate_sample",
+                     "validators": {**c["validators"], "duplicate_sample": verdict("duplicate_sample")}}
             else:
+                kept_ids.add(record["id"])
                 accepted.append(record)
                 continue
         if c["reject_reason"] not in allowed:

@@ -149,6 +149,37 @@ def test_gate_blocks_with_one_message_naming_each_failed_check(tiny_chain):
     assert read_json(work / "gate/gate_report.json")["passed"] is False
 
 
+# ----------------------------------------------- held-out loss = the loss SFT trains on
+def test_heldout_loss_is_the_sft_loss_in_a_template_without_generation_markers(teacher_dir):
+    """SmolLM2's own template has no {% generation %} markers, so the assistant mask
+    must come from the render as in training; records it cannot render (tools) are
+    counted, not scored."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evals import heldout_loss
+    from fixtures_chat import chat_records
+    from pipeline.chat_template import apply_training_template
+    from sft.train import tokenize_conversations
+
+    recipe = load_recipe(ROOT / "recipes/smollm2-lora-cpu.yaml")
+    tokenizer = apply_training_template(AutoTokenizer.from_pretrained(teacher_dir))
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+    records = chat_records(8)
+    result = heldout_loss.evaluate(model, tokenizer, records, recipe.mix, max_length=512)
+
+    rows, skipped = tokenize_conversations(records, tokenizer, recipe, "eval")
+    assert result["metrics"]["unrenderable"] == len(skipped) > 0
+    scored = [item for item in result["items"]]
+    assert len(scored) == len(rows) == len(records) - len(skipped)
+    for item, ids, mask in zip(scored, rows["input_ids"], rows["assistant_masks"]):
+        labels = torch.tensor([[t if m else -100 for t, m in zip(ids, mask)]])
+        with torch.inference_mode():
+            sft_loss = model(input_ids=torch.tensor([ids]), labels=labels).loss.item()
+        assert item["loss"] == pytest.approx(sft_loss, rel=1e-4, abs=1e-4)  # rounded to 4 places
+    assert result["metrics"]["overall"] is not None and 0 < result["metrics"]["overall"] < 10
+
+
 # ------------------------------------------------------ the destructive run, via DVC
 @pytest.mark.slow
 def test_dvc_repro_gate_blocks_a_destructive_run_and_export_does_not_run(tmp_path):

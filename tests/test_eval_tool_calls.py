@@ -62,7 +62,8 @@ def test_items_are_deterministic_and_the_default_fraction_is_generations():
 def test_items_render_with_the_training_template(teacher_dir, items):
     from transformers import AutoTokenizer
 
-    tokenizer = apply_training_template(AutoTokenizer.from_pretrained(teacher_dir))
+    # The default student (model.tiny) trains in the project's ChatML template.
+    tokenizer = apply_training_template(AutoTokenizer.from_pretrained(teacher_dir), built_from_config=True)
     item = items["bfcl/simple_python_104"]
     text = tokenizer.apply_chat_template(item["messages"], tools=item["tools"], add_generation_prompt=True,
                                          tokenize=False)

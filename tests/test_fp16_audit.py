@@ -69,7 +69,7 @@ def test_audit_of_the_recipe_student_reports_every_site(tmp_path, teacher_dir):
     )
     assert cli(["audit", str(recipe), "--out", str(tmp_path / "out")]) == 0
     report = json.loads((tmp_path / "out" / "fp16_audit.json").read_text())
-    assert report["fp16_safe"] is True and report["model"] == "recipe student"
+    assert report["fp16_safe"] is True and report["model"] == "the recipe's student"
     assert len(report["max_abs_per_layer"]["layers"]) == 8
     assert {key.split(".")[0] for key in report["max_abs_per_layer"]["experts"]} == {"1", "3", "5", "7"}
     assert report["tokens"] > 0 and report["logits"]["nonfinite_fp16"] == 0
