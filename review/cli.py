@@ -7,6 +7,9 @@
   pull    read the reviews back: reviewed.jsonl, rejected.jsonl, pending.jsonl,
           review_stats.json
 
+push and pull take `--pairs data/prefs/pairs.jsonl` to review prefs' preference
+pairs instead of records (own datasets; pull writes to data/prefs/review).
+
 push and pull talk to ARGILLA_API_URL with ARGILLA_API_KEY when set, otherwise to
 the local server started by `serve` (its credentials are in .argilla/).
 """
@@ -44,15 +47,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     push = sub.add_parser("push", help="send validated candidates to Argilla for review",
                           description="Send validated candidates to Argilla (one dataset per pipeline).")
     add_recipe_arguments(push)
-    push.add_argument("--input", nargs="+", default=DEFAULT_INPUT, metavar="JSONL",
+    what = push.add_mutually_exclusive_group()
+    what.add_argument("--input", nargs="+", default=DEFAULT_INPUT, metavar="JSONL",
                       help="candidate records, globs allowed (default: %(default)s)")
+    what.add_argument("--pairs", nargs="+", metavar="JSONL",
+                      help="preference pairs (posttrain prefs' pairs.jsonl) instead of records")
 
     pull = sub.add_parser("pull", help="read reviews back into reviewed/rejected/pending records + stats",
                           description="Read reviews back; every input record ends in one bucket.")
     add_recipe_arguments(pull)
-    pull.add_argument("--input", nargs="+", default=DEFAULT_INPUT, metavar="JSONL",
+    what = pull.add_mutually_exclusive_group()
+    what.add_argument("--input", nargs="+", default=DEFAULT_INPUT, metavar="JSONL",
                       help="the records that were pushed, globs allowed (default: %(default)s)")
-    pull.add_argument("--out", default="data/review", help="output folder (default: %(default)s)")
+    what.add_argument("--pairs", nargs="+", metavar="JSONL",
+                      help="the preference pairs that were pushed, instead of records")
+    pull.add_argument("--out", help="output folder (default: data/review; with --pairs data/prefs/review)")
 
 
 def main(args: argparse.Namespace) -> int:

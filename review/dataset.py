@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import glob
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,23 +36,27 @@ class ReviewInputError(InputError):
 
 
 # ---------------------------------------------------------------------- inputs
-def load_candidates(patterns: list[str]) -> dict[str, list[dict[str, Any]]]:
-    """Records from JSONL files (globs allowed), grouped by pipeline, checked for shape."""
+def load_candidates(
+    patterns: list[str], check: Callable[[Any, str], Any] = check_record, option: str = "--input",
+) -> dict[str, list[dict[str, Any]]]:
+    """Records from JSONL files (globs allowed), grouped by pipeline, each passed to
+    `check` (the record contract; review.pairs.check_pair for pairs). `option` names
+    the command-line option in errors."""
     paths = []
     for pattern in patterns:
         matched = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
         if not matched:
-            raise ReviewInputError(f"--input {pattern}: matches no file")
+            raise ReviewInputError(f"{option} {pattern}: matches no file")
         paths += matched
     by_pipeline: dict[str, list[dict[str, Any]]] = {}
     seen: dict[str, str] = {}
     for path in paths:
         if not Path(path).is_file():
-            raise ReviewInputError(f"--input {path}: no such file")
+            raise ReviewInputError(f"{option} {path}: no such file")
         for number, record in enumerate(iter_jsonl(path), 1):
             where = f"{path}:{number}"
             try:
-                check_record(record, where)
+                check(record, where)
             except RecordError as exc:
                 raise ReviewInputError(str(exc)) from None
             if record["id"] in seen:

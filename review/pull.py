@@ -18,6 +18,10 @@ rejected.jsonl, pending.jsonl and review_stats.json, all at the end and atomical
 so a failure mid-way leaves the previous outputs untouched. Reviews keep changing
 on the server while the inputs do not, so DVC cannot see new reviews: rerun the
 stage with `dvc repro --force review_pull`. Rerunning is always safe.
+
+With `--pairs`, prefs' preference pairs come back the same way, into the same four
+files (by default under data/prefs/review); a reviewer's correction of a pair is a
+swap of chosen and rejected (review/pairs.py).
 """
 
 from __future__ import annotations
@@ -25,12 +29,14 @@ from __future__ import annotations
 import copy
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pipeline.contract import check_record
 from pipeline.recipe import load_recipe
 from pipeline.records import write_json, write_jsonl
+from review import pairs
 from review.dataset import CORRECTION, QUALITY, VERDICT, dataset_name, load_candidates, sample_for_review
 from review.server import ReviewServerError, argilla_client, reachable_server
 
@@ -40,16 +46,22 @@ BUCKETS = ("accepted", "rejected", "corrected", "pending")
 def main(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     cfg = recipe.review
-    candidates = load_candidates(args.input)
+    if getattr(args, "pairs", None):  # namespaces built by hand (tests, bench) review records
+        candidates = load_candidates(args.pairs, pairs.check_pair, "--pairs")
+        name, judge, apply = pairs.dataset_name, pairs.human_decision, pairs.apply_decision
+        out = Path(args.out or "data/prefs/review")
+    else:
+        candidates = load_candidates(args.input)
+        name, judge, apply = dataset_name, human_decision, apply_decision
+        out = Path(args.out or "data/review")
     conn, note = reachable_server(cfg.mode)
     reviews: dict[str, dict[str, dict[str, dict]]] = {}
     if conn is not None:
         client = argilla_client(conn)
         for pipeline in candidates:
-            reviews[pipeline] = fetch_reviews(client, cfg, pipeline)
+            reviews[pipeline] = fetch_reviews(client, cfg, name(cfg.dataset_prefix, pipeline))
 
-    out = Path(args.out)
-    buckets, stats = decide(candidates, reviews, cfg, server=conn is not None)
+    buckets, stats = decide(candidates, reviews, cfg, server=conn is not None, judge=judge, apply=apply)
     stats.update(mode=cfg.mode, server=conn.api_url if conn else None, note=note,
                  pulled_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     write_jsonl(out / "reviewed.jsonl", buckets["accepted"] + buckets["corrected"])
@@ -61,13 +73,11 @@ def main(args) -> int:
     return 0
 
 
-def fetch_reviews(client, cfg, pipeline: str) -> dict[str, dict[str, dict]]:
-    """record id -> user id -> {verdict, quality, corrected_answer}, submitted responses only.
-
-    A pipeline whose dataset does not exist yet has no reviews: {}."""
+def fetch_reviews(client, cfg, name: str) -> dict[str, dict[str, dict]]:
+    """record id -> user id -> {question: answer}, submitted responses only, from dataset
+    `name`. A dataset that does not exist yet has no reviews: {}."""
     import warnings
 
-    name = dataset_name(cfg.dataset_prefix, pipeline)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dataset = client.datasets(name, workspace=cfg.workspace)
@@ -91,7 +101,12 @@ def decide(
     reviews: dict[str, dict[str, dict[str, dict]]],
     cfg,
     server: bool,
+    judge: Callable[[dict, dict], tuple[str, dict]],
+    apply: Callable[[dict, str, dict], dict],
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+    """Every record into one bucket. `judge(record, answers by user)` -> (bucket, review)
+    reads what reviewers said; `apply(record, bucket, review)` -> the output record
+    (human_decision and apply_decision below for records, review.pairs' for pairs)."""
     buckets: dict[str, list[dict[str, Any]]] = {b: [] for b in BUCKETS}
     per_pipeline: dict[str, Any] = {}
     several = unanimous = 0
@@ -105,21 +120,14 @@ def decide(
             if not server:
                 bucket, review = "accepted", {"by": "automatic", "reason": "no_server"}
             elif by_user:
-                bucket, review = human_decision(record, by_user)
+                bucket, review = judge(record, by_user)
             elif record["id"] not in chosen and record["id"] not in on_server:
                 bucket, review = "accepted", {"by": "automatic", "reason": "not_sampled"}
             elif cfg.unreviewed == "keep":
                 bucket, review = "accepted", {"by": "automatic", "reason": "not_reviewed"}
             else:
                 bucket, review = "pending", {"by": "nobody", "reason": "not_reviewed"}
-            out = copy.deepcopy(record)
-            if bucket == "corrected":
-                out["messages"][-1] = {"role": "assistant", "content": review["corrected_answer"]}
-                review = {k: v for k, v in review.items() if k != "corrected_answer"}
-            if bucket == "rejected":
-                out["reject_reason"] = "human_reject"
-            out["meta"]["review"] = {"decision": bucket, **review}
-            buckets[bucket].append(check_record(out, f"review pull ({bucket})"))
+            buckets[bucket].append(apply(record, bucket, review))
             counts[bucket] += 1
             why[f"{bucket}:{review['by']}" + (f":{review['reason']}" if "reason" in review else "")] += 1
             if len(by_user) > 1:
@@ -148,6 +156,17 @@ def decide(
     if sum(stats[b] for b in BUCKETS) != total:
         raise AssertionError(f"counts not conserved: {total} in, {sum(stats[b] for b in BUCKETS)} out")
     return buckets, stats
+
+
+def apply_decision(record: dict[str, Any], bucket: str, review: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(record)
+    if bucket == "corrected":
+        out["messages"][-1] = {"role": "assistant", "content": review["corrected_answer"]}
+        review = {k: v for k, v in review.items() if k != "corrected_answer"}
+    if bucket == "rejected":
+        out["reject_reason"] = "human_reject"
+    out["meta"]["review"] = {"decision": bucket, **review}
+    return check_record(out, f"review pull ({bucket})")
 
 
 def human_decision(record: dict[str, Any], by_user: dict[str, dict]) -> tuple[str, dict[str, Any]]:

@@ -5,7 +5,8 @@ those to review per pipeline (all, or `review.sample_per_pipeline` chosen by a
 seeded hash), and adds to each pipeline's dataset the records it does not hold yet:
 pushing twice adds nothing, pushing after new records arrive adds only those.
 Batches of `review.batch_size`; a failed batch is retried with backoff, and since
-records are upserted by id a retry never duplicates one.
+records are upserted by id a retry never duplicates one. With `--pairs`, prefs'
+preference pairs go to their own datasets the same way (review/pairs.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import warnings
 from typing import Any
 
 from pipeline.recipe import load_recipe
+from review import pairs
 from review.dataset import dataset_name, load_candidates, review_settings, sample_for_review, to_argilla_record
 from review.server import ReviewServerError, argilla_client, reachable_server
 
@@ -26,7 +28,12 @@ RETRIES = 3
 def main(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     cfg = recipe.review
-    candidates = load_candidates(args.input)
+    if getattr(args, "pairs", None):  # namespaces built by hand (tests, bench) review records
+        candidates = load_candidates(args.pairs, pairs.check_pair, "--pairs")
+        name, settings, convert, what = pairs.dataset_name, pairs.pair_settings, pairs.to_argilla_pair, "pairs"
+    else:
+        candidates = load_candidates(args.input)
+        name, settings, convert, what = dataset_name, review_settings, to_argilla_record, "records"
     conn, note = reachable_server(cfg.mode)
     if conn is None:
         print(f"nothing pushed: {note}")
@@ -35,20 +42,24 @@ def main(args) -> int:
     started = time.monotonic()
     totals: dict[str, dict[str, int]] = {}
     for pipeline, records in sorted(candidates.items()):
-        totals[pipeline] = push_pipeline(client, cfg, pipeline, records)
+        totals[pipeline] = push_pipeline(client, cfg, name(cfg.dataset_prefix, pipeline), records,
+                                         settings, convert)
     elapsed = time.monotonic() - started
     for pipeline, counts in totals.items():
         print(f"{pipeline}: {counts['added']} added, {counts['already']} already there,"
-              f" {counts['not_sampled']} not sampled  -> {dataset_name(cfg.dataset_prefix, pipeline)}")
+              f" {counts['not_sampled']} not sampled  -> {name(cfg.dataset_prefix, pipeline)}")
     added = sum(c["added"] for c in totals.values())
-    print(f"pushed {added} records to {conn.api_url} in {elapsed:.1f} s (workspace {cfg.workspace})")
+    print(f"pushed {added} {what} to {conn.api_url} in {elapsed:.1f} s (workspace {cfg.workspace})")
     return 0
 
 
-def push_pipeline(client, cfg, pipeline: str, records: list[dict[str, Any]]) -> dict[str, int]:
+def push_pipeline(client, cfg, name: str, records: list[dict[str, Any]],
+                  settings=review_settings, convert=to_argilla_record) -> dict[str, int]:
+    """Add to dataset `name` the records it lacks. `settings` (min_submitted -> rg.Settings)
+    builds the dataset if it is new; `convert` turns one record into an rg.Record."""
     import tenacity
 
-    dataset = ensure_dataset(client, cfg, pipeline)
+    dataset = ensure_dataset(client, cfg, name, settings)
     chosen = sample_for_review(records, cfg.sample_per_pipeline, cfg.seed)
     wanted = [r for r in records if r["id"] in chosen]
 
@@ -57,7 +68,7 @@ def push_pipeline(client, cfg, pipeline: str, records: list[dict[str, Any]]) -> 
         existing = existing_ids(dataset)
         new = [r for r in wanted if r["id"] not in existing]
         if new:
-            dataset.records.log([to_argilla_record(r) for r in new], batch_size=min(cfg.batch_size, len(new)))
+            dataset.records.log([convert(r) for r in new], batch_size=min(cfg.batch_size, len(new)))
         return len(new)
 
     retrying = tenacity.Retrying(
@@ -69,16 +80,15 @@ def push_pipeline(client, cfg, pipeline: str, records: list[dict[str, Any]]) -> 
         added = retrying(send_missing)
     except Exception as exc:  # the SDK raises its own errors and httpx's
         raise ReviewServerError(
-            f"pushing {pipeline} to {client.api_url} failed after"
+            f"pushing {name} to {client.api_url} failed after"
             f" {retrying.statistics.get('attempt_number', 1)} attempt(s): {type(exc).__name__}: {exc}"
         ) from None
     return {"added": added, "already": len(wanted) - added, "not_sampled": len(records) - len(chosen)}
 
 
-def ensure_dataset(client, cfg, pipeline: str):
+def ensure_dataset(client, cfg, name: str, settings=review_settings):
     import argilla as rg
 
-    name = dataset_name(cfg.dataset_prefix, pipeline)
     with warnings.catch_warnings():  # "not found" is the expected answer the first time
         warnings.simplefilter("ignore")
         workspace = client.workspaces(cfg.workspace)
@@ -87,7 +97,7 @@ def ensure_dataset(client, cfg, pipeline: str):
         dataset = client.datasets(name, workspace=workspace)
     if dataset is None:
         dataset = rg.Dataset(
-            name=name, workspace=workspace, settings=review_settings(cfg.min_submitted), client=client
+            name=name, workspace=workspace, settings=settings(cfg.min_submitted), client=client
         ).create()
     return dataset
 

@@ -1,0 +1,171 @@
+"""Preference pairs in Argilla: what a reviewer sees, and what pull makes of it.
+
+`posttrain review push|pull RECIPE --pairs data/prefs/pairs.jsonl` reviews the pairs
+`posttrain prefs` wrote instead of SFT records: the same push (upsert by pair id,
+batched, retried), the same buckets and the same `review:` settings (mode,
+sample_per_pipeline, unreviewed, ...). One dataset per pipeline,
+`<dataset_prefix>-pairs-<pipeline>`:
+
+  fields     prompt (the turns before the answer), chosen and rejected (one
+             assistant turn each; tool calls rendered as text), tools (JSON),
+             checks (what the validators checked: constraints, expected calls)
+  questions  verdict accept/reject (required): may this pair train?
+             swap (optional): the ranking is wrong, the rejected response is better
+  metadata   pipeline, rejected_reason (the code that ranked it lower), teacher
+
+A pair reviewers answered is rejected if any reviewer rejected it (reject_reason
+human_reject); else corrected if any reviewer said swap: chosen and rejected are
+exchanged and meta.review says who (`swapped_by`, the first by user id) and how many
+(`swaps`); else accepted. The rest of `meta` stays as prefs wrote it, so chosen_id,
+rejected_id and rejected_reason describe the code's ranking, before any swap.
+"""
+
+from __future__ import annotations
+
+import copy
+import html
+import json
+from collections import Counter
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline.contract import Message, Review
+from review.dataset import VERDICT, ReviewInputError, render_conversation
+
+SWAP = "swap"
+
+
+# ---------------------------------------------------------------- the pair shape
+class PairReview(Review):
+    swapped_by: str | None = None  # the reviewer whose swap exchanged chosen and rejected
+    swaps: int | None = None  # reviewers who said the rejected response is better
+
+
+class PairMeta(BaseModel):
+    model_config = ConfigDict(extra="allow")  # seed_id, chosen_id, rejected_reason, checks, ...
+
+    review: PairReview | None = None
+
+
+class Pair(BaseModel):
+    """A pair as prefs writes it (TRL's conversational preference format + id, meta)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1)
+    pipeline: str = Field(min_length=1)
+    prompt: list[Message] = Field(min_length=1)
+    chosen: list[Message] = Field(min_length=1, max_length=1)
+    rejected: list[Message] = Field(min_length=1, max_length=1)
+    tools: list[dict[str, Any]] | None = None
+    meta: PairMeta
+    reject_reason: str | None = None  # human_reject, on review pull's rejected pairs
+
+    @field_validator("chosen", "rejected")
+    @classmethod
+    def _one_answer(cls, turns: list[Message]) -> list[Message]:
+        if turns[0].role != "assistant":
+            raise ValueError("not the assistant's turn")
+        return turns
+
+
+def check_pair(pair: Any, where: str) -> dict[str, Any]:
+    """The pair itself if it has the shape above, else ReviewInputError naming every problem."""
+    if not isinstance(pair, dict):
+        raise ReviewInputError(f"{where}: not a JSON object")
+    if "messages" in pair and "chosen" not in pair:
+        raise ReviewInputError(f"{where}: record {pair.get('id', '?')!r} is an SFT record, not a preference"
+                               " pair (review records with --input, pairs with --pairs)")
+    try:
+        Pair.model_validate(pair)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'pair'}: {err['msg'].removeprefix('Value error, ')}"
+            for err in exc.errors()
+        )
+        raise ReviewInputError(f"{where}: pair {pair.get('id', '?')!r}: {problems}") from None
+    return pair
+
+
+def dataset_name(prefix: str, pipeline: str) -> str:
+    return f"{prefix}-pairs-{pipeline}"
+
+
+# -------------------------------------------------------------------- settings
+def pair_settings(min_submitted: int):
+    import argilla as rg
+
+    return rg.Settings(
+        guidelines=(
+            "Read the prompt, then both responses. Accept if the chosen response is a good answer"
+            " and clearly better than the rejected one; reject if the pair should not train (both"
+            " bad, both fine, or the prompt is broken). If the rejected response is actually the"
+            " better one, accept and answer swap."
+        ),
+        fields=[
+            # The exact text is what a reviewer judges: plain text, escaped (to_argilla_pair).
+            rg.ChatField(name="prompt", title="Prompt", required=True, use_markdown=False),
+            rg.ChatField(name="chosen", title="Chosen (ranked better by code)", required=True, use_markdown=False),
+            rg.ChatField(name="rejected", title="Rejected (ranked worse by code)", required=True,
+                         use_markdown=False),
+            rg.TextField(name="tools", title="Tools offered", required=False, use_markdown=True),
+            rg.TextField(name="checks", title="What the validators checked", required=False, use_markdown=True),
+        ],
+        questions=[
+            rg.LabelQuestion(name=VERDICT, title="Accept this pair for preference training?",
+                             labels=["accept", "reject"], required=True),
+            rg.LabelQuestion(name=SWAP, title="Is the ranking right?", required=False,
+                             labels={"keep": "yes: chosen is better", SWAP: "no: rejected is better (swap)"}),
+        ],
+        metadata=[
+            rg.TermsMetadataProperty(name="pipeline", title="Pipeline"),
+            rg.TermsMetadataProperty(name="rejected_reason", title="Why code ranked it lower"),
+            rg.TermsMetadataProperty(name="teacher", title="Teacher"),
+        ],
+        distribution=rg.TaskDistribution(min_submitted=min_submitted),
+    )
+
+
+def to_argilla_pair(pair: dict[str, Any]):
+    import argilla as rg
+
+    meta = pair["meta"]
+    fields: dict[str, Any] = {name: verbatim(render_conversation(pair[name]))
+                              for name in ("prompt", "chosen", "rejected")}
+    for name, value in (("tools", pair.get("tools")), ("checks", meta.get("checks"))):
+        if value:
+            fields[name] = "```json\n" + json.dumps(value, indent=2, ensure_ascii=False) + "\n```"
+    metadata = {"pipeline": pair["pipeline"], "rejected_reason": meta.get("rejected_reason"),
+                "teacher": meta.get("teacher")}
+    return rg.Record(id=pair["id"], fields=fields,
+                     metadata={k: str(v) for k, v in metadata.items() if v is not None})
+
+
+def verbatim(turns: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Turns HTML-escaped: the UI drops anything shaped like a tag, even in plain text,
+    so a response's `<tool_call>` tags (or a truncated one) would vanish from view."""
+    return [{**turn, "content": html.escape(turn["content"], quote=False)} for turn in turns]
+
+
+# ---------------------------------------------------------------- from Argilla
+def human_decision(pair: dict[str, Any], by_user: dict[str, dict]) -> tuple[str, dict[str, Any]]:
+    verdicts = [answers.get(VERDICT) for answers in by_user.values()]
+    review: dict[str, Any] = {"by": "human", "reviewers": len(by_user),
+                              "verdicts": dict(Counter(str(v) for v in verdicts))}
+    if "reject" in verdicts:
+        return "rejected", review
+    swaps = sorted(user for user, answers in by_user.items() if answers.get(SWAP) == SWAP)
+    if swaps:
+        return "corrected", {**review, "swapped_by": swaps[0], "swaps": len(swaps)}
+    return "accepted", review
+
+
+def apply_decision(pair: dict[str, Any], bucket: str, review: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(pair)
+    if "swapped_by" in review:
+        out["chosen"], out["rejected"] = out["rejected"], out["chosen"]
+    if bucket == "rejected":
+        out["reject_reason"] = "human_reject"
+    out["meta"]["review"] = {"decision": bucket, **review}
+    return check_pair(out, f"review pull ({bucket})")
