@@ -2,8 +2,9 @@
 
 Reads top to bottom: recipe -> off? pointer -> pairs -> SFT model -> reference ->
 activation loss -> DPOTrainer -> train -> save -> reports. The pairs are
-`posttrain prefs`' pairs.jsonl (TRL's conversational preference format); the model is
-train's final/ folder:
+`posttrain prefs`' pairs in TRL's conversational preference format; the DAG passes
+review's data/prefs/review/reviewed.jsonl (accepted, or swapped by a reviewer). The
+model is train's final/ folder:
 
   adapter       the recipe's student with that adapter loaded trainable: DPO continues
                 the same adapter, so the result is again an adapter on the student
@@ -51,7 +52,8 @@ CURVE_KEYS = ("rewards/margins", "rewards/accuracies", "rewards/chosen", "reward
 def add_arguments(parser) -> None:
     add_recipe_arguments(parser)
     parser.add_argument("--sft", default="outputs/sft/final", help="the SFT model or adapter folder")
-    parser.add_argument("--pairs", default="data/prefs/pairs.jsonl", help="posttrain prefs' pairs")
+    parser.add_argument("--pairs", default="data/prefs/pairs.jsonl",
+                        help="preference pairs: prefs' pairs.jsonl, or review pull's reviewed.jsonl of them")
     parser.add_argument("--output-dir", help="default: dpo.output_dir, else outputs/dpo")
     # The deepspeed launcher passes --local_rank to every process.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
@@ -125,7 +127,7 @@ def load_pairs(path: Path):
                      "tools": json.dumps(tools) if tools else None})
     if not rows:
         raise InputError(f"--pairs {path}: no pairs (prefs found no prompt with a passing and a failing "
-                         "response; see prefs_stats.json)")
+                         "response, or reviewers rejected every pair; see prefs_stats.json, review_stats.json)")
     return Dataset.from_list(rows)
 
 
