@@ -3,7 +3,7 @@
 Reads the reports the stages write (at the paths dvc.yaml gives them) and prints the
 numbers a person checks first: per pipeline accepted / generated and the top reject
 reason; dedup, review buckets and the mix; training loss first -> last and max
-|activation| per site kind; the FP16 verdict; the export check; eval and gate results
+|activation| per site kind; preference pairs and DPO; the FP16 verdict; the export check; eval and gate results
 when those stages have run; where the data, model and plots are. A missing report
 prints "not run". Not a DVC stage: it only reads. `make run` ends with it.
 """
@@ -19,6 +19,9 @@ REPORTS = {
     "dedup": "data/dedup/dedup_stats.json",
     "review": "data/review/review_stats.json",
     "mix": "data/mix/mix_stats.json",
+    "prefs": "data/prefs/prefs_stats.json",
+    "pair_review": "data/prefs/review/review_stats.json",
+    "dpo": "outputs/dpo/dpo_metrics.json",
     "train": "outputs/sft/train_metrics.json",
     "activations": "outputs/sft/activation_stats.json",
     "audit": "outputs/audit/fp16_audit.json",
@@ -27,9 +30,9 @@ REPORTS = {
     "gate": "outputs/gate/gate_report.json",
 }
 WHERE = [
-    ("data", ["data/synth", "data/dedup", "data/review", "data/mix"]),
-    ("model", ["outputs/sft/final", "outputs/export/profiles"]),
-    ("reports", ["outputs/sft", "outputs/audit", "outputs/export", "outputs/eval", "outputs/gate"]),
+    ("data", ["data/synth", "data/dedup", "data/review", "data/mix", "data/prefs"]),
+    ("model", ["outputs/sft/final", "outputs/dpo/final", "outputs/export/profiles"]),
+    ("reports", ["outputs/sft", "outputs/dpo", "outputs/audit", "outputs/export", "outputs/eval", "outputs/gate"]),
     ("plots", ["reports", "outputs/audit/fp16_audit.png", "outputs/eval/plots"]),
 ]
 NAME = 11  # label column width
@@ -47,7 +50,7 @@ def main(args) -> int:
 def summary(root: Path) -> list[str]:
     reports = {name: _read(root / path) for name, path in REPORTS.items()}
     lines = [f"posttrain summary of {root.resolve()}"]
-    for section in (generation, dedup, review, mix, train, audit, export, evaluation, gate):
+    for section in (generation, dedup, review, mix, train, preferences, audit, export, evaluation, gate):
         try:
             lines += section(root, reports)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -115,6 +118,26 @@ def train(_root, reports) -> list[str]:
                           + (f" (alpha {alpha:g})" if alpha is not None else "")))
     else:
         lines.append(_row("activation", "activation loss off: maxima in the FP16 audit"))
+    return lines
+
+
+def preferences(_root, reports) -> list[str]:
+    p, r, d = reports["prefs"], reports["pair_review"], reports["dpo"]
+    if p is None:
+        return [_missing("prefs")]
+    per = ", ".join(f"{name} {c['pairs']}/{c['prompts']}" for name, c in p["pipelines"].items())
+    lines = [_row("prefs", f"{p['pairs']} pairs (pairs / prompts: {per})")]
+    if r is not None:
+        buckets = ", ".join(f"{b} {r[b]}" for b in ("accepted", "corrected", "rejected", "pending") if b in r)
+        lines.append(_row("", f"pair review: {buckets}"))
+    if d is None:
+        lines.append(_missing("dpo"))
+    elif not d.get("enabled"):
+        lines.append(_row("dpo", "off (dpo.enabled: false): audit, eval and export use the SFT model"))
+    else:
+        lines.append(_row("dpo", f"{d.get('global_step', '?')} steps on {d.get('pairs', '?')} pairs, reward "
+                          f"margin {_num(d.get('margin_first'))} -> {_num(d.get('margin_last'))}, accuracy "
+                          f"{_num(d.get('accuracy_first'))} -> {_num(d.get('accuracy_last'))}"))
     return lines
 
 

@@ -13,7 +13,7 @@ ROOT_RECIPE = "recipes/tiny-cpu.yaml"
 def test_summary_of_a_fresh_checkout_says_what_has_not_run(tmp_path, capsys):
     assert cli(["summary", "--root", str(tmp_path)]) == 0
     out = capsys.readouterr().out.splitlines()
-    for stage in ("generate", "dedup", "review", "mix", "train", "audit", "export"):
+    for stage in ("generate", "dedup", "review", "mix", "train", "prefs", "audit", "export"):
         assert any(line.startswith(stage) and "not run" in line for line in out), (stage, out)
     assert not any(line.startswith(("eval", "gate")) for line in out)  # optional stages
 
