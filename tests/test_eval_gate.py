@@ -7,7 +7,7 @@
   `posttrain gate` writes before/after/delta for each, records every check, blocks
   (exit 1, one message naming each failed check with its numbers) when a check fails,
   and only reports when `gate.enforce` is false.
-- Through `dvc repro`: a destructive SFT run (learning rate 20x the recipe's) is
+- Through `dvc repro`: a destructive SFT run (learning rate 100x the recipe's) is
   blocked by the gate, and export does not run.
 """
 
@@ -183,8 +183,13 @@ def test_heldout_loss_is_the_sft_loss_in_a_template_without_generation_markers(t
 # ------------------------------------------------------ the destructive run, via DVC
 @pytest.mark.slow
 def test_dvc_repro_gate_blocks_a_destructive_run_and_export_does_not_run(tmp_path):
-    """SmolLM2-135M-Instruct's real weights, LoRA at 20x the recipe's learning rate:
-    `dvc repro` stops at the gate with a message naming the failed check."""
+    """SmolLM2-135M-Instruct's real weights, LoRA at 100x the recipe's learning rate:
+    `dvc repro` stops at the gate with a message naming the failed check.
+
+    Measured: at 20x (4e-3, 20 steps on the 2 records SmolLM2's template can render)
+    nothing the gate checks got worse (held-out loss 0.19 -> 0.11, NIAH 100 -> 100),
+    so that run was not destructive and the gate rightly passed it. At 100x (2e-2)
+    NIAH@1024 fell 100 -> 0 and held-out loss rose 0.19 -> 12.6 nats/token."""
     from test_dag import PIPELINES, copy_repo
 
     repo = copy_repo(tmp_path / "repo")
@@ -199,8 +204,8 @@ def test_dvc_repro_gate_blocks_a_destructive_run_and_export_does_not_run(tmp_pat
     recipe["review"] = {"mode": "off"}
     recipe["mix"] = {"eval_fraction": 0.3}
     recipe["audit"] = {"num_batches": 1, "batch_size": 2, "max_length": 128}
-    recipe["sft"]["learning_rate"] *= 20  # the destructive part
-    recipe["sft"]["max_steps"] = 20  # at 20x the rate the damage is done within a few steps
+    recipe["sft"]["learning_rate"] *= 100  # the destructive part
+    recipe["sft"]["max_steps"] = 20  # at 100x the rate the damage is done within a few steps
     recipe["eval"].update(engine="transformers", length_buckets=[1024],
                           retention={"count": 1, "tasks": ["niah_single_1"]},
                           tool_calls={"count": 1, "max_tokens": 96}, ifeval={"count": 2, "max_tokens": 96})
