@@ -239,6 +239,9 @@ def test_smollm2_lora_on_tool_use_data_changes_heldout_tool_call_accuracy(tmp_pa
     (whatever its sign: the eval is not tuned to make it rise)."""
     recipe = yaml.safe_load((ROOT / "recipes/smollm2-lora-cpu.yaml").read_text())
     recipe["teacher"] = {"engine": "transformers", "cache_dir": str(tmp_path / "cache"), "threads": 1}
+    # SmolLM2's own template renders no tools: train and evaluate in the project's
+    # ChatML, whose tool block the base model is also scored with.
+    recipe["model"]["chat_template"] = "chatml"
     recipe["generate"] = {"tool_use": {"count": 24}}
     recipe["data"] = {"train": [str(tmp_path / "dedup/accepted/tool_use.jsonl")]}
     recipe["sft"].update(output_dir=str(tmp_path / "sft"), max_steps=30)
