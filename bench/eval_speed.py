@@ -21,6 +21,13 @@ from pipeline.engines import Sampling, TransformersEngine, VLLMEngine
 from pipeline.teacher import teacher_path
 
 
+def n_tokens(tokenizer, conv: list[dict]) -> int:
+    """Prompt length as the engines see it (apply_chat_template returns a dict of
+    input_ids and attention_mask in transformers 5: count the ids)."""
+    return len(tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=True,
+                                             return_dict=True)["input_ids"])
+
+
 def prompts(tokenizer, length: int, count: int) -> list[list[dict]]:
     from pipeline.sources import filler_passages
 
@@ -37,7 +44,7 @@ def prompts(tokenizer, length: int, count: int) -> list[list[dict]]:
             text.append(paragraphs[j])
             body = "\n".join(text[: len(text) // 2] + [needle] + text[len(text) // 2:])
             conv = [{"role": "user", "content": f"{body}\n\n{question}"}]
-            if len(tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=True)) >= length:
+            if n_tokens(tokenizer, conv) >= length:
                 break
         out.append(conv)
     return out
@@ -69,8 +76,7 @@ def main() -> None:
                 started = time.perf_counter()
                 outs = engine.chat(convs, sampling)
                 elapsed = time.perf_counter() - started
-                prompt_tokens = sum(len(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True))
-                                    for c in convs)
+                prompt_tokens = sum(n_tokens(tokenizer, c) for c in convs)
                 slot = totals[(name, length)]
                 slot[0] += elapsed
                 slot[1] += len(convs)
