@@ -130,12 +130,17 @@ def check_record(record: Any, where: str = "record") -> dict[str, Any]:
     try:
         Record.model_validate(record)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'record'}: {err['msg'].removeprefix('Value error, ')}"
-            for err in exc.errors()
-        )
-        raise RecordError(f"{where}: record {record.get('id', '?')!r}: {problems}") from None
+        raise RecordError(f"{where}: record {record.get('id', '?')!r}: {problems(exc, 'record')}") from None
     return record
+
+
+def problems(exc: ValidationError, whole: str) -> str:
+    """Every error of a pydantic validation as `field.path: message`, joined by '; '
+    (`whole` names the object itself when the error is not about one field)."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or whole}: {err['msg'].removeprefix('Value error, ')}"
+        for err in exc.errors()
+    )
 
 
 def make_record(

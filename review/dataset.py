@@ -116,6 +116,11 @@ def review_settings(min_submitted: int):
 
 
 # ------------------------------------------------------------------ to Argilla
+def json_block(value: Any) -> str:
+    """A markdown JSON code block: how the review UI shows tools and checks."""
+    return "```json\n" + json.dumps(value, indent=2, ensure_ascii=False) + "\n```"
+
+
 def to_argilla_record(record: dict[str, Any]):
     import argilla as rg
 
@@ -123,7 +128,7 @@ def to_argilla_record(record: dict[str, Any]):
     verdict, score, reasons = validator_summary(meta["validators"])
     fields: dict[str, Any] = {"conversation": render_conversation(record["messages"])}
     if record.get("tools"):
-        fields["tools"] = "```json\n" + json.dumps(record["tools"], indent=2, ensure_ascii=False) + "\n```"
+        fields["tools"] = json_block(record["tools"])
     source = meta.get("source")
     if source:
         fields["source"] = source if isinstance(source, str) else json.dumps(source, indent=2, ensure_ascii=False)

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import copy
 import html
-import json
 from collections import Counter
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pipeline.contract import Message, Review
-from review.dataset import VERDICT, ReviewInputError, render_conversation
+from pipeline.contract import Message, Review, problems
+from review.dataset import VERDICT, ReviewInputError, json_block, render_conversation
 
 SWAP = "swap"
 
@@ -80,11 +79,7 @@ def check_pair(pair: Any, where: str) -> dict[str, Any]:
     try:
         Pair.model_validate(pair)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'pair'}: {err['msg'].removeprefix('Value error, ')}"
-            for err in exc.errors()
-        )
-        raise ReviewInputError(f"{where}: pair {pair.get('id', '?')!r}: {problems}") from None
+        raise ReviewInputError(f"{where}: pair {pair.get('id', '?')!r}: {problems(exc, 'pair')}") from None
     return pair
 
 
@@ -135,7 +130,7 @@ def to_argilla_pair(pair: dict[str, Any]):
                               for name in ("prompt", "chosen", "rejected")}
     for name, value in (("tools", pair.get("tools")), ("checks", meta.get("checks"))):
         if value:
-            fields[name] = "```json\n" + json.dumps(value, indent=2, ensure_ascii=False) + "\n```"
+            fields[name] = json_block(value)
     metadata = {"pipeline": pair["pipeline"], "rejected_reason": meta.get("rejected_reason"),
                 "teacher": meta.get("teacher")}
     return rg.Record(id=pair["id"], fields=fields,
