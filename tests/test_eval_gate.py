@@ -170,7 +170,7 @@ def test_heldout_loss_is_the_sft_loss_in_a_template_without_generation_markers(t
 
     rows, skipped = tokenize_conversations(records, tokenizer, recipe, "eval")
     assert result["metrics"]["unrenderable"] == len(skipped) > 0
-    scored = [item for item in result["items"]]
+    scored = result["items"]
     assert len(scored) == len(rows) == len(records) - len(skipped)
     for item, ids, mask in zip(scored, rows["input_ids"], rows["assistant_masks"]):
         labels = torch.tensor([[t if m else -100 for t, m in zip(ids, mask)]])
