@@ -28,6 +28,7 @@ import hashlib
 import importlib
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -173,6 +174,14 @@ def answer(engine, items: list[dict[str, Any]], default_max_tokens: int) -> list
     return answers  # type: ignore[return-value]
 
 
+def uniform_chance(model, result: dict[str, Any]) -> dict[str, Any]:
+    """A loss's chance level: a model that predicts every token of its vocabulary alike
+    scores ln(vocabulary) nats on every token."""
+    loss = math.log(model.get_output_embeddings().weight.shape[0])
+    items = [{**row, "loss": round(loss, 4)} for row in result["items"]]
+    return {"metrics": {"overall": round(loss, 4)}, "items": items}
+
+
 # ----------------------------------------------------------------------- stage
 def evaluate(recipe: Recipe, model_spec: str, out: Path) -> dict[str, Any]:
     section = recipe.eval
@@ -190,7 +199,7 @@ def evaluate(recipe: Recipe, model_spec: str, out: Path) -> dict[str, Any]:
     if records:
         result = heldout_loss.evaluate(model, tokenizer, records, recipe.mix, section.heldout_max_length)
         scores[heldout_loss.NAME] = result["metrics"]
-        write_json(out / f"{heldout_loss.NAME}.json", result)
+        write_json(out / f"{heldout_loss.NAME}.json", {**result, "chance": uniform_chance(model, result)})
     else:
         log.warning("held-out loss: no records in %s; skipped", section.heldout_files)
     timings[heldout_loss.NAME] = round(time.monotonic() - started, 1)
@@ -225,7 +234,11 @@ def evaluate(recipe: Recipe, model_spec: str, out: Path) -> dict[str, Any]:
             result = module.score(items[name], answers, cfg)
             scores[name] = result["metrics"]
             per_item = [{**verdict, "answer": text} for verdict, text in zip(result["items"], answers)]
-            write_json(out / f"{name}.json", {"metrics": result["metrics"], "items": per_item})
+            # The chance level: what an empty answer scores on the same items. The gate
+            # calls a suite uninformative when the base does no better.
+            chance = module.score(items[name], [""] * len(items[name]), cfg)
+            write_json(out / f"{name}.json", {"metrics": result["metrics"], "items": per_item,
+                                              "chance": {"metrics": chance["metrics"], "items": chance["items"]}})
             timings[name] = round(time.monotonic() - started, 1)
     finally:
         if engine is not None and hasattr(engine, "close"):

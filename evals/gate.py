@@ -1,20 +1,33 @@
-"""`posttrain gate RECIPE`: compare the trained model with the base and decide whether
-it may be exported.
+"""`posttrain gate RECIPE`: compare the trained model with the base, item by item, and
+decide whether it may be exported.
 
     posttrain gate recipes/tiny-cpu.yaml --before outputs/eval/base/scores.json \
         --after outputs/eval/after/scores.json --audit outputs/audit/fp16_audit.json \
         --report outputs/eval/eval_report.json --out outputs/gate
 
-Writes the eval report (before, after and delta for every suite metric and length),
-its plot data and PNGs (retention vs length, skill scores, before and after), and
-gate_report.json with every check, passed or not. The checks (recipe `gate:`):
+Both evals answered the same items (the gate refuses two item sets that differ), so
+every metric's change is paired (evals/paired.py): for every suite, metric, task and
+length the eval report gives before, after, the change with its 95 % interval and
+p-value, and the base's own standard error.
 
-- fp16_safe: the FP16 audit found no activation past FP16's range (require_fp16_safe);
-- retention@L, for every length L: after >= before - max_retention_drop (points);
-- effective_length: not shorter than before (keep_effective_length);
-- heldout_loss: after <= before + max_heldout_loss_rise (nats/token), when set;
-- min_scores: the trained model's floors, by dotted metric path;
-- min_gain: after - before at least this, by dotted metric path.
+The decision rule (recipe `gate:`), written into gate_report.json too:
+
+- Every skill the data targets is a check: retention per task and length and per
+  length, IFEval prompt-level strict, the tool-call categories (`non_live_ast`) and
+  irrelevance, held-out loss per record, the forgetting probe, and the FP16 audit. A
+  check can be switched off only by naming it in `gate.off`; the report lists it.
+  A check whose data is missing fails as "not measured".
+- A paired check fails when the change is a regression, significant (two-sided
+  p-value, Benjamini-Hochberg-adjusted over all the gate's paired checks, below
+  `alpha`) and beyond the check's margin (`max_*_drop` / `max_*_rise`).
+- Each check states the smallest drop it can detect with `power` (80 %) at this
+  recipe's item counts (evals/paired.detectable_drop), using the larger of the
+  observed standard error of the change and the base's own standard error (a greedy
+  rerun can leave every answer unchanged, which says nothing about a later run).
+- A check whose base is not significantly better than the score of an empty answer
+  (the suite's chance level, which the eval records) is "uninformative": it fails on
+  a significant regression like any other, but it never reads "passed".
+- `min_scores` / `min_gain` add point floors by dotted metric path.
 
 When a check fails and `gate.enforce` is on, the stage exits 1 with one message naming
 every failed check and its numbers; DVC then stops, so export (which depends on the
@@ -23,15 +36,33 @@ gate report) does not run. `enforce: false` reports the same and exits 0.
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import logging
 import sys
+from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from evals.paired import adjust, compare, detectable_drop
 from pipeline.recipe import add_recipe_arguments, load_recipe
 from pipeline.records import InputError, read_json, write_json
 
 log = logging.getLogger(__name__)
+
+# Suites whose per-item answers the eval writes next to scores.json as <suite>.json.
+SUITES = ("retention", "ifeval", "tool_calls", "heldout_loss", "forgetting")
+# The gated checks: name pattern -> the recipe field holding its margin.
+GATED = {
+    "fp16_safe": None,
+    "retention.*": "max_retention_drop",
+    "ifeval.prompt_strict": "max_ifeval_drop",
+    "tool_calls.non_live_ast": "max_tool_calls_drop",
+    "tool_calls.irrelevance": "max_tool_calls_drop",
+    "heldout_loss.overall": "max_heldout_loss_rise",
+    "forgetting.overall": "max_forgetting_rise",
+}
+AST_CATEGORIES = ("simple", "multiple", "parallel", "parallel_multiple")
 
 
 def add_arguments(parser) -> None:
@@ -45,19 +76,14 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
-    before, after = read_json(args.before), read_json(args.after)
-    for path, scores in ((args.before, before), (args.after, after)):
-        if not isinstance(scores, dict) or not isinstance(scores.get("scores"), dict):
-            raise InputError(f"{path}: not a posttrain eval scores.json (expected an object with `scores`)")
+    before, after = read_scores(Path(args.before)), read_scores(Path(args.after))
     audit = read_json(args.audit) if Path(args.audit).is_file() else None
     if audit is not None and not isinstance(audit, dict):
         raise InputError(f"{args.audit}: not a posttrain audit report (expected an object)")
     report = eval_report(before, after, recipe)
-    write_json(args.report, report)
-    plot_dir = Path(args.report).parent / "plots"
-    write_plots(report, plot_dir)
-
     gate = run_checks(report, audit, recipe.gate)
+    write_json(args.report, report)
+    write_plots(report, Path(args.report).parent / "plots")
     write_json(Path(args.out) / "gate_report.json", gate)
     if not gate["passed"] and recipe.gate.enforce:
         print(gate["message"], file=sys.stderr)
@@ -66,7 +92,150 @@ def main(args) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------- report
+# ------------------------------------------------------------------------ inputs
+def read_scores(path: Path) -> dict[str, Any]:
+    """scores.json plus every suite's per-item file beside it ({suite: {items, chance}})."""
+    scores = read_json(path)
+    if not isinstance(scores, dict) or not isinstance(scores.get("scores"), dict):
+        raise InputError(f"{path}: not a posttrain eval scores.json (expected an object with `scores`)")
+    scores["per_item"] = {}
+    for suite in SUITES:
+        file = path.parent / f"{suite}.json"
+        if suite in scores["scores"] and file.is_file():
+            data = read_json(file)
+            if not isinstance(data, dict) or not isinstance(data.get("items"), list):
+                raise InputError(f"{file}: not a posttrain per-item eval file (expected an object with `items`)")
+            scores["per_item"][suite] = data
+    return scores
+
+
+def check_same_items(suite: str, before: list[dict], after: list[dict]) -> None:
+    """Refuse a comparison of two different item sets: a paired test needs pairs."""
+    ids_before, ids_after = [r.get("id") for r in before], [r.get("id") for r in after]
+    for side, ids in (("before", ids_before), ("after", ids_after)):
+        if None in ids or len(set(ids)) != len(ids):
+            raise InputError(f"gate: the {side} eval's {suite} items lack ids or repeat one")
+    if set(ids_before) != set(ids_after):
+        only_b = sorted(set(ids_before) - set(ids_after))
+        only_a = sorted(set(ids_after) - set(ids_before))
+        raise InputError(
+            f"gate: before and after answered different {suite} items ({len(only_b)} only before, e.g. "
+            f"{only_b[:3]}; {len(only_a)} only after, e.g. {only_a[:3]}): rerun both evals with the same "
+            "recipe `eval:` section")
+
+
+# ----------------------------------------------------------------------- metrics
+@dataclasses.dataclass
+class Metric:
+    """One metric of one suite as a weighted mean of per-item values."""
+
+    name: str
+    rows: list[dict]  # the before items it averages
+    weights: list[float]
+    value: Callable[[dict], float]
+    binary: bool = False
+    lower_is_better: bool = False
+    unit: str = "points"
+
+
+def _percent(flag: str) -> Callable[[dict], float]:
+    return lambda row: 100.0 if row.get(flag) else 0.0
+
+
+def nested_weights(rows: list[dict], levels: list[Callable[[dict], Any]]) -> list[float]:
+    """Weights that make a weighted item mean equal a mean of cell means, level by
+    level (e.g. tool calls: the mean of categories, each the mean of its languages)."""
+    def weigh(group: list[int], depth: int, share: float, out: dict[int, float]) -> None:
+        if depth == len(levels):
+            for i in group:
+                out[i] = share / len(group)
+            return
+        cells: dict[Any, list[int]] = defaultdict(list)
+        for i in group:
+            cells[levels[depth](rows[i])].append(i)
+        for members in cells.values():
+            weigh(members, depth + 1, share / len(cells), out)
+
+    out: dict[int, float] = {}
+    weigh(list(range(len(rows))), 0, 1.0, out)
+    return [out[i] for i in range(len(rows))]
+
+
+def _retention_cell(row: dict) -> tuple[str, int]:
+    if "task" in row and "length" in row:
+        return row["task"], int(row["length"])
+    task, length, _ = row["id"].split("/")  # ids are task/length/index
+    return task, int(length)
+
+
+def suite_metrics(suite: str, rows: list[dict]) -> list[Metric]:
+    """Every reported metric of a suite, built from its per-item rows."""
+    metrics: list[Metric] = []
+    if suite == "retention":
+        by_length: dict[int, list[dict]] = defaultdict(list)
+        cells: dict[tuple[str, int], list[dict]] = defaultdict(list)
+        for row in rows:
+            task, length = _retention_cell(row)
+            by_length[length].append(row)
+            cells[(task, length)].append(row)
+        score = lambda row: float(row["score"])  # noqa: E731
+        for length, members in sorted(by_length.items()):
+            metrics.append(Metric(f"retention.average.{length}", members,
+                                  nested_weights(members, [lambda r: _retention_cell(r)[0]]), score))
+        for (task, length), members in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            metrics.append(Metric(f"retention.{task}.{length}", members, [1.0] * len(members), score))
+    elif suite == "tool_calls":
+        language = lambda row: row.get("language")  # noqa: E731
+        category = lambda row: row["category"]  # noqa: E731
+        present = sorted({row["category"] for row in rows})
+        for name in present:
+            members = [r for r in rows if r["category"] == name]
+            metrics.append(Metric(f"tool_calls.{name}", members, nested_weights(members, [language]),
+                                  _percent("passed"), binary=True))
+        ast = [r for r in rows if r["category"] in AST_CATEGORIES]
+        if ast:
+            metrics.append(Metric("tool_calls.non_live_ast", ast, nested_weights(ast, [category, language]),
+                                  _percent("passed"), binary=True))
+        metrics.append(Metric("tool_calls.overall", rows, nested_weights(rows, [category, language]),
+                              _percent("passed"), binary=True))
+    elif suite == "ifeval":
+        ones = [1.0] * len(rows)
+        instructions = [float(r.get("instructions", 1)) for r in rows]
+        metrics += [
+            Metric("ifeval.prompt_strict", rows, ones, _percent("passed"), binary=True),
+            Metric("ifeval.prompt_loose", rows, ones, _percent("loose_passed"), binary=True),
+            Metric("ifeval.instruction_strict", rows, instructions, lambda r: float(r["score"])),
+        ]
+        if all("loose_score" in r for r in rows):
+            metrics.append(Metric("ifeval.instruction_loose", rows, instructions,
+                                  lambda r: float(r["loose_score"])))
+    elif suite in ("heldout_loss", "forgetting"):
+        scored = [r for r in rows if r.get("loss") is not None and r.get("tokens")]
+        loss = lambda row: float(row["loss"])  # noqa: E731
+        if scored:
+            metrics.append(Metric(f"{suite}.overall", scored, [float(r["tokens"]) for r in scored], loss,
+                                  lower_is_better=True, unit="nats/token"))
+        for name in sorted({r["category"] for r in scored if r.get("category")}):
+            members = [r for r in scored if r.get("category") == name]
+            metrics.append(Metric(f"{suite}.{name}", members, [float(r["tokens"]) for r in members], loss,
+                                  lower_is_better=True, unit="nats/token"))
+    return metrics
+
+
+def paired(metric: Metric, other: dict[str, dict], cfg, *, as_after: bool = True) -> dict[str, Any]:
+    """The metric's change from its rows (before) to the same items in `other` (after),
+    or, with as_after=False, from `other` (the chance rows) to its rows."""
+    mine = [metric.value(r) for r in metric.rows]
+    theirs = [metric.value(other[r["id"]]) for r in metric.rows]
+    clusters = [str(r.get("cluster") or r["id"]) for r in metric.rows]
+    first, second = (mine, theirs) if as_after else (theirs, mine)
+    result = compare(first, second, weights=metric.weights, binary=metric.binary, seed=cfg.seed,
+                     clusters=clusters if any(r.get("cluster") for r in metric.rows) else None,
+                     resamples=cfg.resamples)
+    return result.as_dict()
+
+
+# ------------------------------------------------------------------------ report
 def delta(before: Any, after: Any) -> Any:
     """after - before for every number both sides hold, with the same nesting."""
     if isinstance(before, dict) and isinstance(after, dict):
@@ -81,16 +250,42 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def eval_report(before: dict, after: dict, recipe) -> dict[str, Any]:
+def eval_report(before: dict, after: dict, recipe, only: Callable[[str], bool] | None = None) -> dict[str, Any]:
+    """Before, after and delta of every suite's metrics, and the paired comparison of
+    each metric (`only`: of the metrics it accepts)."""
     b, a = before.get("scores", {}), after.get("scores", {})
     suites = sorted(set(b) | set(a))
+    cfg = recipe.gate
     report: dict[str, Any] = {
         "models": {"before": before.get("model"), "after": after.get("model")},
         "engine": {"before": before.get("engine"), "after": after.get("engine")},
         "counts": after.get("counts", {}),
         "suites": {s: {"before": b.get(s), "after": a.get(s), "delta": delta(b.get(s), a.get(s))}
                    for s in suites},
+        "comparisons": {},
+        "notes": {},
     }
+    for suite in suites:
+        items_b = (before["per_item"].get(suite) or {}).get("items")
+        items_a = (after["per_item"].get(suite) or {}).get("items")
+        for side in (b.get(suite), a.get(suite)):
+            if isinstance(side, dict) and side.get("note"):
+                report["notes"][suite] = side["note"]
+        if not items_b or not items_a:
+            continue
+        check_same_items(suite, items_b, items_a)
+        after_rows = {r["id"]: r for r in items_a}
+        chance_rows = {r["id"]: r for r in ((before["per_item"][suite].get("chance") or {}).get("items") or [])}
+        for metric in suite_metrics(suite, items_b):
+            if only is not None and not only(metric.name):
+                continue
+            row = {"unit": metric.unit, "lower_is_better": metric.lower_is_better,
+                   **paired(metric, after_rows, cfg)}
+            if all(r["id"] in chance_rows for r in metric.rows):
+                vs_chance = paired(metric, chance_rows, cfg, as_after=False)
+                row["chance"] = {"score": vs_chance["before"], "base_minus_chance": vs_chance["delta"],
+                                 "p": vs_chance["p"]}
+            report["comparisons"][metric.name] = row
     if recipe.model.tiny is not None:
         report["note"] = ("The student is model.tiny: random weights before training and a few "
                           "steps after, so its scores are at chance. The numbers mean something "
@@ -106,67 +301,125 @@ def get_path(tree: Any, dotted: str) -> Any:
     return tree
 
 
-# ---------------------------------------------------------------------- checks
+# ------------------------------------------------------------------------ checks
+RULE = ("A paired check fails when the trained model's change is a regression that is "
+        "significant (two-sided paired p-value: exact McNemar for pass/fail items, a paired "
+        "permutation test otherwise; Benjamini-Hochberg-adjusted over the gate's paired checks) "
+        "below alpha, and larger than the check's margin. A check whose data is missing fails "
+        "as not measured; a check whose base is not significantly better than an empty answer "
+        "is uninformative; fp16_safe fails when the FP16 audit finds an activation past FP16's "
+        "range.")
+
+
+def margin_field(name: str) -> str | None:
+    for pattern, field in GATED.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return field
+    raise KeyError(name)
+
+
+def is_off(name: str, cfg) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in cfg.off)
+
+
 def run_checks(report: dict, audit: dict | None, cfg) -> dict[str, Any]:
+    comparisons = report.get("comparisons") or {}
     checks: list[dict[str, Any]] = []
+    off: list[str] = []
 
-    def check(name: str, passed: bool, detail: str, **numbers: Any) -> None:
-        checks.append({"name": name, "passed": bool(passed), "detail": detail, **numbers})
+    # fp16_safe
+    if is_off("fp16_safe", cfg):
+        off.append("fp16_safe")
+    elif audit is None:
+        checks.append({"name": "fp16_safe", "status": "not measured", "passed": False,
+                       "detail": "not measured: no FP16 audit report"})
+    else:
+        sites = [o["site"] for o in audit.get("offending", [])]
+        safe = bool(audit.get("fp16_safe", False))
+        checks.append({"name": "fp16_safe", "status": "passed" if safe else "failed", "passed": safe,
+                       "detail": f"max |activation| {audit.get('max_abs')}, offending sites: {sites or 'none'}",
+                       "max_abs": audit.get("max_abs"), "offending": sites})
 
-    if cfg.require_fp16_safe:
-        if audit is None:
-            check("fp16_safe", False, "no FP16 audit report")
-        else:
-            sites = [o["site"] for o in audit.get("offending", [])]
-            check("fp16_safe", audit.get("fp16_safe", False),
-                  f"max |activation| {audit.get('max_abs')}, offending sites: {sites or 'none'}",
-                  max_abs=audit.get("max_abs"), offending=sites)
-
-    retention = report["suites"].get("retention") or {}
-    before_avg = get_path(retention.get("before"), "average") or {}
-    after_avg = get_path(retention.get("after"), "average") or {}
-    for length in sorted(set(before_avg) | set(after_avg), key=lambda x: int(x)):
-        b, a = before_avg.get(length), after_avg.get(length)
-        if not (_number(b) and _number(a)):
-            check(f"retention@{length}", False, f"missing score (before {b}, after {a})")
+    # The paired checks: every gated name the data has, and each gated family it lacks.
+    names = [n for n in comparisons if n != "fp16_safe" and is_gated(n)]
+    for pattern in GATED:
+        if pattern == "fp16_safe" or any(fnmatch.fnmatchcase(n, pattern) for n in names):
             continue
-        floor = b - cfg.max_retention_drop
-        check(f"retention@{length}", a >= floor,
-              f"after {a:.1f} vs before {b:.1f} (drop {b - a:.1f} points, allowed {cfg.max_retention_drop:g})",
-              before=b, after=a, floor=round(floor, 4))
-    if cfg.keep_effective_length and retention:
-        b = get_path(retention.get("before"), "effective_length") or 0
-        a = get_path(retention.get("after"), "effective_length") or 0
-        check("effective_length", a >= b, f"after {a} vs before {b} tokens", before=b, after=a)
-
-    loss = report["suites"].get("heldout_loss") or {}
-    if cfg.max_heldout_loss_rise is not None and loss:
-        b, a = get_path(loss, "before.overall"), get_path(loss, "after.overall")
-        if _number(a) and _number(b):
-            check("heldout_loss", a <= b + cfg.max_heldout_loss_rise, f"after {a} vs before {b} nats/token "
-                  f"(rise allowed {cfg.max_heldout_loss_rise:g})", before=b, after=a)
-        else:  # a check that cannot be measured does not pass
-            check("heldout_loss", False, "not measured: no eval-split record the template can render "
-                  f"(before {b}, after {a})", before=b, after=a)
+        name = pattern.rstrip(".*")
+        if is_off(name, cfg) or is_off(pattern, cfg):
+            off.append(pattern)
+        else:
+            checks.append({"name": name, "status": "not measured", "passed": False,
+                           "detail": f"not measured: no {name} items in both evals"})
+    off += [n for n in names if is_off(n, cfg)]
+    names = [n for n in names if not is_off(n, cfg)]
+    adjusted = dict(zip(names, adjust([comparisons[n]["p"] for n in names])))
+    for name in names:
+        checks.append(paired_check(name, comparisons[name], adjusted[name], len(names), cfg))
 
     for dotted, floor in sorted(cfg.min_scores.items()):
         a = get_path(report["suites"], _side(dotted, "after"))
-        check(f"min_score {dotted}", _number(a) and a >= floor, f"after {a} (minimum {floor:g})",
-              after=a, minimum=floor)
+        ok = _number(a) and a >= floor
+        checks.append({"name": f"min_score {dotted}", "status": "passed" if ok else "failed", "passed": ok,
+                       "detail": f"after {a} (minimum {floor:g})", "after": a, "minimum": floor})
     for dotted, gain in sorted(cfg.min_gain.items()):
         d = get_path(report["suites"], _side(dotted, "delta"))
-        check(f"min_gain {dotted}", _number(d) and d >= gain, f"gain {d} (minimum {gain:g})",
-              delta=d, minimum=gain)
+        ok = _number(d) and d >= gain
+        checks.append({"name": f"min_gain {dotted}", "status": "passed" if ok else "failed", "passed": ok,
+                       "detail": f"gain {d} (minimum {gain:g})", "delta": d, "minimum": gain})
 
     failed = [c for c in checks if not c["passed"]]
+    uninformative = [c["name"] for c in checks if c["status"] == "uninformative"]
     if failed:
         message = f"gate: FAILED {len(failed)} of {len(checks)} checks: " + "; ".join(
             f"{c['name']}: {c['detail']}" for c in failed)
         if not cfg.enforce:
             message += " (gate.enforce is false: export not blocked)"
     else:
-        message = f"gate: passed all {len(checks)} checks"
-    return {"passed": not failed, "enforce": cfg.enforce, "checks": checks, "message": message}
+        passed = len(checks) - len(uninformative)
+        message = f"gate: passed {passed} of {len(checks)} checks"
+        if uninformative:
+            message += (f"; {len(uninformative)} uninformative (the base scores no better than an "
+                        f"empty answer): {', '.join(uninformative)}")
+    if off:
+        message += f"; off: {', '.join(off)}"
+    return {"passed": not failed, "enforce": cfg.enforce, "rule": RULE, "alpha": cfg.alpha,
+            "power": cfg.power, "paired_checks": len(names), "off": off, "uninformative": uninformative,
+            "checks": checks, "message": message}
+
+
+def is_gated(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in GATED if p != "fp16_safe")
+
+
+def paired_check(name: str, c: dict, p_adjusted: float, family: int, cfg) -> dict[str, Any]:
+    margin = float(getattr(cfg, margin_field(name)))
+    sign = 1.0 if c["lower_is_better"] else -1.0  # harm is a rise for losses, a drop otherwise
+    harm = sign * c["delta"]
+    failed = harm > margin and p_adjusted < cfg.alpha
+    # The larger of the observed SE and the base's own: a rerun with identical answers
+    # (SE 0) says nothing about what a later run can detect. Losses always move.
+    se = c["se"] if c["lower_is_better"] else max(c["se"], c["se_before"])
+    detectable = detectable_drop(se, margin, cfg.alpha, cfg.power, family)
+    chance = c.get("chance")
+    informative = chance is None or (-sign * chance["base_minus_chance"] > 0 and chance["p"] < cfg.alpha)
+    status = "failed" if failed else ("passed" if informative else "uninformative")
+    unit = "nats/token" if c["lower_is_better"] else "points"
+    verb = "rise" if c["lower_is_better"] else "drop"
+    detail = (f"{_fmt(c['before'])} -> {_fmt(c['after'])} (change {c['delta']:+.4g} {unit}, 95% CI "
+              f"[{_fmt(c['low'])}, {_fmt(c['high'])}], p {c['p']:.3g}, adjusted {p_adjusted:.3g}, "
+              f"{c['items']} items; margin {margin:g}, detectable {verb} {detectable:.3g})")
+    if status == "uninformative":
+        detail += f"; base {_fmt(c['before'])} vs empty answer {_fmt(chance['score'])}: uninformative"
+    return {"name": name, "status": status, "passed": not failed, "detail": detail,
+            "before": c["before"], "after": c["after"], "delta": c["delta"], "ci": [c["low"], c["high"]],
+            "p": c["p"], "p_adjusted": round(p_adjusted, 6), "items": c["items"], "margin": margin,
+            "detectable": round(detectable, 4), "unit": unit,
+            "chance": chance["score"] if chance else None}
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
 
 
 def _side(dotted: str, side: str) -> str:
@@ -175,38 +428,41 @@ def _side(dotted: str, side: str) -> str:
     return f"{suite}.{side}.{rest}" if rest else f"{suite}.{side}"
 
 
-# ----------------------------------------------------------------------- plots
+# ------------------------------------------------------------------------- plots
 def write_plots(report: dict, out: Path) -> None:
-    """DVC plot data (JSON rows) and PNGs: retention vs length, skill scores."""
+    """DVC plot data (JSON rows) and PNGs, every number with its 95 % error bar:
+    retention vs length, skill scores before and after, and each change with its
+    interval."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    retention = report["suites"].get("retention") or {}
-    before_avg = get_path(retention.get("before"), "average") or {}
-    after_avg = get_path(retention.get("after"), "average") or {}
-    lengths = sorted(set(before_avg) | set(after_avg), key=lambda x: int(x))
-    rows = [{"length": int(L), "before": before_avg.get(L), "after": after_avg.get(L)} for L in lengths]
-    write_json(out / "retention.json", rows)
+    comparisons = report.get("comparisons") or {}
+    z = 1.96
 
-    skills = []
-    for suite, sides in sorted(report["suites"].items()):
-        if suite in ("retention", "heldout_loss"):
-            continue
-        for metric, value in sorted((sides.get("after") or {}).items()):
-            before_value = (sides.get("before") or {}).get(metric)
-            if _number(value):
-                skills.append({"metric": f"{suite}.{metric}", "before": before_value, "after": value})
+    def bars(c: dict) -> dict[str, float]:
+        return {"before": c["before"], "after": c["after"], "before_err": z * c["se_before"],
+                "after_err": z * c.get("se_after", 0.0), "delta": c["delta"], "low": c["low"], "high": c["high"]}
+
+    retention = [{"length": int(n.rsplit(".", 1)[1]), **bars(c)} for n, c in comparisons.items()
+                 if n.startswith("retention.average.")]
+    retention.sort(key=lambda r: r["length"])
+    skills = [{"metric": n, **bars(c)} for n, c in comparisons.items()
+              if not n.startswith("retention.") and not c["lower_is_better"]]
+    deltas = [{"metric": n, **bars(c)} for n, c in comparisons.items() if is_gated(n)]
+    write_json(out / "retention.json", retention)
     write_json(out / "skills.json", skills)
+    write_json(out / "deltas.json", deltas)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for side, style in (("before", "o--"), ("after", "o-")):
-        ax.plot([r["length"] for r in rows], [r[side] for r in rows], style, label=side)
-    ax.set(xlabel="context length (student tokens)", ylabel="task average (%)", ylim=(0, 100),
-           title="Retention vs length")
-    if rows:
+        ax.errorbar([r["length"] for r in retention], [r[side] for r in retention],
+                    yerr=[r[f"{side}_err"] for r in retention], fmt=style, capsize=3, label=side)
+    ax.set(xlabel="context length (student tokens)", ylabel="task average (%), 95% error bars",
+           ylim=(-5, 105), title="Retention vs length")
+    if retention:
         ax.set_xscale("log", base=2)
     ax.legend()
     fig.tight_layout()
@@ -215,11 +471,23 @@ def write_plots(report: dict, out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(max(6, len(skills) * 0.6), 4))
     xs = range(len(skills))
-    ax.bar([x - 0.2 for x in xs], [r["before"] or 0 for r in skills], 0.4, label="before")
-    ax.bar([x + 0.2 for x in xs], [r["after"] or 0 for r in skills], 0.4, label="after")
+    for offset, side in ((-0.2, "before"), (0.2, "after")):
+        ax.bar([x + offset for x in xs], [r[side] for r in skills], 0.4,
+               yerr=[r[f"{side}_err"] for r in skills], capsize=2, label=side)
     ax.set_xticks(list(xs), [r["metric"] for r in skills], rotation=45, ha="right", fontsize=8)
-    ax.set(ylabel="score (%)", ylim=(0, 100), title="Skill scores, before and after")
+    ax.set(ylabel="score (%), 95% error bars", ylim=(0, 105), title="Skill scores, before and after")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "skills.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, max(3, 0.3 * len(deltas) + 1)))
+    ys = range(len(deltas))
+    ax.errorbar([r["delta"] for r in deltas], list(ys), capsize=3, fmt="o",
+                xerr=[[r["delta"] - r["low"] for r in deltas], [r["high"] - r["delta"] for r in deltas]])
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set_yticks(list(ys), [r["metric"] for r in deltas], fontsize=8)
+    ax.set(xlabel="after - before (points; nats/token for losses), 95% CI", title="Change per gated check")
+    fig.tight_layout()
+    fig.savefig(out / "deltas.png", dpi=100)
     plt.close(fig)

