@@ -9,6 +9,11 @@ Scores (percent), as defined by IFEval and reported by lm-eval:
   followed when it holds after removing markdown asterisks and/or the answer's first
   or last line (IFEval's "loose" variants)
 
+Answers get lm-eval's budget, 1280 tokens: "at least 300 words" and the like must be
+reachable, or a before/after difference could come from answer length. A recipe may
+lower it (`eval.ifeval.max_tokens`); the metrics then carry a `notes` line saying so.
+Each metric has its standard error in `stderr` (evals/standard_error.py).
+
 The prompts come from pipeline.ifeval_data (the file dedup also decontaminates
 against). lm-eval's checkers count sentences with NLTK's punkt_tab tokenizer, which
 `make setup` puts in the environment's own nltk_data folder; without it their import
@@ -23,18 +28,23 @@ from typing import Any
 
 from pydantic import Field
 
+from evals import standard_error
 from pipeline.ifeval_data import ifeval_items
 from pipeline.recipe import Section
 
 NAME = "ifeval"
+# lm-eval's generation budget for IFEval (ifeval.yaml max_gen_toks). Several prompts ask
+# for 300+ words or several paragraphs; a smaller budget makes them unreachable.
+LM_EVAL_MAX_TOKENS = 1280
 
 
 class Config(Section):
     enabled: bool = True
     # Prompts, a seeded sample of the 541 (541 or more = all, lm-eval's full task).
     count: int = Field(16, ge=0)
-    # Several prompts ask for 300+ words; lm-eval's task allows 1280 tokens.
-    max_tokens: int = Field(256, gt=0)
+    # lm-eval's budget. A recipe may lower it (a random student never stops early);
+    # the scores then say so in `notes`.
+    max_tokens: int = Field(LM_EVAL_MAX_TOKENS, gt=0)
     seed: int = 0
 
 
@@ -99,17 +109,28 @@ def _percent(hits: list[bool]) -> float:
     return round(100.0 * sum(hits) / len(hits), 2) if hits else 0.0
 
 
+def notes(cfg: Config) -> list[str]:
+    """What a reader must know before comparing these scores with IFEval's."""
+    if cfg.max_tokens < LM_EVAL_MAX_TOKENS:
+        return [f"max_tokens: {cfg.max_tokens} (IFEval uses {LM_EVAL_MAX_TOKENS}): "
+                "length instructions may be unreachable"]
+    return []
+
+
 def score(items: list[dict[str, Any]], answers: list[str], cfg: Config) -> dict[str, Any]:
     if len(items) != len(answers):
         raise ValueError(f"ifeval: {len(items)} items but {len(answers)} answers")
     rows = []
     prompt_strict, prompt_loose, inst_strict, inst_loose = [], [], [], []
+    per_prompt = {"strict": [], "loose": []}  # (followed, instructions) of each prompt
     for item, response in zip(items, answers):
         strict, loose = check(item, response)
         prompt_strict.append(all(strict))
         prompt_loose.append(all(loose))
         inst_strict += strict
         inst_loose += loose
+        per_prompt["strict"].append((sum(strict), len(strict)))
+        per_prompt["loose"].append((sum(loose), len(loose)))
         failed = [i for i, ok in zip(item["instruction_id_list"], strict) if not ok]
         rows.append({"id": item["id"], "passed": all(strict), "score": _percent(strict),
                      "loose_passed": all(loose), "loose_score": _percent(loose), "instructions": len(strict),
@@ -120,5 +141,16 @@ def score(items: list[dict[str, Any]], answers: list[str], cfg: Config) -> dict[
         "instruction_strict": _percent(inst_strict),
         "instruction_loose": _percent(inst_loose),
         "counts": {"prompts": len(items), "instructions": len(inst_strict)},
+        # Prompt level: a mean over prompts. Instruction level: instructions followed
+        # over instructions given, with the prompt as the unit (its instructions share
+        # one answer).
+        "stderr": {
+            "prompt_strict": standard_error.of_mean([100.0 * ok for ok in prompt_strict]),
+            "prompt_loose": standard_error.of_mean([100.0 * ok for ok in prompt_loose]),
+            **{f"instruction_{kind}": standard_error.of_ratio([100.0 * f for f, _ in pairs], [n for _, n in pairs])
+               for kind, pairs in per_prompt.items()},
+        },
     }
+    if notes(cfg):
+        metrics["notes"] = notes(cfg)
     return {"metrics": metrics, "items": rows}

@@ -14,12 +14,22 @@ we hand them two things:
   from the hub, which does not work offline) the project's offline filler text instead,
   with every passage the `needle` training pipeline used taken out.
 
+Each item carries RULER's answer prefix as lm-eval emits it (the sample's `gen_prefix`:
+"The special magic number for X mentioned in the provided text is", vt's "Answer:
+According to the chain(s) of variable assignment ... they are:", cwe's and fwe's
+"Answer: ..."): the prompt is a user turn followed by an assistant turn holding the
+prefix, which the engines continue (pipeline.chat_template.prompt_text: lm-eval's chat
+mode, `continue_final_message`), and the answer scored is the continuation alone, as
+lm-eval scores it. Lengths count the prefix too.
+
 No key, value or haystack passage of an item may coincide with the `needle` pipeline's
 training records (accepted and rejected): items that would are drawn again, and the
 final check raises ContaminationError if one still does.
 
 Scoring is lm-eval's (`string_match_all`: the fraction of references found in the
-answer, case-insensitive), x100, averaged per task x length. The effective length is
+answer, case-insensitive), x100, averaged per task x length, with lm-eval's standard
+error of each mean in `stderr` (evals/standard_error.py). Per-item rows carry `id`,
+`task`, `length`, `score` and `passed` (every reference found). The effective length is
 RULER's: the largest length whose task average reaches the threshold (85.6, Llama-2-7B
 at 4K in the paper), counted up from the shortest, so a length above one that fails
 never counts; 0 when the shortest fails.
@@ -41,7 +51,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
+from evals import standard_error
 from pipeline import sources
+from pipeline.chat_template import prompt_text
 from pipeline.recipe import Section
 from pipeline.records import iter_jsonl, stable_hash
 
@@ -169,20 +181,59 @@ def _item_text(item: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------ lengths
+# Where lm-eval cuts the answer prefix off a vt / cwe / fwe prompt it sized with the
+# prefix on (vt_utils, cwe_utils, fwe_utils: `input_text.rfind(...)`).
+VT_PREFIX_START = " Answer: According to the chain(s) of variable assignment"
+# The NIAH question; lm-eval's gen_prefix restates it (prepare_niah.generate_samples).
+NIAH_QUESTION = re.compile(r"What (is|are all) the special magic (\S+) for (.+) mentioned in the provided text\?\s*\Z")
+
+
+def answer_prefixes() -> tuple[str, ...]:
+    """The prefix openings lm-eval cuts vt, cwe and fwe prompts at."""
+    from lm_eval.tasks.ruler import cwe_utils, fwe_utils
+
+    return VT_PREFIX_START, cwe_utils.CONFIG["answer_prefix"], fwe_utils.CONFIG["answer_prefix"]
+
+
+def split_answer_prefix(text: str) -> tuple[str, str | None]:
+    """(prompt, gen_prefix) as lm-eval makes them from a text its generators sized:
+    vt, cwe and fwe size the prompt with the prefix on and cut it off at its opening;
+    NIAH's prefix restates the closing question ("What is the special magic number for
+    X ...?" -> "The special magic number for X mentioned in the provided text is")."""
+    for start in answer_prefixes():
+        cut = text.rfind(start)
+        if cut >= 0:
+            # vt keeps its prompt as cut; cwe and fwe strip it (lm-eval's code).
+            prompt = text[:cut] if start == VT_PREFIX_START else text[:cut].strip()
+            return prompt, text[cut:].strip()
+    question = NIAH_QUESTION.search(text)
+    if question:
+        verb, kind, query = question.groups()
+        return text, f"The special magic {kind} for {query} mentioned in the provided text {'is' if verb == 'is' else 'are'}"
+    return text, None
+
+
+def prompt_messages(prompt: str, gen_prefix: str | None) -> list[dict[str, str]]:
+    """A user turn, then the answer prefix as an assistant turn the model continues."""
+    messages = [{"role": "user", "content": prompt}]
+    return messages + [{"role": "assistant", "content": gen_prefix}] if gen_prefix else messages
+
+
 class RenderedTokenizer:
     """Stands in for the tokenizer lm-eval's RULER generators are handed. They size a
     prompt by `len(tokenizer(text).input_ids)`; this counts the text as the student
-    sees it: a user turn rendered with its chat template plus the generation prompt."""
+    sees it: a user turn rendered with its chat template, then the generation prompt
+    and the answer prefix lm-eval emits for that text (split_answer_prefix)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
 
     def count(self, messages: list[dict[str, Any]]) -> int:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = prompt_text(self.tokenizer, messages)
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def __call__(self, text: str) -> SimpleNamespace:
-        return SimpleNamespace(input_ids=range(self.count([{"role": "user", "content": text}])))
+        return SimpleNamespace(input_ids=range(self.count(prompt_messages(*split_answer_prefix(text)))))
 
 
 # ------------------------------------------------------------------------ generation
@@ -227,7 +278,8 @@ def filler_haystack(source: str, needle: NeedleStrings, seed: int) -> list[str]:
 def ruler_samples(task: str, length: int, count: int, tokenizer: RenderedTokenizer,
                   essay: list[str] | None, seed: int) -> list[dict[str, Any]]:
     """`count` samples of one RULER task at one length from lm-eval's own generator:
-    dicts with input, outputs (the references), gen budget."""
+    dicts with input, gen_prefix (lm-eval's answer prefix), outputs (the references),
+    max_tokens (its generation budget)."""
     quiet = contextlib.redirect_stdout(io.StringIO())  # vt prints every fitting step
     with _seeded(seed), quiet:
         if task in NIAH:
@@ -262,7 +314,8 @@ def ruler_samples(task: str, length: int, count: int, tokenizer: RenderedTokeniz
                     num_samples=count, max_seq_length=limit, tokenizer=tokenizer, tokens_to_generate=budget)
                 for s in samples:
                     s["input"] = s["input_example"] + "\n" + s["input"]
-                if all(len(tokenizer(s["input"]).input_ids) + budget <= length for s in samples):
+                if all(tokenizer.count(prompt_messages(s["input"], s["gen_prefix"])) + budget <= length
+                       for s in samples):
                     break
                 limit -= CWE_STEP
         else:  # fwe
@@ -276,7 +329,12 @@ def ruler_samples(task: str, length: int, count: int, tokenizer: RenderedTokeniz
     for s in samples:  # lm-eval checks this for NIAH only
         if not s["outputs"] or not all(r in s["input"] for r in s["outputs"]):
             raise ValueError(f"retention {task} @ {length}: lm-eval built an item without its references")
-    return [{"input": s["input"], "outputs": list(s["outputs"]), "max_tokens": budget} for s in samples]
+        if task in NIAH and split_answer_prefix(s["input"])[1] != s["gen_prefix"]:
+            # The lengths were counted with the prefix we derive: it must be lm-eval's.
+            raise ValueError(f"retention {task} @ {length}: lm-eval's answer prefix {s['gen_prefix']!r} "
+                             f"is not the one derived from its question")
+    return [{"input": s["input"], "gen_prefix": s["gen_prefix"], "outputs": list(s["outputs"]),
+             "max_tokens": budget} for s in samples]
 
 
 def retention_threshold(context: dict) -> float:
@@ -315,12 +373,13 @@ def build_items(cfg: Config, tokenizer, context: dict) -> list[dict[str, Any]]:
                 clean += [s for s in fresh if not needle.found_in(s["input"] + "\n" + "\n".join(s["outputs"]))]
                 draw += 1
             for i, s in enumerate(clean):
-                messages = [{"role": "user", "content": s["input"]}]
+                messages = prompt_messages(s["input"], s["gen_prefix"])
                 tokens = counter.count(messages)
                 if tokens + s["max_tokens"] > length:  # lm-eval's generators promise this
                     raise AssertionError(f"retention {task} @ {length}: {tokens} + {s['max_tokens']} tokens")
                 items.append({
-                    "id": f"{task}/{length}/{i}", "messages": messages, "max_tokens": s["max_tokens"],
+                    "id": f"{task}/{length}/{i}", "messages": messages, "gen_prefix": s["gen_prefix"],
+                    "max_tokens": s["max_tokens"],
                     "task": task, "length": length, "tokens": tokens, "references": s["outputs"],
                     "retention_threshold": threshold, "needle_check": needle.note,
                 })
@@ -355,11 +414,15 @@ def score(items: list[dict[str, Any]], answers: list[str], cfg: Config) -> dict[
         cells[item["task"]][item["length"]].append(value)
         missing = [r for r in item["references"] if r.lower() not in answer.lower()]
         per_item.append({
-            "id": item["id"], "score": value, "passed": not missing,
+            "id": item["id"], "task": item["task"], "length": item["length"], "score": value, "passed": not missing,
             "reason": f"missing {', '.join(missing[:4])}" if missing else "all references found",
         })
     metrics: dict[str, Any] = {
         task: {str(length): round(float(np.mean(v)), 2) for length, v in sorted(by_length.items())}
+        for task, by_length in cells.items()
+    }
+    stderr: dict[str, Any] = {
+        task: {str(length): standard_error.of_mean(v) for length, v in sorted(by_length.items())}
         for task, by_length in cells.items()
     }
     lengths = sorted({length for by_length in cells.values() for length in by_length})
@@ -367,6 +430,10 @@ def score(items: list[dict[str, Any]], answers: list[str], cfg: Config) -> dict[
                for length in lengths}
     threshold = items[0]["retention_threshold"] if items else RULER_THRESHOLD
     metrics["average"] = {str(length): round(v, 2) for length, v in average.items()}
+    # The average is a mean of the tasks' means (each task its own haystacks).
+    stderr["average"] = {str(length): standard_error.of_mean_of_means(
+        [stderr[t][str(length)] for t in cells if length in cells[t]]) for length in lengths}
     metrics["effective_length"] = effective_length(average, threshold)
     metrics["threshold"] = threshold
+    metrics["stderr"] = stderr
     return {"metrics": metrics, "items": per_item}

@@ -6,8 +6,10 @@ the one way both show a BFCL function to a model (`openai_tool`).
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,10 @@ CATALOGUE_FILES = (
     "live_simple", "live_multiple", "live_parallel", "live_parallel_multiple",
 )
 IRRELEVANCE_FILES = ("irrelevance",)
+# BFCL's simple category in its other languages: only ever evaluated (their held-out
+# slice). Generation's catalogue is built from CATALOGUE_FILES alone, so it never holds
+# one of their functions; dedup decontaminates against their held-out questions too.
+LANGUAGE_FILES = ("simple_java", "simple_javascript")
 
 
 def bfcl_data_dir() -> Path:
@@ -61,7 +67,7 @@ def is_heldout(item_id: str, fraction: float) -> bool:
 def heldout_questions(fraction: float = 0.1) -> list[str]:
     """User turns of the held-out BFCL items (the decontamination reference)."""
     out = []
-    for category in (*CATALOGUE_FILES, *IRRELEVANCE_FILES):
+    for category in (*CATALOGUE_FILES, *LANGUAGE_FILES, *IRRELEVANCE_FILES):
         for item in bfcl_items(category):
             if is_heldout(item["id"], fraction):
                 out += [t["content"] for turn in item["question"] for t in turn if t["role"] == "user"]
@@ -83,6 +89,52 @@ def tool_name(name: str) -> str:
 
 
 TYPE_MAP = {"dict": "object", "float": "number", "tuple": "array"}
+
+
+def language(test_category: str) -> str:
+    """The language of a BFCL test category, by BFCL's rule (bfcl_eval.utils.is_java/is_js)."""
+    if "javascript" in test_category:
+        return "javascript"
+    return "java" if "java" in test_category else "python"
+
+
+LANGUAGE_HINTS = {
+    "python": " Note that the provided function is in Python 3 syntax.",
+    "java": " Note that the provided function is in Java 8 SDK syntax.",
+    "javascript": " Note that the provided function is in JavaScript syntax.",
+}
+
+
+def language_function_doc(fn: dict[str, Any], test_category: str) -> dict[str, Any]:
+    """A BFCL function doc as BFCL shows it to the model it evaluates
+    (bfcl_eval.utils._func_doc_language_specific_pre_processing, Apache-2.0, applied by
+    its load_dataset_entry to every category): the description gains the language's
+    note; Java and JavaScript parameters become strings ("in string representation",
+    the type named in the description, a list's element type and a dict's schema with
+    it), which is what BFCL's checker then parses per language. The input is not
+    changed. (BFCL's module is not imported: importing it creates folders inside the
+    installed package.)"""
+    lang = language(test_category)
+    fn = copy.deepcopy(fn)
+    fn["description"] = fn["description"] + LANGUAGE_HINTS[lang]
+    if lang == "python":
+        return fn
+    name = "Java" if lang == "java" else "JavaScript"
+    for value in fn["parameters"]["properties"].values():
+        if value["type"] == "any":
+            value["description"] += f" This parameter can be of any type of {name} object in string representation."
+        else:
+            value["description"] += f" This is {name} {value['type']} type parameter in string representation."
+        if value["type"] in (("ArrayList", "Array") if lang == "java" else ("array",)):
+            value["description"] += (f" The list elements are of type {value['items']['type']};"
+                                     " they are not in string representation.")
+            del value["items"]
+        if lang == "javascript" and value["type"] == "dict" and "properties" in value:
+            value["description"] += (" The dictionary entries have the following schema; they are not in string"
+                                     f" representation. {json.dumps(value['properties'])}")
+            del value["properties"]
+        value["type"] = "string"
+    return fn
 
 
 def _json_schema(spec: dict[str, Any]) -> dict[str, Any]:

@@ -130,6 +130,26 @@ def render(tokenizer, messages, tools=None, **kwargs) -> str:
     return tokenizer.apply_chat_template(list(messages), tools=tools or None, tokenize=False, **kwargs)
 
 
+def continues_answer(messages) -> bool:
+    """A conversation that ends with an assistant turn asks for that turn to be
+    continued, not for a new one: the turn is an answer prefix (RULER's "The special
+    magic number for ... is", lm-eval's `gen_prefix`) the model's answer follows."""
+    return bool(messages) and messages[-1].get("role") == "assistant"
+
+
+def prompt_text(tokenizer, messages, tools=None, chat_template: str | None = None) -> str:
+    """The text a model continues for `messages`: the generation prompt after the last
+    turn, or, when the last turn is an answer prefix (continues_answer), that assistant
+    turn left open, as lm-eval renders a `gen_prefix` in chat mode
+    (`apply_chat_template(..., add_generation_prompt=False, continue_final_message=True)`).
+    chat_template None: the tokenizer's own."""
+    open_turn = continues_answer(messages)
+    return tokenizer.apply_chat_template(
+        list(messages), tools=tools or None, chat_template=chat_template, tokenize=False,
+        add_generation_prompt=not open_turn, continue_final_message=open_turn,
+    )
+
+
 def turn_end(tokenizer) -> str:
     """The marker the template closes an assistant turn with (`<|im_end|>`,
     `<end_of_turn>`, `<|eot_id|>`, ...): rendered after a probe turn's content."""

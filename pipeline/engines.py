@@ -15,6 +15,11 @@ be shown and that template drops them, in the project's ChatML template, whose t
 calls come back as `<tool_call>{json}</tool_call>` (pipeline.chat_template.
 teacher_template); openai answers' `tool_calls` are turned into that same text.
 
+A conversation that ends with an assistant turn is an answer prefix (RULER's "The
+special magic number for ... is"): every engine continues that turn instead of opening
+a new one (`continue_final_message`, as lm-eval renders a `gen_prefix` in chat mode),
+and returns the continuation only.
+
 `CachedEngine` appends every finished completion to a JSONL file keyed by (engine,
 model, sampling, conversation, tools): a run killed with SIGKILL and started again
 regenerates no finished item and loses none.
@@ -36,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from pipeline.chat_template import teacher_template
+from pipeline.chat_template import continues_answer, prompt_text, teacher_template
 
 # Prompt rendering of the in-process engines: the teacher's format (see above), or
 # None for the tokenizer's own template (a student evaluated in its training format).
@@ -102,13 +107,12 @@ def _tools_list(tools: list[Tools] | None, count: int) -> list[Tools]:
 def _render_prompts(tokenizer, conversations: list[Conversation], tools: list[Tools],
                     template: str | None = TEACHER) -> list[str]:
     """TEACHER: the teacher's own template (ChatML where it would drop the tools);
-    None: the tokenizer's own (a student folder carries its training template)."""
+    None: the tokenizer's own (a student folder carries its training template). A
+    conversation ending with an assistant turn (an answer prefix) is continued from
+    inside that turn (pipeline.chat_template.prompt_text)."""
     return [
-        tokenizer.apply_chat_template(
-            conv, tools=tool,
-            chat_template=teacher_template(tokenizer, tool) if template == TEACHER else template,
-            tokenize=False, add_generation_prompt=True,
-        )
+        prompt_text(tokenizer, conv, tool,
+                    chat_template=teacher_template(tokenizer, tool) if template == TEACHER else template)
         for conv, tool in zip(conversations, tools)
     ]
 
@@ -305,6 +309,10 @@ class OpenAIEngine:
         }
         if tools:
             body["tools"] = tools
+        if continues_answer(conversation):
+            # An answer prefix: the server continues the final assistant turn (vLLM's
+            # chat-completions parameters, what lm-eval's chat mode renders locally).
+            body.update(add_generation_prompt=False, continue_final_message=True)
         data = self._post(body)
         choices = sorted(data.get("choices", []), key=lambda c: c.get("index", 0))
         if len(choices) != sampling.n:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import copy
+from pathlib import Path
 
 import pytest
 from stage_outputs import needle_records
@@ -82,10 +83,47 @@ def test_metrics_count_prompts_and_instructions_separately(items):
         "prompt_strict": 33.33, "prompt_loose": 66.67,  # of 3 prompts
         "instruction_strict": 50.0, "instruction_loose": 75.0,  # of 4 instructions
         "counts": {"prompts": 3, "instructions": 4},
+        # prompt level: lm-eval's sample std / sqrt(n) over the prompts' 0/100 verdicts;
+        # instruction level: the ratio estimator over prompts, strict 1/1, 1/2, 0/1
+        # followed: R = 50, residuals 50, 0, -50 -> sqrt(3/2 * 5000) / 4 = 21.65
+        "stderr": {"prompt_strict": 33.3333, "prompt_loose": 33.3333,
+                   "instruction_strict": 21.6506, "instruction_loose": 18.75},
     }
     assert [(r["passed"], r["loose_passed"]) for r in result["items"]] == [(True, True), (False, False), (False, True)]
     assert result["items"][1]["reason"] == "not followed: length_constraints:number_sentences"
     assert json.loads(json.dumps(result)) == result
+
+
+def test_the_budget_is_lm_evals_and_a_lower_one_is_noted(items):
+    assert ifeval.Config().max_tokens == 1280 == ifeval.LM_EVAL_MAX_TOKENS
+    chosen, answers = [items[1001]], ["Day one we sail to Tokyo."]
+    assert "notes" not in ifeval.score(chosen, answers, ifeval.Config())["metrics"]
+    short = ifeval.score(chosen, answers, ifeval.Config(max_tokens=64))["metrics"]
+    assert short["notes"] == ["max_tokens: 64 (IFEval uses 1280): length instructions may be unreachable"]
+
+
+def test_the_tiny_recipe_keeps_its_small_budget_and_says_so():
+    from evals.evaluate import suite_configs
+    from pipeline.recipe import load_recipe
+
+    _, cfg = suite_configs(load_recipe(Path(__file__).parents[1] / "recipes/tiny-cpu.yaml"))["ifeval"]
+    assert cfg.max_tokens == 64 and ifeval.notes(cfg) == [
+        "max_tokens: 64 (IFEval uses 1280): length instructions may be unreachable"]
+
+
+def test_stderr_is_lm_evals_closed_form(items):
+    from lm_eval.api.metrics import mean_stderr
+
+    keys = sorted(items)[:12]
+    answers = ["Day one we sail to Tokyo." if i % 3 else "Sure, here it is." for i in range(len(keys))]
+    result = ifeval.score([items[k] for k in keys], answers, ifeval.Config())
+    verdicts = [100.0 * r["passed"] for r in result["items"]]
+    assert 0 < sum(verdicts) < 100 * len(verdicts)  # some pass, some fail
+    assert result["metrics"]["stderr"]["prompt_strict"] == pytest.approx(mean_stderr(verdicts), abs=1e-4)
+    # one instruction per prompt: the instruction level's ratio is the same mean
+    single = [items[k] for k in keys if len(items[k]["instruction_id_list"]) == 1]
+    one = ifeval.score(single, answers[: len(single)], ifeval.Config())["metrics"]
+    assert one["stderr"]["instruction_strict"] == pytest.approx(one["stderr"]["prompt_strict"], abs=1e-4)
 
 
 def test_random_draws_inside_the_checkers_are_reproducible(items):

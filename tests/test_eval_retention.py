@@ -41,13 +41,29 @@ def quick_items(tokenizer, data_root):
     return rt.build_items(rt.Config(tasks=QUICK, count=2), tokenizer, context)
 
 
+def lm_eval_chat_prompt(tokenizer, item):
+    """The prompt lm-eval's chat mode builds for a RULER doc, by lm-eval's own code: the
+    doc's input as the user turn and its gen_prefix as an assistant turn
+    (ConfigurableTask.build_qa_turn, multiturn_to_singleturn), rendered by HFLM's
+    apply_chat_template with add_generation_prompt=False (api/task.py fewshot_context)."""
+    from lm_eval.api.task import ConfigurableTask
+    from lm_eval.api.utils import multiturn_to_singleturn
+    from lm_eval.models.huggingface import HFLM
+
+    turns = ConfigurableTask.build_qa_turn(None, q=item["messages"][0]["content"], gen_prefix=item["gen_prefix"],
+                                           tgt_delim=" ", few_delim="")
+    hflm = SimpleNamespace(tokenizer=tokenizer, chat_template_args={})
+    return HFLM.apply_chat_template(hflm, multiturn_to_singleturn(turns), add_generation_prompt=False)
+
+
 def rendered_tokens(tokenizer, item):
-    text = tokenizer.apply_chat_template(item["messages"], add_generation_prompt=True, tokenize=False)
+    text = lm_eval_chat_prompt(tokenizer, item)
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def fake_item(references, task="niah_single_1", length=1024):
-    return {"id": "x", "task": task, "length": length, "references": references, "retention_threshold": 85.6}
+def fake_item(references, task="niah_single_1", length=1024, i=0):
+    return {"id": f"{task}/{length}/{i}", "task": task, "length": length, "references": references,
+            "retention_threshold": 85.6}
 
 
 # ----------------------------------------------------------------------------- scorer
@@ -104,11 +120,95 @@ def test_items_fit_their_bucket_in_the_student_rendering(tokenizer, quick_items)
         tokens = rendered_tokens(tokenizer, item)
         assert tokens == item["tokens"]
         assert item["length"] // 2 < tokens + item["max_tokens"] <= item["length"], item["id"]
-        assert item["messages"][-1]["role"] == "user"
+        assert [m["role"] for m in item["messages"]] == ["user", "assistant"]
         prompt = item["messages"][0]["content"]
         assert item["references"] and all(r in prompt for r in item["references"]), item["id"]
     budgets = {i["task"]: i["max_tokens"] for i in quick_items}
     assert budgets == {"vt": 30, "cwe": 120, "fwe": 50}  # lm-eval's generation lengths
+
+
+# ---------------------------------------------------------------- the answer prefix
+def test_items_carry_lm_evals_answer_prefix_as_an_open_assistant_turn(tokenizer, quick_items):
+    from lm_eval.tasks.ruler import cwe_utils, fwe_utils, vt_utils
+
+    for item in quick_items:
+        assert item["messages"][1] == {"role": "assistant", "content": item["gen_prefix"]}
+        # cut off the prompt's end, as lm-eval does (vt's and cwe's one-shot example keeps its own)
+        assert not item["messages"][0]["content"].rstrip().endswith(item["gen_prefix"])
+    prefixes = {i["task"]: i["gen_prefix"] for i in quick_items}
+    assert prefixes["cwe"] == cwe_utils.CONFIG["answer_prefix"].strip() == (
+        "Answer: The top 10 words that appear most often in the list are:")
+    assert prefixes["fwe"] == fwe_utils.CONFIG["answer_prefix"].strip()
+    vt = [i for i in quick_items if i["task"] == "vt"]
+    for item in vt:  # vt's prefix names the value the chain carries
+        value = item["messages"][0]["content"].rsplit("assigned the value ", 1)[1].split(" ")[0].rstrip(".")
+        assert item["gen_prefix"] == vt_utils.CONFIG["variable_tracking"]["answer_prefix"].strip().format(
+            num_v=5, query=value)
+
+    # The student's prompt is lm-eval's chat-mode prompt, character for character: the
+    # assistant turn is left open at the prefix (no end-of-turn, no new turn after it).
+    from pipeline.engines import _render_prompts
+
+    ours = _render_prompts(tokenizer, [i["messages"] for i in quick_items], [None] * len(quick_items), None)
+    for item, text in zip(quick_items, ours):
+        assert text == lm_eval_chat_prompt(tokenizer, item)
+        assert text.endswith("<|im_start|>assistant\n" + item["gen_prefix"]), text[-200:]
+
+
+def test_the_prefix_is_derived_from_text_as_lm_eval_cuts_it():
+    from lm_eval.tasks.ruler import cwe_utils
+
+    one = ("A special magic number is hidden within the following text. ...\n"
+           "What is the special magic number for gentle-pear mentioned in the provided text?")
+    assert rt.split_answer_prefix(one) == (
+        one, "The special magic number for gentle-pear mentioned in the provided text is")
+    many = ("Some special magic uuids are hidden ...\nWhat are all the special magic uuids for a-b, c-d, and e-f "
+            "mentioned in the provided text?")
+    assert rt.split_answer_prefix(many)[1] == (
+        "The special magic uuids for a-b, c-d, and e-f mentioned in the provided text are")
+    cwe = "Below is a numbered list of words. 1. x 2. y\nQuestion: What are the 10 most common words in the above list?"
+    assert rt.split_answer_prefix(cwe + cwe_utils.CONFIG["answer_prefix"]) == (
+        cwe, cwe_utils.CONFIG["answer_prefix"].strip())
+    assert rt.split_answer_prefix("no question here") == ("no question here", None)
+
+
+@pytest.mark.slow
+def test_the_engine_continues_the_prefix_and_the_cache_key_follows_it(tokenizer, quick_items, teacher_dir, tmp_path):
+    """The transformers engine on the packaged SmolLM2 answers each item with the
+    greedy continuation of lm-eval's chat-mode prompt (computed here by HF generate on
+    that prompt), the score is lm-eval's on that continuation alone, and an item
+    without its prefix is another cache key."""
+    import torch
+    from lm_eval.tasks.ruler import common_utils
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.engines import CachedEngine, Sampling, TransformersEngine
+
+    items = [i for i in quick_items if i["task"] == "vt" and i["length"] == 1024]
+    engine = CachedEngine(TransformersEngine("teacher", batch_size=2, threads=1, chat_template=None),
+                          tmp_path, progress=False)
+    sampling = Sampling(temperature=0.0, top_p=1.0, max_tokens=items[0]["max_tokens"], n=1, seed=0)
+    answers = [c[0].text for c in engine.chat([i["messages"] for i in items], sampling)]
+
+    teacher = AutoTokenizer.from_pretrained(teacher_dir)
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    for item, answer in zip(items, answers):
+        ids = teacher(lm_eval_chat_prompt(teacher, item), return_tensors="pt", add_special_tokens=False)
+        with torch.inference_mode():
+            out = model.generate(**ids, do_sample=False, max_new_tokens=item["max_tokens"],
+                                 eos_token_id=teacher.convert_tokens_to_ids("<|im_end|>"))
+        expected = teacher.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert answer == expected
+        assert not answer.lstrip().startswith(item["gen_prefix"][:20])  # the prefix is not repeated
+        lm_eval = common_utils.process_results({"max_length": 1024, "outputs": item["references"]}, [answer])
+        assert rt.item_score(answer, item["references"]) == pytest.approx(100 * lm_eval["1024"])
+
+    bare = [[i["messages"][0]] for i in items]
+    keys = {engine.key(m, None, sampling) for m in [i["messages"] for i in items]}
+    assert not keys & {engine.key(m, None, sampling) for m in bare}
+    again = CachedEngine(engine.inner, tmp_path, progress=False)
+    assert [c[0].text for c in again.chat([i["messages"] for i in items], sampling)] == answers
+    assert again.misses == 0
 
 
 def test_same_seed_same_items(tokenizer, quick_items, data_root):
@@ -181,3 +281,11 @@ def test_default_tasks_at_recipe_lengths(tokenizer, data_root):
         assert not needle.found_in(prompt)
     essay = next(i for i in items if i["task"] == "niah_multivalue" and i["length"] == 2048)
     assert len(essay["references"]) == 4 and essay["tokens"] > 1024
+    # lm-eval's NIAH gen_prefix: singular for one value of one key, plural otherwise
+    prefix = {i["task"]: i["gen_prefix"] for i in items}
+    assert prefix["niah_single_1"].startswith("The special magic number for ")
+    assert prefix["niah_single_1"].endswith(" mentioned in the provided text is")
+    for task in ("niah_multivalue", "niah_multiquery"):
+        assert prefix[task].startswith("The special magic numbers for ")
+        assert prefix[task].endswith(" mentioned in the provided text are")
+    assert prefix["niah_multiquery"].count(", ") >= 2 and ", and " in prefix["niah_multiquery"]  # four keys

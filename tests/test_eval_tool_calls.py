@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from evals import tool_calls
-from pipeline.bfcl import HELDOUT_FRACTION, bfcl_items, is_heldout
+from pipeline.bfcl import HELDOUT_FRACTION, LANGUAGE_FILES, bfcl_items, heldout_questions, is_heldout, tool_name
 from pipeline.chat_template import apply_training_template
 from pipeline.recipe import load_recipe
 from synth_data import tool_use
@@ -34,8 +34,8 @@ def test_items_are_the_heldout_slice_that_generation_never_samples(tmp_path):
     items = tool_calls.build_items(tool_calls.Config(count=10_000), None, context)
     sources = {it["id"].removeprefix("bfcl/") for it in items}
     assert all(is_heldout(s, 0.2) for s in sources)
-    for name, category in tool_calls.CATEGORIES.items():
-        heldout = [it for it in bfcl_items(category) if is_heldout(it["id"], 0.2)]
+    for name, files in tool_calls.CATEGORIES.items():
+        heldout = [it for f in files for it in bfcl_items(f) if is_heldout(it["id"], 0.2)]
         assert sum(it["category"] == name for it in items) == len(heldout) > 0
 
     # No function of a call item is in generation's catalogue, and generation's
@@ -52,11 +52,52 @@ def test_items_are_deterministic_and_the_default_fraction_is_generations():
     assert tool_use.Config().heldout_fraction == HELDOUT_FRACTION
     cfg = tool_calls.Config(count=3)
     first, again = tool_calls.build_items(cfg, None, {}), tool_calls.build_items(cfg, None, {})
-    assert first == again and len(first) == 3 * len(tool_calls.CATEGORIES)
+    assert first == again and len(first) == 3 * (len(tool_calls.CATEGORIES) + 2)  # simple: 3 languages
     other = tool_calls.build_items(tool_calls.Config(count=3, seed=1), None, {})
     assert [it["id"] for it in other] != [it["id"] for it in first]
     only = tool_calls.build_items(tool_calls.Config(count=2, categories=["parallel"]), None, {})
     assert [it["category"] for it in only] == ["parallel", "parallel"]
+
+
+def test_simple_covers_bfcls_three_languages_from_the_heldout_slice(items):
+    """BFCL ships simple_java and simple_javascript (items and possible answers); the
+    eval draws their held-out slice as it draws python's, and no function of theirs
+    is in generation's catalogue, held out or not."""
+    simple = [it for it in items.values() if it["category"] == "simple"]
+    counts = {lang: sum(it["language"] == lang for it in simple) for lang in ("python", "java", "javascript")}
+    assert counts == {"python": 43, "java": 10, "javascript": 7}  # the held-out slice at 0.1
+    assert all(it["possible_answer"] for it in simple)
+    assert all("language" not in it for it in items.values() if it["category"] != "simple")
+
+    catalogue = {tool_name(n) for n in tool_use.catalogue(HELDOUT_FRACTION)}
+    for category in LANGUAGE_FILES:
+        names = {tool_name(fn["name"]) for it in bfcl_items(category) for fn in it["function"]}
+        assert names and not names & catalogue
+    questions = set(heldout_questions(HELDOUT_FRACTION))  # dedup's references
+    assert {it["messages"][0]["content"] for it in simple if it["language"] != "python"} <= questions
+
+
+def test_function_docs_are_shown_in_bfcls_language_specific_form(tmp_path, items):
+    """Our copy of BFCL's doc preprocessing gives what BFCL's own function gives, on
+    every simple item of the three languages (BFCL's module runs in a subprocess whose
+    BFCL_PROJECT_ROOT is a temporary folder: importing it creates folders there)."""
+    from pipeline.bfcl import language_function_doc
+
+    code = ("import json, sys; from bfcl_eval.utils import _func_doc_language_specific_pre_processing as f; "
+            "cases = json.load(sys.stdin); "
+            "print(json.dumps([f(c['function'], c['category']) for c in cases]))")
+    cases = [{"function": it["function"], "category": c}
+             for c in ("simple_python", *LANGUAGE_FILES) for it in bfcl_items(c)]
+    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(cases), capture_output=True, text=True,
+                          env={**__import__("os").environ, "BFCL_PROJECT_ROOT": str(tmp_path)}, check=False)
+    assert proc.returncode == 0, proc.stderr
+    theirs = json.loads(proc.stdout)
+    ours = [[language_function_doc(fn, c["category"]) for fn in c["function"]] for c in cases]
+    assert ours == theirs and len(ours) == 400 + 100 + 50
+    java = items["bfcl/simple_java_23"]["tools"][0]["function"]
+    assert java["description"].endswith("Note that the provided function is in Java 8 SDK syntax.")
+    assert {p["type"] for p in java["parameters"]["properties"].values()} == {"string"}
+    assert items[TRIANGLE]["tools"][0]["function"]["description"].endswith("in Python 3 syntax.")
 
 
 def test_items_render_with_the_training_template(teacher_dir, items):
@@ -111,6 +152,22 @@ CASES = [
     ("bfcl/irrelevance_30", call("bloodcell_classification", cell_shape="round", cell_size="large"), False,
      "called bloodcell_classification"),
     ("bfcl/irrelevance_30", "<tool_call>{not json}</tool_call>", True, "undecodable"),
+    # Java and JavaScript: values come as strings (BFCL's "string representation") and
+    # its type converters parse them for the language
+    ("bfcl/simple_java_23", call("SmsHomeNewProductServiceImpl_list", productName="LED TV", recommendStatus="1",
+                                 pageSize="20", pageNum="3"), True, "ok"),
+    ("bfcl/simple_java_23", call("SmsHomeNewProductServiceImpl_list", productName="LED TV", recommendStatus=1,
+                                 pageSize=20, pageNum=3), False, "type_error:java"),
+    ("bfcl/simple_java_8", call("EFSNIOFile_setContents", source="fileStream", force="true", keepHistory="false",
+                                monitor="progressMonitor"), True, "ok"),
+    ("bfcl/simple_java_8", call("EFSNIOFile_setContents", source="fileStream", force="false", keepHistory="false",
+                                monitor="progressMonitor"), False, "value_error"),
+    ("bfcl/simple_javascript_24", call("getUniqueSorted", array="[3, 1, 2, 1, 4, 3]"), True, "ok"),
+    ("bfcl/simple_javascript_24", call("getUniqueSorted", array=[3, 1, 2, 1, 4, 3]), False, "type_error:js"),
+    ("bfcl/simple_javascript_14", call("chartDataAccessorFactory", chart='{"nm": "BarChart", "mn": "chartModule"}',
+                                       library="visualizationLibrary", configObject="config"), True, "ok"),
+    ("bfcl/simple_javascript_14", call("chartDataAccessorFactory", chart='{"nm": "PieChart", "mn": "chartModule"}',
+                                       library="visualizationLibrary", configObject="config"), False, "value_error"),
 ]
 
 
@@ -127,12 +184,39 @@ def test_metrics_are_per_category_percentages_and_unweighted_means(items):
     result = tool_calls.score(chosen, answers, tool_calls.Config())
     assert result["metrics"] == {
         "simple": 50.0, "parallel": 0.0, "irrelevance": 100.0,
+        "simple_python": 50.0,  # the only language scored here
         "non_live_ast": 25.0,  # mean of simple and parallel (the call categories scored)
         "overall": 50.0,  # mean of the three categories, not of the four items (62.5)
-        "counts": {"simple": 2, "parallel": 1, "irrelevance": 1},
+        "counts": {"simple": 2, "parallel": 1, "irrelevance": 1, "simple_python": 2},
+        # lm-eval's sample std / sqrt(n): simple 0 and 100 -> 70.71 / sqrt(2) = 50;
+        # one item: N/A (None); a mean of means is N/A when a part is
+        "stderr": {"simple": 50.0, "simple_python": 50.0, "parallel": None, "irrelevance": None,
+                   "non_live_ast": None, "overall": None},
     }
     assert [r["passed"] for r in result["items"]] == [True, False, False, True]
+    assert [(r["category"], r.get("language")) for r in result["items"]] == [
+        ("simple", "python"), ("simple", "python"), ("parallel", None), ("irrelevance", None)]
     assert json.loads(json.dumps(result)) == result
+
+
+def test_simple_is_the_unweighted_mean_of_its_languages(items):
+    """BFCL's Non-Live Simple AST: python, java and javascript averaged as categories
+    (not items), each language reported; the standard errors combine likewise."""
+    chosen = [items[TRIANGLE], items["bfcl/simple_python_228"], items["bfcl/simple_python_63"],
+              items["bfcl/simple_java_23"], items["bfcl/simple_java_8"],
+              items["bfcl/simple_javascript_24"], items["bfcl/simple_javascript_8"]]
+    answers = [call("geometry_area_triangle", base=6, height=10), "no", "no",
+               call("SmsHomeNewProductServiceImpl_list", productName="LED TV", recommendStatus="1", pageSize="20",
+                    pageNum="3"), "no",
+               call("getUniqueSorted", array="[3, 1, 2, 1, 4, 3]"),
+               call("doesEmailInputExist", formElem="emailForm", inputName="emailAddress")]
+    metrics = tool_calls.score(chosen, answers, tool_calls.Config())["metrics"]
+    assert (metrics["simple_python"], metrics["simple_java"], metrics["simple_javascript"]) == (33.33, 50.0, 100.0)
+    assert metrics["simple"] == round((100 / 3 + 50 + 100) / 3, 2) == 61.11  # items would give 57.14
+    assert metrics["counts"] == {"simple": 7, "simple_python": 3, "simple_java": 2, "simple_javascript": 2}
+    err = metrics["stderr"]
+    assert err["simple_python"] == 33.3333 and err["simple_java"] == 50.0 and err["simple_javascript"] == 0.0
+    assert err["simple"] == pytest.approx((33.3333 ** 2 + 50 ** 2 + 0) ** 0.5 / 3, abs=1e-3)
 
 
 def test_the_checker_loads_without_provider_sdks():

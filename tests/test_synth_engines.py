@@ -104,6 +104,45 @@ def test_openai_engine_retries_5xx_then_answers():
         server.shutdown()
 
 
+class RecordingServer(BaseHTTPRequestHandler):
+    """Answers every chat completion and keeps the request bodies."""
+
+    bodies: list = []
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).bodies.append(body)
+        data = json.dumps({"choices": [{"index": 0, "finish_reason": "stop",
+                                        "message": {"role": "assistant", "content": " 42."}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_openai_engine_asks_the_server_to_continue_an_answer_prefix():
+    # RULER's items end with an open assistant turn (lm-eval's gen_prefix): vLLM's
+    # server continues it only when told, else it would close it and open a new turn.
+    server = ThreadingHTTPServer(("127.0.0.1", 0), RecordingServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        engine = OpenAIEngine(f"http://127.0.0.1:{server.server_port}/v1", "m", concurrency=1)
+        question = {"role": "user", "content": "What is the special magic number for fig?"}
+        prefix = {"role": "assistant", "content": "The special magic number for fig is"}
+        out = engine.chat([[question, prefix], [question]], Sampling(temperature=0.0))
+        assert [c[0].text for c in out] == [" 42.", " 42."]
+        continued, fresh = RecordingServer.bodies
+        assert continued["messages"][-1] == prefix
+        assert (continued["add_generation_prompt"], continued["continue_final_message"]) == (False, True)
+        assert "continue_final_message" not in fresh and "add_generation_prompt" not in fresh
+    finally:
+        server.shutdown()
+
+
 def test_unreachable_server_fails_with_one_error_naming_the_endpoint_and_keeps_finished_items(tmp_path):
     import socket
 
