@@ -192,6 +192,11 @@ def suite_metrics(suite: str, rows: list[dict]) -> list[Metric]:
             members = [r for r in rows if r["category"] == name]
             metrics.append(Metric(f"tool_calls.{name}", members, nested_weights(members, [language]),
                                   _percent("passed"), binary=True))
+            spoken = sorted({r["language"] for r in members if r.get("language")})
+            for lang in spoken if len(spoken) > 1 else []:  # BFCL's simple_python, simple_java, ...
+                cell = [r for r in members if r.get("language") == lang]
+                metrics.append(Metric(f"tool_calls.{name}_{lang}", cell, [1.0] * len(cell), _percent("passed"),
+                                      binary=True))
         ast = [r for r in rows if r["category"] in AST_CATEGORIES]
         if ast:
             metrics.append(Metric("tool_calls.non_live_ast", ast, nested_weights(ast, [category, language]),
@@ -268,9 +273,9 @@ def eval_report(before: dict, after: dict, recipe, only: Callable[[str], bool] |
     for suite in suites:
         items_b = (before["per_item"].get(suite) or {}).get("items")
         items_a = (after["per_item"].get(suite) or {}).get("items")
-        for side in (b.get(suite), a.get(suite)):
-            if isinstance(side, dict) and side.get("note"):
-                report["notes"][suite] = side["note"]
+        for side in (b.get(suite), a.get(suite)):  # e.g. an IFEval budget below the benchmark's
+            if isinstance(side, dict) and side.get("notes"):
+                report["notes"][suite] = sorted(set(report["notes"].get(suite, [])) | set(side["notes"]))
         if not items_b or not items_a:
             continue
         check_same_items(suite, items_b, items_a)

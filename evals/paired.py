@@ -33,6 +33,8 @@ from typing import Sequence
 import numpy as np
 from scipy import stats
 
+from evals.standard_error import of_ratio
+
 RESAMPLES = 1000
 
 
@@ -45,7 +47,9 @@ class Comparison:
     high: float
     p: float  # two-sided
     se: float  # standard error of delta (bootstrap)
-    se_before: float  # standard error of each score alone (lm-eval's closed form)
+    # Standard error of each score alone (evals/standard_error.py: lm-eval's closed form,
+    # the ratio estimator's for weighted means).
+    se_before: float
     se_after: float
     items: int
     clusters: int
@@ -114,21 +118,8 @@ def compare(before: Sequence[float], after: Sequence[float], *, weights: Sequenc
         low, high = float(boot.confidence_interval.low), float(boot.confidence_interval.high)
         se = float(boot.standard_error)
     return Comparison(before=mean_b, after=mean_a, delta=delta, low=low, high=high, p=float(min(1.0, p)),
-                      se=se, se_before=standard_error(b, w), se_after=standard_error(a, w), items=len(b), clusters=n,
+                      se=se, se_before=of_ratio(w * b, w) or 0.0, se_after=of_ratio(w * a, w) or 0.0, items=len(b), clusters=n,
                       better=better, worse=worse, test=test)
-
-
-def standard_error(values: Sequence[float], weights: Sequence[float] | None = None) -> float:
-    """lm-eval's closed form for a mean: sample std / sqrt(n), with n the effective item
-    count when items are weighted (Kish)."""
-    x = np.asarray(values, dtype=float)
-    if len(x) < 2:
-        return 0.0
-    w = np.ones_like(x) if weights is None else np.asarray(weights, dtype=float)
-    mean = (w * x).sum() / w.sum()
-    var = (w * (x - mean) ** 2).sum() / w.sum() * len(x) / (len(x) - 1)
-    n_eff = w.sum() ** 2 / (w ** 2).sum()
-    return float(math.sqrt(var / n_eff))
 
 
 def detectable_drop(se: float, margin: float, alpha: float, power: float, family: int) -> float:
