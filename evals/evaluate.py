@@ -58,11 +58,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True,
                         help="'base' (the recipe's student before training), a model folder or an adapter folder")
     parser.add_argument("--out", required=True, help="folder for scores.json and per-suite answers")
+    parser.add_argument("--split", choices=("test", "dev"), default="test",
+                        help="test: the gated items; dev: other items of the same suites, to choose "
+                             "learning rates, steps and mixes on (never the gated ones)")
 
 
 def main(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
-    report = evaluate(recipe, args.model, Path(args.out))
+    report = evaluate(recipe, args.model, Path(args.out), split=args.split)
     print(json.dumps({"model": report["model"], "engine": report["engine"], "scores": report["scores"]},
                      indent=1))
     return 0
@@ -183,7 +186,7 @@ def uniform_chance(model, result: dict[str, Any]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------- stage
-def evaluate(recipe: Recipe, model_spec: str, out: Path) -> dict[str, Any]:
+def evaluate(recipe: Recipe, model_spec: str, out: Path, split: str = "test") -> dict[str, Any]:
     section = recipe.eval
     configs = suite_configs(recipe)  # bad keys fail before any model loads
     out.mkdir(parents=True, exist_ok=True)
@@ -205,7 +208,7 @@ def evaluate(recipe: Recipe, model_spec: str, out: Path) -> dict[str, Any]:
     timings[heldout_loss.NAME] = round(time.monotonic() - started, 1)
 
     # ------------------------------------------------- items of every suite
-    context = {"recipe": recipe, "length_buckets": section.length_buckets,
+    context = {"recipe": recipe, "split": split, "length_buckets": section.length_buckets,
                "retention_threshold": section.retention_threshold, "data_root": Path(section.data_root)}
     items = {name: module.build_items(cfg, tokenizer, context) for name, (module, cfg) in configs.items()}
 
@@ -247,6 +250,7 @@ def evaluate(recipe: Recipe, model_spec: str, out: Path) -> dict[str, Any]:
     report = {
         "model": source,
         "model_spec": model_spec,
+        "split": split,
         "weights_digest": digest,
         "engine": kind,
         "scores": scores,

@@ -50,8 +50,16 @@ class Config(Section):
 
 # ---------------------------------------------------------------------------- items
 def build_items(cfg: Config, tokenizer, context: dict) -> list[dict[str, Any]]:
+    """`count` prompts, a seeded sample; the dev split (`context["split"]`) samples the
+    prompts the test sample left out, so choices made on it never see a gated prompt."""
     pool = ifeval_items()
-    picks = sorted(random.Random(cfg.seed).sample(range(len(pool)), min(cfg.count, len(pool))))
+    test = random.Random(cfg.seed).sample(range(len(pool)), min(cfg.count, len(pool)))
+    if context.get("split", "test") == "dev":
+        rest = sorted(set(range(len(pool))) - set(test))
+        if not rest:
+            raise ValueError(f"ifeval: count {cfg.count} takes all {len(pool)} prompts; no dev split is left")
+        test = random.Random(f"{cfg.seed}-dev").sample(rest, min(cfg.count, len(rest)))
+    picks = sorted(test)
     return [{
         "id": f"ifeval/{pool[i]['key']}",
         "messages": [{"role": "user", "content": pool[i]["prompt"]}],

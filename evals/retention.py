@@ -356,9 +356,12 @@ def build_items(cfg: Config, tokenizer, context: dict) -> list[dict[str, Any]]:
         log.warning("retention: needle training records %s; items are not checked against them",
                     ", ".join(needle.missing))
     counter = RenderedTokenizer(tokenizer)
+    # The dev split draws other items from the same generators (another seed).
+    dev = context.get("split", "test") == "dev"
+    seed = f"{cfg.seed}-dev" if dev else cfg.seed
     essay = None
     if any(NIAH.get(t, {}).get("type_haystack") == "essay" for t in cfg.tasks):
-        essay = filler_haystack(cfg.filler, needle, cfg.seed)
+        essay = filler_haystack(cfg.filler, needle, int(stable_hash(seed), 16) if dev else cfg.seed)
 
     items = []
     for task in cfg.tasks:
@@ -368,8 +371,8 @@ def build_items(cfg: Config, tokenizer, context: dict) -> list[dict[str, Any]]:
                 if draw == MAX_DRAWS:
                     raise ContaminationError(
                         f"retention {task} @ {length}: {MAX_DRAWS} draws still share needle training strings")
-                seed = int(stable_hash(NAME, cfg.seed, task, length, draw), 16)
-                fresh = ruler_samples(task, length, cfg.count - len(clean), counter, essay, seed)
+                draw_seed = int(stable_hash(NAME, seed, task, length, draw), 16)
+                fresh = ruler_samples(task, length, cfg.count - len(clean), counter, essay, draw_seed)
                 clean += [s for s in fresh if not needle.found_in(s["input"] + "\n" + "\n".join(s["outputs"]))]
                 draw += 1
             for i, s in enumerate(clean):

@@ -67,6 +67,16 @@ CATEGORIES = {
     "parallel_multiple": ("parallel_multiple",),
     "irrelevance": ("irrelevance",),
 }
+# The dev split: BFCL's live categories (user-contributed items), from the same held-out
+# slice, so generation never sampled their functions either. Learning rates, steps and
+# mixes are chosen on these; the categories above are only ever gated.
+DEV_CATEGORIES = {
+    "simple": ("live_simple",),
+    "multiple": ("live_multiple",),
+    "parallel": ("live_parallel",),
+    "parallel_multiple": ("live_parallel_multiple",),
+    "irrelevance": ("live_irrelevance",),
+}
 AST_CATEGORIES = ("simple", "multiple", "parallel", "parallel_multiple")
 Category = Literal["simple", "multiple", "parallel", "parallel_multiple", "irrelevance"]
 
@@ -92,9 +102,10 @@ class Config(Section):
 # ---------------------------------------------------------------------------- items
 def build_items(cfg: Config, tokenizer, context: dict) -> list[dict[str, Any]]:
     fraction = heldout_fraction(context.get("recipe"))
+    files = DEV_CATEGORIES if context.get("split", "test") == "dev" else CATEGORIES
     items = []
     for name in cfg.categories:
-        for category in CATEGORIES[name]:
+        for category in files[name]:
             pool = [it for it in bfcl_items(category) if is_heldout(it["id"], fraction)]
             # simple_python keeps the draw it had when it was all of simple
             draw = "simple" if category == "simple_python" else category
@@ -193,6 +204,8 @@ def score(items: list[dict[str, Any]], answers: list[str], cfg: Config) -> dict[
     cell_err = {c: standard_error.of_mean(v) for c, v in right.items()}
     per, per_err, languages = {}, {}, {}
     for name, files in CATEGORIES.items():
+        if not any(c in cell for c in files):  # a run scores one split: the dev split's files
+            files = DEV_CATEGORIES[name]
         scored = [c for c in files if c in cell]
         if scored:
             per[name] = _mean([cell[c] for c in scored])
@@ -210,7 +223,8 @@ def score(items: list[dict[str, Any]], answers: list[str], cfg: Config) -> dict[
     if per:
         metrics["overall"] = _mean(list(per.values()))
         stderr["overall"] = standard_error.of_mean_of_means(list(per_err.values()))
-    metrics["counts"] = {name: sum(len(right[c]) for c in CATEGORIES[name] if c in right) for name in per} | {
+    metrics["counts"] = {name: sum(len(right[c]) for c in CATEGORIES[name] + DEV_CATEGORIES[name] if c in right)
+                         for name in per} | {
         c: len(right[c]) for c in languages}
     metrics["stderr"] = stderr
     return {"metrics": metrics, "items": rows}

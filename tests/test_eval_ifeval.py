@@ -209,3 +209,14 @@ def test_steerability_prompts_never_copy_ifeval_so_sampling_needs_no_filter():
               for p in prompts if p["variant"] == "system"]
     decontaminator = Decontaminator(ifeval_prompts(), n=13)
     assert len(texts) == 450 and not [t for t in texts if decontaminator.match(t)]
+
+
+def test_the_dev_split_never_holds_a_gated_prompt():
+    """Learning rates and steps are chosen on the dev split: its prompts are the ones
+    the gated sample left out, as many as asked."""
+    cfg = ifeval.Config(count=150)
+    test = {it["id"] for it in ifeval.build_items(cfg, None, {})}
+    dev = {it["id"] for it in ifeval.build_items(cfg, None, {"split": "dev"})}
+    assert len(test) == len(dev) == 150 and not test & dev
+    with pytest.raises(ValueError, match="no dev split is left"):
+        ifeval.build_items(ifeval.Config(count=541), None, {"split": "dev"})

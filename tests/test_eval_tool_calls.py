@@ -9,11 +9,15 @@ import sys
 
 import pytest
 
+from pathlib import Path
+
 from evals import tool_calls
 from pipeline.bfcl import HELDOUT_FRACTION, LANGUAGE_FILES, bfcl_items, heldout_questions, is_heldout, tool_name
 from pipeline.chat_template import apply_training_template
 from pipeline.recipe import load_recipe
 from synth_data import tool_use
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -225,3 +229,18 @@ def test_the_checker_loads_without_provider_sdks():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_the_dev_split_is_bfcls_live_slice_and_never_a_gated_item():
+    """Choices are made on BFCL's live items from the same held-out slice (functions
+    generation never sampled); the non-live items are only ever gated."""
+    recipe = load_recipe(ROOT / "recipes/tiny-cpu.yaml")
+    cfg = tool_calls.Config(count=25)
+    test = tool_calls.build_items(cfg, None, {"recipe": recipe})
+    dev = tool_calls.build_items(cfg, None, {"recipe": recipe, "split": "dev"})
+    assert {it["test_category"] for it in dev} <= {c for files in tool_calls.DEV_CATEGORIES.values() for c in files}
+    assert all(it["test_category"].startswith("live_") for it in dev)
+    assert all(is_heldout(it["id"].removeprefix("bfcl/"), HELDOUT_FRACTION) for it in dev)
+    assert not {it["id"] for it in test} & {it["id"] for it in dev}
+    scored = tool_calls.score(dev, [""] * len(dev), cfg)["metrics"]
+    assert scored["irrelevance"] == 100.0 and scored["simple"] == 0.0  # dev items score like test items
