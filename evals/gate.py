@@ -72,6 +72,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--audit", default="outputs/audit/fp16_audit.json", help="the FP16 audit of the trained model")
     parser.add_argument("--report", default="outputs/eval/eval_report.json", help="where the before/after report goes")
     parser.add_argument("--out", default="outputs/gate", help="folder for gate_report.json")
+    parser.add_argument("--plots", default=None, help="folder for the plots (default: plots/ beside --report)")
 
 
 def main(args) -> int:
@@ -83,7 +84,7 @@ def main(args) -> int:
     report = eval_report(before, after, recipe)
     gate = run_checks(report, audit, recipe.gate)
     write_json(args.report, report)
-    write_plots(report, Path(args.report).parent / "plots")
+    write_plots(report, Path(args.plots) if args.plots else Path(args.report).parent / "plots")
     write_json(Path(args.out) / "gate_report.json", gate)
     if not gate["passed"] and recipe.gate.enforce:
         print(gate["message"], file=sys.stderr)
