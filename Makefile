@@ -8,7 +8,7 @@ RECIPE ?= recipes/tiny-cpu.yaml
 export PYTHONUNBUFFERED := 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup run test test-fast argilla argilla-stop clean
+.PHONY: setup run test test-fast docs argilla argilla-stop clean
 
 setup: $(VENV)/.installed
 	review/install_server.sh
@@ -59,6 +59,11 @@ test: setup $(VENV)/.chat-tokenizers
 
 test-fast: setup $(VENV)/.chat-tokenizers
 	$(VENV)/bin/pytest -m "not slow and not proof"
+
+# The documentation site (docs/, mkdocs.yml) built into site/. Strict: a broken link or
+# anchor, or a page missing from the nav, fails. While editing: $(VENV)/bin/mkdocs serve
+docs: $(VENV)/.installed
+	$(VENV)/bin/mkdocs build --strict --site-dir site
 
 # The local Argilla server (review UI) on 127.0.0.1:6900; credentials in .argilla/.
 argilla: setup
