@@ -10,7 +10,8 @@ folder (merged into the recipe's student). Reads top to bottom:
 1. recipe -> the `eval:` section and each suite's `eval.<suite>` subsection, validated
    by that suite's Config before any model loads;
 2. the model and the tokenizer it trains with (the training template);
-3. held-out loss on the mix's eval split, per category (evals/heldout_loss.py);
+3. held-out loss on the mix's eval split, per category (evals/heldout_loss.py), and
+   the forgetting probe: loss on general text the SFT never saw (evals/forgetting.py);
 4. the model saved as a folder (engines load folders; vLLM needs one) named by a
    digest of its weights, so the answer cache never mixes two models;
 5. each generation suite (evals/retention.py, evals/tool_calls.py, evals/ifeval.py):
@@ -36,7 +37,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from evals import heldout_loss
+from evals import forgetting, heldout_loss
 from pipeline.engines import CachedEngine, Sampling
 from pipeline.recipe import Recipe, RecipeError, add_recipe_arguments, load_recipe
 from pipeline.records import read_jsonl, write_json
@@ -49,6 +50,9 @@ SUITES: dict[str, str] = {
     "tool_calls": "evals.tool_calls",
     "ifeval": "evals.ifeval",
 }
+# Loss suites, scored on the loaded model (no generation): recipe key -> module with
+# NAME, Config, evaluate(model, tokenizer, cfg).
+LOSS_SUITES: dict[str, str] = {forgetting.NAME: "evals.forgetting"}
 # Model families whose Mamba-1 layers vLLM cannot run on CPU (no selective-scan kernel).
 MAMBA1_MODEL_TYPES = {"jamba", "mamba", "falcon_mamba"}
 
@@ -78,9 +82,9 @@ def suite_configs(recipe: Recipe) -> dict[str, Any]:
     raw = recipe.eval.model_extra or {}
     configs, problems = {}, []
     for name in raw:
-        if name not in SUITES:
-            problems.append(f"eval.{name}: unknown key (suites: {', '.join(SUITES)})")
-    for name, module_name in SUITES.items():
+        if name not in SUITES and name not in LOSS_SUITES:
+            problems.append(f"eval.{name}: unknown key (suites: {', '.join([*SUITES, *LOSS_SUITES])})")
+    for name, module_name in {**SUITES, **LOSS_SUITES}.items():
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError:
@@ -207,6 +211,15 @@ def evaluate(recipe: Recipe, model_spec: str, out: Path, split: str = "test") ->
         log.warning("held-out loss: no records in %s; skipped", section.heldout_files)
     timings[heldout_loss.NAME] = round(time.monotonic() - started, 1)
 
+    # ------------------------------------------- forgetting probe (general text)
+    probe = configs.pop(forgetting.NAME, None)  # a loss suite: scored here, never generated
+    if probe is not None:
+        started = time.monotonic()
+        result = forgetting.evaluate(model, tokenizer, probe[1])
+        scores[forgetting.NAME] = result["metrics"]
+        write_json(out / f"{forgetting.NAME}.json", {**result, "chance": uniform_chance(model, result)})
+        timings[forgetting.NAME] = round(time.monotonic() - started, 1)
+
     # ------------------------------------------------- items of every suite
     context = {"recipe": recipe, "split": split, "length_buckets": section.length_buckets,
                "retention_threshold": section.retention_threshold, "data_root": Path(section.data_root)}
@@ -255,7 +268,8 @@ def evaluate(recipe: Recipe, model_spec: str, out: Path, split: str = "test") ->
         "engine": kind,
         "scores": scores,
         "counts": {name: len(found) for name, found in items.items()} | (
-            {heldout_loss.NAME: len(records)} if records else {}),
+            {heldout_loss.NAME: len(records)} if records else {}) | (
+            {forgetting.NAME: scores[forgetting.NAME]["documents"]} if probe is not None else {}),
         "cache": {"hits": getattr(engine, "hits", 0), "generated": getattr(engine, "misses", 0)},
         "seconds": timings,
     }

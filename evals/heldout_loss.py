@@ -12,6 +12,14 @@ a long record weighs by its length as it does in training.
 
 Lower is better: a trained model that learned the mix ends below the base; a run that
 destroyed the model ends far above it.
+
+Per-record rows carry `id`, `category`, `tokens`, `loss` and, where records share a
+source (one document, one table, one prompt answered twice), `cluster`. `stderr` holds
+the standard error of each token-weighted mean: the ratio estimator with the cluster
+(else the record) as the unit (evals/standard_error.py).
+
+This measures fit to the mix, not forgetting: see evals/forgetting.py for loss on
+general text the SFT never saw.
 """
 
 from __future__ import annotations
@@ -22,10 +30,27 @@ from typing import Any
 
 import torch
 
+from evals import standard_error
 from pipeline.categories import category_of
 from pipeline.chat_template import BadRecord, encode_conversation, turn_end
+from pipeline.records import stable_hash
 
 NAME = "heldout_loss"
+
+
+def cluster_of(record: dict[str, Any]) -> str | None:
+    """The source a record shares with others in the split, if any: the document of a
+    doc_qa record, the table of a table_qa record, the prompt of a record that is one of
+    several answers to it. Records of one cluster are not independent."""
+    meta = record.get("meta") or {}
+    seeds = meta.get("seed_ids") if isinstance(meta.get("seed_ids"), dict) else {}
+    if "doc_id" in seeds:
+        return f"doc:{seeds['doc_id']}"
+    if "dataset" in seeds:
+        return f"table:{seeds['dataset']}:{stable_hash(seeds.get('rows'), seeds.get('columns'), length=8)}"
+    if meta.get("seed_id"):
+        return f"{record.get('pipeline')}:{meta['seed_id']}"
+    return None
 
 
 def assistant_tokens(tokenizer, record: dict[str, Any], max_length: int,
@@ -51,13 +76,14 @@ def record_loss(model, ids: list[int], mask: list[int]) -> tuple[float, int]:
 
 
 def evaluate(model, tokenizer, records: list[dict[str, Any]], mix_cfg, max_length: int) -> dict[str, Any]:
-    """{"metrics": {category: loss, ..., "overall": loss, "tokens": {...}, "records": {...}},
-    "items": [per-record id, category, loss, tokens]}"""
+    """{"metrics": {category: loss, ..., "overall": loss, "tokens": {...}, "records": {...},
+    "stderr": {...}}, "items": [per-record id, category, tokens, loss, cluster]}"""
     model.eval()
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     records_per: dict[str, int] = defaultdict(int)
     items, unrenderable = [], 0
+    units: dict[str, dict[str, list]] = defaultdict(dict)  # metric -> cluster -> [loss sum, tokens]
     marker = turn_end(tokenizer)
     for record in records:
         category = category_of(record, mix_cfg)
@@ -67,12 +93,19 @@ def evaluate(model, tokenizer, records: list[dict[str, Any]], mix_cfg, max_lengt
             unrenderable += 1
             continue
         total, n = record_loss(model, ids, mask)
-        items.append({"id": record.get("id"), "category": category, "tokens": n,
-                      "loss": round(total / n, 4) if n else None})
+        row = {"id": record.get("id"), "category": category, "tokens": n,
+               "loss": round(total / n, 4) if n else None}
+        cluster = cluster_of(record)
+        items.append(row | ({"cluster": cluster} if cluster else {}))
         if n:
             sums[category] += total
             counts[category] += n
             records_per[category] += 1
+            unit = cluster or f"record:{record.get('id')}"
+            for key in (category, "overall"):
+                units[key].setdefault(unit, [0.0, 0])
+                units[key][unit][0] += total
+                units[key][unit][1] += n
     metrics: dict[str, Any] = {c: round(sums[c] / counts[c], 4) for c in sorted(counts)}
     all_tokens = sum(counts.values())
     metrics["overall"] = round(sum(sums.values()) / all_tokens, 4) if all_tokens else None
@@ -80,4 +113,6 @@ def evaluate(model, tokenizer, records: list[dict[str, Any]], mix_cfg, max_lengt
     metrics["tokens"] = {c: counts[c] for c in sorted(counts)}
     metrics["records"] = {c: records_per[c] for c in sorted(records_per)}
     metrics["unrenderable"] = unrenderable
+    metrics["stderr"] = {key: standard_error.of_ratio([u[0] for u in per.values()], [u[1] for u in per.values()])
+                         for key, per in units.items()}
     return {"metrics": metrics, "items": items}

@@ -103,6 +103,28 @@ def test_score_agrees_with_lm_eval_scorer(quick_items):
     assert 0 < ours["average"]["1024"] < 100  # the mixed answers are neither all right nor all wrong
 
 
+def test_rows_name_their_cell_and_metrics_carry_lm_evals_standard_errors(quick_items):
+    from lm_eval.api.metrics import mean_stderr
+
+    answers = [" ".join(item["references"][: i % 3]) for i, item in enumerate(quick_items)]
+    result = rt.score(quick_items, answers, rt.Config())
+    rows, err = result["items"], result["metrics"]["stderr"]
+    assert [(r["id"], r["task"], r["length"]) for r in rows] == [(i["id"], i["task"], i["length"]) for i in quick_items]
+    assert all(isinstance(r["passed"], bool) and 0 <= r["score"] <= 100 for r in rows)
+    for task in QUICK:
+        for length in (1024, 2048):
+            scores = [r["score"] for r in rows if (r["task"], r["length"]) == (task, length)]
+            assert err[task][str(length)] == pytest.approx(mean_stderr(scores), abs=1e-4)
+    # the average over tasks combines them: sqrt(sum se^2) / tasks
+    for length in ("1024", "2048"):
+        expected = sum(err[t][length] ** 2 for t in QUICK) ** 0.5 / len(QUICK)
+        assert err["average"][length] == pytest.approx(expected, abs=1e-3)
+    assert any(err[t][n] > 0 for t in QUICK for n in ("1024", "2048"))
+    # one item per cell: lm-eval's N/A
+    single = rt.score([fake_item(["7"])], ["7"], rt.Config())["metrics"]["stderr"]
+    assert single == {"niah_single_1": {"1024": None}, "average": {"1024": None}}
+
+
 def test_effective_length_is_the_longest_passing_length_from_the_shortest_up():
     assert rt.effective_length({1024: 95.0, 2048: 85.6, 4096: 70.0}, 85.6) == 2048
     assert rt.effective_length({1024: 80.0, 2048: 90.0}, 85.6) == 0  # the shortest fails
