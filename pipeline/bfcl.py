@@ -1,7 +1,8 @@
 """BFCL's function-calling data (PyPI `bfcl-eval`, read as data, never imported) and
 the held-out slice: shared by tool_use generation (which never samples it), dedup
 (which decontaminates against it) and the tool-use eval (which scores on it), plus
-the one way both show a BFCL function to a model (`openai_tool`).
+the one way both show a BFCL function to a model (`openai_tool`) and BFCL's own
+language-specific form of a function doc the eval shows (`language_function_doc`).
 """
 
 from __future__ import annotations
