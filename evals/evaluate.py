@@ -38,6 +38,7 @@ import torch
 from pydantic import ValidationError
 
 from evals import forgetting, heldout_loss
+from pipeline.chat_template import prompt_text
 from pipeline.engines import CachedEngine, Sampling
 from pipeline.recipe import Recipe, RecipeError, add_recipe_arguments, load_recipe
 from pipeline.records import read_jsonl, write_json
@@ -234,8 +235,10 @@ def evaluate(recipe: Recipe, model_spec: str, out: Path, split: str = "test") ->
     del model
     gc.collect()
 
-    longest = max((len(tokenizer.apply_chat_template(it["messages"], tools=it.get("tools") or None,
-                                                     add_generation_prompt=True, tokenize=True))
+    # The engine's window: the longest prompt as the engines render it (answer prefix
+    # included) plus its answer budget.
+    longest = max((len(tokenizer(prompt_text(tokenizer, it["messages"], it.get("tools")),
+                                 add_special_tokens=False)["input_ids"])
                    + int(it.get("max_tokens") or cfg.max_tokens)
                    for name, (_, cfg) in configs.items() for it in items[name]), default=0)
     engine = None
