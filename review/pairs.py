@@ -148,9 +148,14 @@ def human_decision(pair: dict[str, Any], by_user: dict[str, dict]) -> tuple[str,
     verdicts = [answers.get(VERDICT) for answers in by_user.values()]
     review: dict[str, Any] = {"by": "human", "reviewers": len(by_user),
                               "verdicts": dict(Counter(str(v) for v in verdicts))}
+    # An unanswered swap question means the reviewer kept the code's ranking.
+    swaps = sorted(user for user, answers in by_user.items() if answers.get(SWAP) == SWAP)
+    disputed = [q for q, differ in ((VERDICT, len(set(verdicts)) > 1),
+                                    (SWAP, "reject" not in verdicts and 0 < len(swaps) < len(by_user))) if differ]
+    if disputed:
+        return "disputed", {**review, "disputed_on": disputed}
     if "reject" in verdicts:
         return "rejected", review
-    swaps = sorted(user for user, answers in by_user.items() if answers.get(SWAP) == SWAP)
     if swaps:
         return "corrected", {**review, "swapped_by": swaps[0], "swaps": len(swaps)}
     return "accepted", review
