@@ -21,7 +21,8 @@ on two cores:
     built anew for it. Here one adapter per settings type, built once, does the same
     validation.
 Neither changes what is stored or answered. They apply to that version only: another
-version runs unpatched (and slower), never half-patched.
+version runs unpatched (and slower), never half-patched. POSTTRAIN_ARGILLA_STOCK=1
+runs the server as shipped (bench/review_throughput.py measures the difference).
 """
 
 import asyncio
@@ -59,7 +60,7 @@ def _patch_bulk_overhead() -> None:
     Question.parsed_settings = property(lambda self: question_settings.validate_python(self.settings))
 
 
-if SERVER_VERSION == PATCHED_VERSION:
+if SERVER_VERSION == PATCHED_VERSION and not os.environ.get("POSTTRAIN_ARGILLA_STOCK"):
     _patch_bulk_overhead()
 
 

@@ -139,8 +139,8 @@ PAIR_QUESTIONS = {
 
 
 def record_guidelines(pipeline: str) -> str:
-    return _RECORDS.get(pipeline, _RECORDS_OTHER) + "\n" + _RECORDS_HEAD
+    return (_RECORDS.get(pipeline, _RECORDS_OTHER) + "\n" + _RECORDS_HEAD).strip()  # as the server keeps it
 
 
 def pair_guidelines(pipeline: str) -> str:
-    return _PAIRS.get(pipeline, "") + "\n" + _PAIRS_HEAD
+    return (_PAIRS.get(pipeline, "") + "\n" + _PAIRS_HEAD).strip()

@@ -139,7 +139,7 @@ def ensure_dataset(client, cfg, name: str, settings):
         )
     # Guidelines and the reviewers a record needs follow the recipe and the code.
     changed = False
-    if dataset.settings.guidelines != wanted.guidelines:
+    if (dataset.settings.guidelines or "").strip() != wanted.guidelines.strip():
         dataset.settings.guidelines, changed = wanted.guidelines, True
     if dataset.settings.distribution.min_submitted != cfg.min_submitted:
         dataset.settings.distribution, changed = wanted.distribution, True
