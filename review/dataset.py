@@ -177,7 +177,7 @@ def review_item(record: dict[str, Any], display_chars: int) -> dict[str, Any]:
 
 
 def argilla_record(item: dict[str, Any]):
-    """A review item as the SDK's rg.Record (tests and the bench's SDK anchor)."""
+    """A review item as the SDK's rg.Record (the bench logs these through the SDK)."""
     import argilla as rg
 
     return rg.Record(
@@ -244,7 +244,7 @@ def _source_fields(record: dict[str, Any], cut: Shortened) -> dict[str, str]:
 
 def render_conversation(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
     """OpenAI-style messages as Argilla chat turns; every turn gets visible text (not
-    yet escaped for the UI: see verbatim)."""
+    yet escaped for the UI: Shortened.text does that)."""
     turns = []
     for message in messages:
         parts = [_content_text(message.get("content"))]
@@ -260,11 +260,6 @@ def render_conversation(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
         text = "\n".join(p for p in parts if p).strip() or "(empty)"
         turns.append({"role": role, "content": text})
     return turns
-
-
-def verbatim(turns: list[dict[str, str]]) -> list[dict[str, str]]:
-    """Turns HTML-escaped for a plain-text field: shown exactly as written."""
-    return [{**turn, "content": html.escape(turn["content"], quote=False)} for turn in turns]
 
 
 # ------------------------------------------------------------- markdown fields

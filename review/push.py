@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import time
 import warnings
 from typing import Any
@@ -79,8 +80,11 @@ def push_pipeline(client, cfg, name: str, records: list[dict[str, Any]], setting
         existing = existing_ids(client, dataset.id)
         new = [r for r in wanted if r["id"] not in existing]
         for start in range(0, len(new), cfg.batch_size):
-            batch = [bulk_item(convert(r, cfg.display_chars), questions) for r in new[start:start + cfg.batch_size]]
+            records = new[start:start + cfg.batch_size]
+            batch = [bulk_item(convert(r, cfg.display_chars), questions) for r in records]
             reply = client.http_client.put(f"/api/v1/datasets/{dataset.id}/records/bulk", json={"items": batch})
+            if reply.status_code == 422:
+                raise ReviewServerError(f"the server at {client.api_url} refused {refused(reply, records)}")
             if reply.status_code >= 400:
                 raise BulkError(reply.status_code, reply.text[:500])
         return len(new)
@@ -92,6 +96,8 @@ def push_pipeline(client, cfg, name: str, records: list[dict[str, Any]], setting
     )
     try:
         added = retrying(send_missing)
+    except ReviewServerError:
+        raise
     except Exception as exc:  # httpx's errors and the server's answers
         raise ReviewServerError(
             f"pushing {name} to {client.api_url} failed after"
@@ -104,6 +110,23 @@ class BulkError(RuntimeError):
     def __init__(self, status_code: int, text: str):
         super().__init__(f"HTTP {status_code}: {text}")
         self.status_code = status_code
+
+
+def refused(reply, records: list[dict[str, Any]]) -> str:
+    """What the server's 422 says, naming the record (by id) it is about."""
+    try:
+        errors = reply.json()["detail"]["params"]["errors"]
+        first = errors[0]
+        where = first["loc"]
+        record = records[where[2]]["id"] if len(where) > 2 and isinstance(where[2], int) else None
+        message = " ".join(f"{'.'.join(str(p) for p in where[3:])}: {first['msg']}".split())[:400]
+        return (f"record {record!r}: {message}" if record else message) + (
+            f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
+    except (ValueError, KeyError, IndexError, TypeError):
+        position = re.search(r"[Rr]ecord at position (\d+)", reply.text)
+        if position and int(position[1]) < len(records):
+            return f"record {records[int(position[1])]['id']!r}: {reply.text[:400]}"
+        return reply.text[:500]
 
 
 def bulk_item(item: dict[str, Any], questions: dict[str, str]) -> dict[str, Any]:

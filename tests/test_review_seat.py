@@ -443,7 +443,7 @@ def test_two_reviewers_per_record_agreement_disputes_and_the_summary(argilla, sd
 
 # ------------------------------------------------------------------ bad input
 def test_a_256k_token_document_is_pushed_shortened_and_comes_back_whole(argilla, sdk, reviewer, real_records,  # noqa: F811
-                                                                         tmp_path):
+                                                                         tmp_path, capsys):
     from pipeline import sources
 
     base = real_records["doc_qa"][0]
@@ -462,6 +462,17 @@ def test_a_256k_token_document_is_pushed_shortened_and_comes_back_whole(argilla,
     messages[0]["content"] = document + "\n\n" + messages[0]["content"].rsplit("\n\n", 1)[-1]
     meta = {**copy.deepcopy(base["meta"]), "source": document}
     record = make_record("doc_qa", messages, meta)
+
+    # Past the server's limit (a display_chars above 20,000): one error naming the record.
+    from review import cli
+
+    refused = recipe(tmp_path, mode="server", dataset_prefix=prefix(), display_chars=40_000)
+    ns = args(refused, write_inputs(tmp_path / "refused", [record]))
+    ns.review_command = "push"
+    assert cli.main(ns) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("posttrain review push: error: the server at") and len(err.splitlines()) == 1, err
+    assert f"record {record['id']!r}: fields" in err and "20000 characters" in err, err
 
     name = push_one(tmp_path, [record], unreviewed="pending")  # review.display_chars: 20,000
     dataset = sdk.datasets(f"{name}-doc_qa", workspace="posttrain")
