@@ -514,9 +514,10 @@ def test_a_server_killed_mid_push_loses_nothing_and_a_rerun_adds_only_what_is_mi
     command = [sys.executable, "-m", "pipeline.cli", "review", "push", path, "--input", *inputs]
     pushing = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    def held() -> list[str]:
-        dataset = sdk.datasets(f"{name}-table_qa", workspace="posttrain")
-        return [] if dataset is None else sorted(push.existing_ids(sdk, dataset.id))
+    def held() -> list[str]:  # what the dataset holds (nothing while push has not made it yet)
+        workspace = sdk.workspaces("posttrain")
+        dataset = workspace and sdk.datasets(f"{name}-table_qa", workspace=workspace)
+        return sorted(push.existing_ids(sdk, dataset.id)) if dataset else []
 
     deadline = time.monotonic() + 120
     while len(held()) < 20 and time.monotonic() < deadline:
@@ -541,3 +542,6 @@ def test_a_server_killed_mid_push_loses_nothing_and_a_rerun_adds_only_what_is_mi
     assert after == sorted(r["id"] for r in records)  # each record once, none lost
     assert push.main(args(path, inputs)) == 0  # and again: nothing to add
     assert f"table_qa: 0 added, {len(records)} already there" in capsys.readouterr().out
+    with capsys.disabled():
+        print(f"\nserver killed mid-push with {len(before)} of {len(records)} records stored; the rerun added"
+              f" {len(records) - len(before)}; the dataset holds each of the {len(after)} once")
