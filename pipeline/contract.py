@@ -16,7 +16,7 @@ A synthetic record is one JSON object per line:
 `{name: {passed, score, reason}}`: `score` in [0, 1] (higher is better) where the
 check grades, `reason` the code a failed check gives (the record's reject_reason).
 `meta.review` is what review pull decided (`decision`: accepted, corrected,
-rejected or pending). `meta` may carry other, pipeline-specific keys.
+rejected, disputed or pending). `meta` may carry other, pipeline-specific keys.
 
 Stages build records with `make_record` and read them with `read_records`, both of
 which check this contract; a record that breaks it stops the stage with one error
@@ -39,7 +39,7 @@ from pydantic import (
 
 from pipeline.records import InputError, iter_jsonl, stable_hash
 
-DECISIONS = ("accepted", "corrected", "rejected", "pending")
+DECISIONS = ("accepted", "corrected", "rejected", "disputed", "pending")
 # What pull writes to reviewed.jsonl: the records that may train.
 TRAINABLE = ("accepted", "corrected")
 
@@ -75,10 +75,13 @@ class Review(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    decision: Literal["accepted", "corrected", "rejected", "pending"]
+    decision: Literal["accepted", "corrected", "rejected", "disputed", "pending"]
     by: Literal["human", "automatic", "nobody"]
-    reason: str | None = None  # why no human decided: no_server, not_sampled, not_reviewed
+    # why no human decided: no_server, not_sampled, not_reviewed, awaiting_reviewers
+    reason: str | None = None
     reviewers: int | None = None
+    required: int | None = None  # reviewers a decision needs (review.min_submitted), when more than one
+    disputed_on: list[str] | None = None  # the questions reviewers answered differently
     verdicts: dict[str, int] | None = None  # verdict -> reviewers who gave it
     quality: float | None = None  # mean of the reviewers' 1-5 ratings
     corrected_by: str | None = None

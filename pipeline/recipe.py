@@ -213,9 +213,17 @@ class ReviewSection(Section):
     # Records pushed but not reviewed yet: keep the automatic verdict, or hold them
     # back as pending.
     unreviewed: Literal["keep", "pending"] = "keep"
-    # Submitted responses a record needs before Argilla marks it completed.
+    # Reviewers per record: Argilla shows a record to reviewers until this many have
+    # submitted, and pull counts no decision before then (the record stays pending).
+    # Where reviewers disagree, the record goes to the disputed bucket.
     min_submitted: int = Field(default=1, ge=1)
-    batch_size: int = Field(default=256, ge=1, le=500)
+    # Records per bulk request (argilla-server takes at most 500).
+    batch_size: int = Field(default=500, ge=1, le=500)
+    # Characters of one field the review UI is given; longer text (a long-context
+    # document) is cut for display and a field says so. The record itself, which pull
+    # writes back, always keeps its full text. argilla-server refuses chat messages
+    # over 20,000 characters unless its ARGILLA_MAX_MESSAGE_LENGTH says more.
+    display_chars: int = Field(default=20_000, ge=1_000)
 
 
 # ---------------------------------------------------------------------------- eval

@@ -83,14 +83,28 @@ def dedup(_root, reports) -> list[str]:
     return [_row("dedup", f"{d['input']} in, {d['kept']} kept; removed: {removed}")]
 
 
+REVIEW_BUCKETS = ("accepted", "corrected", "rejected", "disputed", "pending")
+
+
 def review(_root, reports) -> list[str]:
     r = reports["review"]
     if r is None:
         return [_missing("review")]
-    buckets = ", ".join(f"{b} {r[b]}" for b in ("accepted", "corrected", "rejected", "pending") if b in r)
+    buckets = ", ".join(f"{b} {r[b]}" for b in REVIEW_BUCKETS if b in r)
     how = f" (mode {r['mode']}" + (f", server {r['server']})" if r.get("server") else ", no server)") \
         if "mode" in r else ""
-    return [_row("review", f"{r['total']} in: {buckets}{how}")]
+    return [_row("review", f"{r['total']} in: {buckets}{how}")] + _kappa_lines(r)
+
+
+def _kappa_lines(r: dict) -> list[str]:
+    """Reviewer agreement (Fleiss' kappa) where several reviewers answered records."""
+    parts = []
+    for pipeline, by_question in (r.get("kappa") or {}).items():
+        for question, k in by_question.items():
+            if k.get("records"):
+                kappa = "n/a" if k.get("kappa") is None else f"{k['kappa']:.2f}"
+                parts.append(f"{pipeline} {question} {kappa} (n={k['records']})")
+    return [_row("", "agreement (kappa): " + ", ".join(parts))] if parts else []
 
 
 def mix(_root, reports) -> list[str]:
@@ -128,8 +142,9 @@ def preferences(_root, reports) -> list[str]:
     per = ", ".join(f"{name} {c['pairs']}/{c['prompts']}" for name, c in p["pipelines"].items())
     lines = [_row("prefs", f"{p['pairs']} pairs (pairs / prompts: {per})")]
     if r is not None:
-        buckets = ", ".join(f"{b} {r[b]}" for b in ("accepted", "corrected", "rejected", "pending") if b in r)
+        buckets = ", ".join(f"{b} {r[b]}" for b in REVIEW_BUCKETS if b in r)
         lines.append(_row("", f"pair review: {buckets}"))
+        lines += _kappa_lines(r)
     if d is None:
         lines.append(_missing("dpo"))
     elif not d.get("enabled"):

@@ -13,11 +13,14 @@ sample_per_pipeline, unreviewed, ...). One dataset per pipeline,
              swap (optional): the ranking is wrong, the rejected response is better
   metadata   pipeline, rejected_reason (the code that ranked it lower), teacher
 
-A pair reviewers answered is rejected if any reviewer rejected it (reject_reason
-human_reject); else corrected if any reviewer said swap: chosen and rejected are
-exchanged and meta.review says who (`swapped_by`, the first by user id) and how many
-(`swaps`); else accepted. The rest of `meta` stays as prefs wrote it, so chosen_id,
-rejected_id and rejected_reason describe the code's ranking, before any swap.
+A pair counts once `review.min_submitted` reviewers answered it. It is disputed
+when they disagree (one accepts, another rejects; or one swaps and another keeps);
+rejected when all reject (reject_reason human_reject); corrected when all accept and
+they swap: chosen and rejected are exchanged and meta.review says who swapped
+(`swapped_by`, the first by user id) and how many (`swaps`); else accepted. The rest
+of `meta` stays as prefs wrote it, so chosen_id, rejected_id and rejected_reason
+describe the code's ranking, before any swap. Every text field is escaped for the UI
+as SFT records' are (review/dataset.py); guidelines: review/guidelines.py.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.contract import Message, Review, problems
-from review.dataset import VERDICT, ReviewInputError, json_block, render_conversation
+from review.dataset import VERDICT, ReviewInputError, Shortened, json_block, render_conversation
+from review.guidelines import PAIR_QUESTIONS, pair_guidelines
 
 SWAP = "swap"
 
@@ -88,30 +92,27 @@ def dataset_name(prefix: str, pipeline: str) -> str:
 
 
 # -------------------------------------------------------------------- settings
-def pair_settings(min_submitted: int):
+def pair_settings(pipeline: str, min_submitted: int):
     import argilla as rg
 
     return rg.Settings(
-        guidelines=(
-            "Read the prompt, then both responses. Accept if the chosen response is a good answer"
-            " and clearly better than the rejected one; reject if the pair should not train (both"
-            " bad, both fine, or the prompt is broken). If the rejected response is actually the"
-            " better one, accept and answer swap."
-        ),
+        guidelines=pair_guidelines(pipeline),
         fields=[
-            # The exact text is what a reviewer judges: plain text, escaped (to_argilla_pair).
+            # The exact text is what a reviewer judges: plain text, escaped (pair_item).
             rg.ChatField(name="prompt", title="Prompt", required=True, use_markdown=False),
             rg.ChatField(name="chosen", title="Chosen (ranked better by code)", required=True, use_markdown=False),
             rg.ChatField(name="rejected", title="Rejected (ranked worse by code)", required=True,
                          use_markdown=False),
             rg.TextField(name="tools", title="Tools offered", required=False, use_markdown=True),
             rg.TextField(name="checks", title="What the validators checked", required=False, use_markdown=True),
+            rg.TextField(name="shown", title="Shortened for display", required=False, use_markdown=False),
         ],
         questions=[
             rg.LabelQuestion(name=VERDICT, title="Accept this pair for preference training?",
-                             labels=["accept", "reject"], required=True),
+                             labels=["accept", "reject"], required=True, description=PAIR_QUESTIONS[VERDICT]),
             rg.LabelQuestion(name=SWAP, title="Is the ranking right?", required=False,
-                             labels={"keep": "yes: chosen is better", SWAP: "no: rejected is better (swap)"}),
+                             labels={"keep": "yes: chosen is better", SWAP: "no: rejected is better (swap)"},
+                             description=PAIR_QUESTIONS[SWAP]),
         ],
         metadata=[
             rg.TermsMetadataProperty(name="pipeline", title="Pipeline"),
@@ -122,25 +123,24 @@ def pair_settings(min_submitted: int):
     )
 
 
-def to_argilla_pair(pair: dict[str, Any]):
-    import argilla as rg
-
+def pair_item(pair: dict[str, Any], display_chars: int) -> dict[str, Any]:
+    """One pair as the review UI gets it (review.dataset.review_item's shape)."""
     meta = pair["meta"]
-    fields: dict[str, Any] = {name: verbatim(render_conversation(pair[name]))
-                              for name in ("prompt", "chosen", "rejected")}
+    cut = Shortened(display_chars)
+    fields: dict[str, Any] = {
+        name: [{**t, "content": cut.text(f"{name}, the {t['role']} turn {i}", t["content"])}
+               for i, t in enumerate(render_conversation(pair[name]), 1)]
+        for name in ("prompt", "chosen", "rejected")
+    }
     for name, value in (("tools", pair.get("tools")), ("checks", meta.get("checks"))):
         if value:
             fields[name] = json_block(value)
+    if cut.notes:
+        fields["shown"] = html.escape(cut.statement(pair["id"]), quote=False)
     metadata = {"pipeline": pair["pipeline"], "rejected_reason": meta.get("rejected_reason"),
                 "teacher": meta.get("teacher")}
-    return rg.Record(id=pair["id"], fields=fields,
-                     metadata={k: str(v) for k, v in metadata.items() if v is not None})
-
-
-def verbatim(turns: list[dict[str, str]]) -> list[dict[str, str]]:
-    """Turns HTML-escaped: the UI drops anything shaped like a tag, even in plain text,
-    so a response's `<tool_call>` tags (or a truncated one) would vanish from view."""
-    return [{**turn, "content": html.escape(turn["content"], quote=False)} for turn in turns]
+    return {"id": pair["id"], "fields": fields, "suggestions": [],
+            "metadata": {k: str(v) for k, v in metadata.items() if v is not None}}
 
 
 # ---------------------------------------------------------------- from Argilla
@@ -148,9 +148,14 @@ def human_decision(pair: dict[str, Any], by_user: dict[str, dict]) -> tuple[str,
     verdicts = [answers.get(VERDICT) for answers in by_user.values()]
     review: dict[str, Any] = {"by": "human", "reviewers": len(by_user),
                               "verdicts": dict(Counter(str(v) for v in verdicts))}
+    # An unanswered swap question means the reviewer kept the code's ranking.
+    swaps = sorted(user for user, answers in by_user.items() if answers.get(SWAP) == SWAP)
+    disputed = [q for q, differ in ((VERDICT, len(set(verdicts)) > 1),
+                                    (SWAP, "reject" not in verdicts and 0 < len(swaps) < len(by_user))) if differ]
+    if disputed:
+        return "disputed", {**review, "disputed_on": disputed}
     if "reject" in verdicts:
         return "rejected", review
-    swaps = sorted(user for user, answers in by_user.items() if answers.get(SWAP) == SWAP)
     if swaps:
         return "corrected", {**review, "swapped_by": swaps[0], "swaps": len(swaps)}
     return "accepted", review

@@ -1,25 +1,32 @@
 """`posttrain review pull`: turn reviewers' decisions into the records that train.
 
 Every input record ends in exactly one bucket, decided in this order:
-  rejected   any reviewer submitted "reject"           reject_reason "human_reject"
-  corrected  a reviewer wrote a corrected final answer  it replaces the final turn;
-                                                        meta.review keeps the original
+  pending    fewer than `review.min_submitted` reviewers submitted (some, or none
+             and `review.unreviewed` is "pending"): no decision counts yet
+  disputed   reviewers disagree: some accept and some reject, or they wrote
+             different corrections. Nobody's answer wins silently: a lead decides
+             (in Argilla), then pull again
+  rejected   every reviewer submitted "reject"         reject_reason "human_reject"
+  corrected  reviewers accepted and wrote a corrected   it replaces the final turn
+             final answer (one, or several identical)   exactly as typed; meta.review
+                                                        keeps the original
   accepted   reviewers accepted, or nobody reviewed it and `review.unreviewed` is
              "keep" (or it was not sampled, or there is no server in `auto` mode)
-  pending    nobody reviewed it and `review.unreviewed` is "pending"
 Only submitted responses count; drafts and discards are "not reviewed".
 
 Each output record carries `meta.review` (typed in pipeline.contract.Review):
 `decision` (the bucket), `by` (human / automatic / nobody), and the reviewers'
-verdicts, quality, corrector and original final turn where they apply.
+verdicts, quality, corrector, original final turn and disputed questions where they
+apply. review_stats.json also gives, per pipeline and question, Fleiss' kappa over
+the records several reviewers answered (review/agreement.py).
 
 Writes to --out: reviewed.jsonl (accepted + corrected: what enters training),
-rejected.jsonl, pending.jsonl and review_stats.json, all at the end and atomically,
-so a failure mid-way leaves the previous outputs untouched. Reviews keep changing
-on the server while the inputs do not, so DVC cannot see new reviews: rerun the
-stage with `dvc repro --force review_pull`. Rerunning is always safe.
+rejected.jsonl, disputed.jsonl, pending.jsonl and review_stats.json, all at the end
+and atomically, so a failure mid-way leaves the previous outputs untouched. Reviews
+keep changing on the server while the inputs do not, so DVC cannot see new reviews:
+rerun the stage with `dvc repro --force review_pull`. Rerunning is always safe.
 
-With `--pairs`, prefs' preference pairs come back the same way, into the same four
+With `--pairs`, prefs' preference pairs come back the same way, into the same five
 files (by default under data/prefs/review); a reviewer's correction of a pair is a
 swap of chosen and rejected (review/pairs.py).
 """
@@ -37,10 +44,12 @@ from pipeline.contract import check_record
 from pipeline.recipe import load_recipe
 from pipeline.records import write_json, write_jsonl
 from review import pairs
+from review.agreement import fleiss_by_question
 from review.dataset import CORRECTION, QUALITY, VERDICT, dataset_name, load_candidates, sample_for_review
 from review.server import ReviewServerError, argilla_client, reachable_server
 
-BUCKETS = ("accepted", "rejected", "corrected", "pending")
+BUCKETS = ("accepted", "rejected", "corrected", "disputed", "pending")
+PAGE = 1000  # the server's largest page when listing records
 
 
 def main(args) -> int:
@@ -49,11 +58,11 @@ def main(args) -> int:
     if getattr(args, "pairs", None):  # namespaces built by hand (tests, bench) review records
         candidates = load_candidates(args.pairs, pairs.check_pair, "--pairs")
         name, judge, apply = pairs.dataset_name, pairs.human_decision, pairs.apply_decision
-        out = Path(args.out or "data/prefs/review")
+        questions, out = (VERDICT, pairs.SWAP), Path(args.out or "data/prefs/review")
     else:
         candidates = load_candidates(args.input)
         name, judge, apply = dataset_name, human_decision, apply_decision
-        out = Path(args.out or "data/review")
+        questions, out = (VERDICT, QUALITY), Path(args.out or "data/review")
     conn, note = reachable_server(cfg.mode)
     reviews: dict[str, dict[str, dict[str, dict]]] = {}
     if conn is not None:
@@ -62,20 +71,35 @@ def main(args) -> int:
             reviews[pipeline] = fetch_reviews(client, cfg, name(cfg.dataset_prefix, pipeline))
 
     buckets, stats = decide(candidates, reviews, cfg, server=conn is not None, judge=judge, apply=apply)
+    stats["kappa"] = {pipeline: fleiss_by_question(reviews.get(pipeline, {}), questions)
+                      for pipeline in sorted(candidates)}
     stats.update(mode=cfg.mode, server=conn.api_url if conn else None, note=note,
                  pulled_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     write_jsonl(out / "reviewed.jsonl", buckets["accepted"] + buckets["corrected"])
     write_jsonl(out / "rejected.jsonl", buckets["rejected"])
+    write_jsonl(out / "disputed.jsonl", buckets["disputed"])
     write_jsonl(out / "pending.jsonl", buckets["pending"])
     write_json(out / "review_stats.json", stats)
     print(note)
     print("  ".join(f"{b}: {stats[b]}" for b in BUCKETS) + f"  -> {out}")
+    for pipeline, by_question in stats["kappa"].items():
+        rated = {q: k for q, k in by_question.items() if k["records"]}
+        if rated:
+            print(f"  {pipeline} agreement: " + ", ".join(
+                f"{q} kappa {_num(k['kappa'])} ({k['records']} records x {k.get('raters', '?')} reviewers)"
+                for q, k in rated.items()))
     return 0
+
+
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def fetch_reviews(client, cfg, name: str) -> dict[str, dict[str, dict]]:
     """record id -> user id -> {question: answer}, submitted responses only, from dataset
-    `name`. A dataset that does not exist yet has no reviews: {}."""
+    `name`. A dataset that does not exist yet has no reviews: {}. Read page by page
+    from the records list (plain JSON: building SDK objects for every record would
+    cost more than the transfer)."""
     import warnings
 
     with warnings.catch_warnings():
@@ -84,16 +108,25 @@ def fetch_reviews(client, cfg, name: str) -> dict[str, dict[str, dict]]:
     if dataset is None:
         return {}
     found: dict[str, dict[str, dict]] = {}
+    offset = 0
     try:
-        for record in dataset.records(with_responses=True, with_suggestions=False, batch_size=1000):
-            by_user: dict[str, dict] = defaultdict(dict)
-            for response in record.responses:
-                if str(getattr(response.status, "value", response.status)) == "submitted":
-                    by_user[str(response.user_id)][response.question_name] = response.value
-            found[str(record.id)] = dict(by_user)
+        while True:
+            reply = client.http_client.get(f"/api/v1/datasets/{dataset.id}/records",
+                                           params={"offset": offset, "limit": PAGE, "include": "responses"})
+            reply.raise_for_status()
+            items = reply.json()["items"]
+            for item in items:
+                by_user: dict[str, dict] = defaultdict(dict)
+                for response in item.get("responses") or []:
+                    if response.get("status") == "submitted":
+                        for question, answer in (response.get("values") or {}).items():
+                            by_user[str(response["user_id"])][question] = answer.get("value")
+                found[str(item["external_id"])] = dict(by_user)
+            offset += len(items)
+            if len(items) < PAGE:
+                return found
     except Exception as exc:
         raise ReviewServerError(f"reading {name} from {client.api_url} failed: {type(exc).__name__}: {exc}") from None
-    return found
 
 
 def decide(
@@ -119,8 +152,13 @@ def decide(
             by_user = on_server.get(record["id"], {})
             if not server:
                 bucket, review = "accepted", {"by": "automatic", "reason": "no_server"}
-            elif by_user:
+            elif len(by_user) >= cfg.min_submitted:
                 bucket, review = judge(record, by_user)
+                if cfg.min_submitted > 1:
+                    review["required"] = cfg.min_submitted
+            elif by_user:
+                bucket, review = "pending", {"by": "nobody", "reason": "awaiting_reviewers",
+                                             "reviewers": len(by_user), "required": cfg.min_submitted}
             elif record["id"] not in chosen and record["id"] not in on_server:
                 bucket, review = "accepted", {"by": "automatic", "reason": "not_sampled"}
             elif cfg.unreviewed == "keep":
@@ -179,15 +217,17 @@ def human_decision(record: dict[str, Any], by_user: dict[str, dict]) -> tuple[st
     }
     if qualities:
         review["quality"] = round(sum(qualities) / len(qualities), 2)
+    # The corrected answer exactly as typed: it is what trains.
+    corrections = [(user, answers[CORRECTION]) for user, answers in sorted(by_user.items())
+                   if isinstance(answers.get(CORRECTION), str) and answers[CORRECTION].strip()]
+    disputed = [q for q, differ in ((VERDICT, len(set(verdicts)) > 1),
+                                    (CORRECTION, len({text for _, text in corrections}) > 1)) if differ]
+    if disputed:
+        return "disputed", {**review, "disputed_on": disputed}
     if "reject" in verdicts:
         return "rejected", review
-    corrections = [
-        (user, answers[CORRECTION].strip())
-        for user, answers in sorted(by_user.items())
-        if isinstance(answers.get(CORRECTION), str) and answers[CORRECTION].strip()
-    ]
     if corrections:
-        user, text = corrections[0]  # several reviewers rarely correct one record: first by user id
+        user, text = corrections[0]  # all the same text: the first by user id wrote it too
         original = record["messages"][-1]
         return "corrected", {**review, "corrected_answer": text, "corrected_by": user,
                              "corrections": len(corrections), "original_final_turn": original}

@@ -1,9 +1,10 @@
 """Human review of preference pairs: the pairs `posttrain prefs` really writes (the
 session's steerability and tool_use outputs -> dedup -> prefs, tests/test_prefs.py's
 fixture) go to a real local Argilla server and come back through the same buckets as
-SFT records: pushing twice adds nothing, any reviewer's reject removes a pair, a swap
-exchanges chosen and rejected, counts are conserved, and without a server every pair
-is accepted automatically, as the DAG's dpo stage then trains on them."""
+SFT records: pushing twice adds nothing, reviewers who disagree send a pair to the
+disputed bucket instead of either answer winning, a swap exchanges chosen and
+rejected, counts are conserved, and without a server every pair is accepted
+automatically, as the DAG's dpo stage then trains on them."""
 
 import argparse
 import copy
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.slow  # the pairs need the session's teacher-generated 
 needs_server = pytest.mark.skipif(
     not (server.SERVER_VENV / "bin" / "python").exists(), reason=".venv-argilla missing: run `make setup`"
 )
-BUCKETS = ("accepted", "rejected", "corrected", "pending")
+BUCKETS = ("accepted", "rejected", "corrected", "disputed", "pending")
 
 
 @pytest.fixture
@@ -84,7 +85,7 @@ def test_push_twice_holds_each_pair_once_showing_prompt_chosen_rejected(
 
 
 @needs_server
-def test_reviewers_reject_and_swap_pairs_and_every_pair_ends_in_one_bucket(argilla, sdk, pairs, tmp_path):  # noqa: F811
+def test_reviewers_dispute_and_swap_pairs_and_every_pair_ends_in_one_bucket(argilla, sdk, pairs, tmp_path):  # noqa: F811
     import argilla as rg
 
     path, found = pairs
@@ -94,7 +95,7 @@ def test_reviewers_reject_and_swap_pairs_and_every_pair_ends_in_one_bucket(argil
     gone, swapped = found[0], found[1]
     dataset = sdk.datasets(f"{name}-pairs-{gone['pipeline']}", workspace="posttrain")
     me = sdk.me.id
-    # One reviewer accepts the first pair, a second rejects it: any reject wins.
+    # One reviewer accepts the first pair, a second rejects it: disputed, neither wins.
     submit(dataset, gone["id"], me, verdict="accept")
     second = rg.User(username=f"rev{uuid.uuid4().hex[:6]}", password=uuid.uuid4().hex, role="annotator",
                      client=sdk).create()
@@ -108,16 +109,17 @@ def test_reviewers_reject_and_swap_pairs_and_every_pair_ends_in_one_bucket(argil
     assert pull.main(ns(settings, path, out)) == 0
     stats = read_json(out / "review_stats.json")
     rest = len(found) - 2
-    assert counts(stats) == (0, 1, 1, rest)
+    assert counts(stats) == (0, 0, 1, 1, rest)
     assert stats["total"] == len(found) == sum(counts(stats))
     assert stats["agreement"]["records_with_several_reviewers"] == 1
     assert stats["agreement"]["unanimous_verdict"] == 0
 
-    [rejected] = read_jsonl(out / "rejected.jsonl")
-    assert rejected["id"] == gone["id"] and rejected["reject_reason"] == "human_reject"
-    assert rejected["meta"]["review"] == {"decision": "rejected", "by": "human", "reviewers": 2,
-                                          "verdicts": {"accept": 1, "reject": 1}}
-    assert (rejected["chosen"], rejected["rejected"]) == (gone["chosen"], gone["rejected"])
+    assert read_jsonl(out / "rejected.jsonl") == []
+    [disputed] = read_jsonl(out / "disputed.jsonl")
+    assert disputed["id"] == gone["id"] and "reject_reason" not in disputed
+    assert disputed["meta"]["review"] == {"decision": "disputed", "by": "human", "reviewers": 2,
+                                          "verdicts": {"accept": 1, "reject": 1}, "disputed_on": ["verdict"]}
+    assert (disputed["chosen"], disputed["rejected"]) == (gone["chosen"], gone["rejected"])
 
     [kept] = read_jsonl(out / "reviewed.jsonl")
     assert kept["id"] == swapped["id"]
@@ -133,7 +135,7 @@ def test_reviewers_reject_and_swap_pairs_and_every_pair_ends_in_one_bucket(argil
     # Unreviewed pairs keep the code's ranking when the recipe says so.
     assert pull.main(ns(settings, path, out, ["review.unreviewed=keep"])) == 0
     stats = read_json(out / "review_stats.json")
-    assert counts(stats) == (rest, 1, 1, 0)
+    assert counts(stats) == (rest, 0, 1, 1, 0)
     assert len(read_jsonl(out / "reviewed.jsonl")) == len(found) - 1
 
 
@@ -151,7 +153,7 @@ def test_a_seeded_sample_of_pairs_is_reviewed_and_the_rest_keeps_the_code_rankin
     out = tmp_path / "review"
     assert pull.main(ns(settings, path, out)) == 0
     stats = read_json(out / "review_stats.json")
-    assert counts(stats) == (len(found) - held, 0, 0, held)
+    assert counts(stats) == (len(found) - held, 0, 0, 0, held)
 
 
 def test_without_a_server_every_pair_is_accepted_automatically(pairs, tmp_path, monkeypatch):
@@ -162,7 +164,7 @@ def test_without_a_server_every_pair_is_accepted_automatically(pairs, tmp_path, 
         out = tmp_path / mode
         assert posttrain(["review", "pull", recipe(tmp_path, mode=mode), "--pairs", path, "--out", str(out)]) == 0
         stats = read_json(out / "review_stats.json")
-        assert counts(stats) == (len(found), 0, 0, 0) and stats["server"] is None, stats
+        assert counts(stats) == (len(found), 0, 0, 0, 0) and stats["server"] is None, stats
         reviewed = read_jsonl(out / "reviewed.jsonl")
         assert [p["id"] for p in reviewed] == [p["id"] for p in found]
         for pair, original in zip(reviewed, found):
