@@ -149,8 +149,8 @@ def test_base_and_trained_scores_give_before_after_and_delta(tiny_chain):
         assert 0 <= c["p"] <= 1, name
         if c["clusters"] > 1:  # one item gives no interval (null in the report)
             assert c["low"] <= c["delta"] <= c["high"], name
-        else:
-            assert c["low"] is None and c["high"] is None and c["p"] == 1, name
+        else:  # unchanged: the interval is the point; changed: none (null)
+            assert c["p"] == 1 and (c["low"], c["high"]) in ((None, None), (c["delta"], c["delta"])), name
     assert comparisons["heldout_loss.overall"]["delta"] == pytest.approx(loss["delta"]["overall"], abs=1e-3)
     rows = read_json(work / "eval/plots/retention.json")
     assert [r["length"] for r in rows] == [1024]
