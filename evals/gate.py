@@ -137,6 +137,9 @@ class Metric:
     binary: bool = False
     lower_is_better: bool = False
     unit: str = "points"
+    # Cells averaged as fixed parts (a length's tasks): their standard errors come
+    # from the spread within each cell, since a task's level is not noise.
+    stratum: Callable[[dict], Any] | None = None
 
 
 def _percent(flag: str) -> Callable[[dict], float]:
@@ -182,7 +185,8 @@ def suite_metrics(suite: str, rows: list[dict]) -> list[Metric]:
         score = lambda row: float(row["score"])  # noqa: E731
         for length, members in sorted(by_length.items()):
             metrics.append(Metric(f"retention.average.{length}", members,
-                                  nested_weights(members, [lambda r: _retention_cell(r)[0]]), score))
+                                  nested_weights(members, [lambda r: _retention_cell(r)[0]]), score,
+                                  stratum=lambda r: _retention_cell(r)[0]))
         for (task, length), members in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0])):
             metrics.append(Metric(f"retention.{task}.{length}", members, [1.0] * len(members), score))
     elif suite == "tool_calls":
@@ -237,7 +241,8 @@ def paired(metric: Metric, other: dict[str, dict], cfg, *, as_after: bool = True
     first, second = (mine, theirs) if as_after else (theirs, mine)
     result = compare(first, second, weights=metric.weights, binary=metric.binary, seed=cfg.seed,
                      clusters=clusters if any(r.get("cluster") for r in metric.rows) else None,
-                     resamples=cfg.resamples)
+                     resamples=cfg.resamples,
+                     strata=[metric.stratum(r) for r in metric.rows] if metric.stratum else None)
     return result.as_dict()
 
 
@@ -406,7 +411,8 @@ def paired_check(name: str, c: dict, p_adjusted: float, family: int, cfg) -> dic
     # The larger of the observed SE and the base's own: a rerun with identical answers
     # (SE 0) says nothing about what a later run can detect. Losses always move.
     se = c["se"] if c["lower_is_better"] else max(c["se"], c["se_before"])
-    detectable = detectable_drop(se, margin, cfg.alpha, cfg.power, family)
+    detectable = detectable_drop(se, margin, cfg.alpha, cfg.power, family, units=c["clusters"],
+                                 scale=0.0 if c["lower_is_better"] else 100.0)
     chance = c.get("chance")
     informative = chance is None or (-sign * chance["base_minus_chance"] > 0 and chance["p"] < cfg.alpha)
     status = "failed" if failed else ("passed" if informative else "uninformative")

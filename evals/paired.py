@@ -69,8 +69,11 @@ class Comparison:
 
 def compare(before: Sequence[float], after: Sequence[float], *, weights: Sequence[float] | None = None,
             clusters: Sequence[str] | None = None, binary: bool = False, seed: int = 0,
-            resamples: int = RESAMPLES, confidence: float = 0.95) -> Comparison:
-    """The paired change of a weighted mean, after vs before, on the same items."""
+            resamples: int = RESAMPLES, confidence: float = 0.95,
+            strata: Sequence[str] | None = None) -> Comparison:
+    """The paired change of a weighted mean, after vs before, on the same items.
+    `strata` name fixed cells (tasks in a mean of task means): each side's own
+    standard error then comes from the spread within cells."""
     b = np.asarray(before, dtype=float)
     a = np.asarray(after, dtype=float)
     if b.shape != a.shape or b.ndim != 1 or not len(b):
@@ -118,18 +121,46 @@ def compare(before: Sequence[float], after: Sequence[float], *, weights: Sequenc
         low, high = float(boot.confidence_interval.low), float(boot.confidence_interval.high)
         se = float(boot.standard_error)
     return Comparison(before=mean_b, after=mean_a, delta=delta, low=low, high=high, p=float(min(1.0, p)),
-                      se=se, se_before=of_ratio(w * b, w) or 0.0, se_after=of_ratio(w * a, w) or 0.0, items=len(b), clusters=n,
+                      se=se, se_before=of_ratio(w * _centred(b, w, strata), w) or 0.0,
+                      se_after=of_ratio(w * _centred(a, w, strata), w) or 0.0, items=len(b), clusters=n,
                       better=better, worse=worse, test=test)
 
 
-def detectable_drop(se: float, margin: float, alpha: float, power: float, family: int) -> float:
+def _centred(values: np.ndarray, weights: np.ndarray, strata: Sequence[str] | None) -> np.ndarray:
+    """Values with each stratum's weighted mean replaced by the overall one."""
+    if strata is None:
+        return values
+    _keys, index = np.unique(np.asarray(strata, dtype=str), return_inverse=True)
+    means = np.bincount(index, weights=weights * values) / np.bincount(index, weights=weights)
+    overall = (weights * values).sum() / weights.sum()
+    return values - means[index] + overall
+
+
+def detectable_drop(se: float, margin: float, alpha: float, power: float, family: int,
+                    units: int = 0, scale: float = 0.0) -> float:
     """The smallest true drop blocked with probability `power` by the rule "significant
     (two-sided, level alpha shared by `family` checks) and beyond the margin": the
     estimate must clear both the margin and the significance bound, plus z_power
     standard errors. Bonferroni's level alpha/family bounds Benjamini-Hochberg's
-    threshold for a single real drop, so the figure errs on the safe side."""
+    threshold for a single real drop, so the figure errs on the safe side.
+
+    A drop also widens the spread it is measured with: items that fall to 0 from
+    scores up to `scale` add at most d * (scale - d) to the variance of a unit's
+    difference (`units` independent units: items or clusters). The bound is solved
+    for d by fixed-point iteration, so the stated figure holds for the spread a real
+    drop has, not the spread of a harmless rerun. Losses shift without spreading:
+    scale 0."""
     z_alpha = stats.norm.ppf(1 - alpha / (2 * max(family, 1)))
-    return float(max(margin, z_alpha * se) + stats.norm.ppf(power) * se)
+    z_power = stats.norm.ppf(power)
+    drop = max(margin, z_alpha * se) + z_power * se
+    if units and scale:
+        for _ in range(100):
+            spread = math.sqrt(se ** 2 + max(0.0, drop * (scale - drop)) / units)
+            new = max(margin, z_alpha * spread) + z_power * spread
+            if abs(new - drop) < 1e-9:
+                break
+            drop = new
+    return float(drop)
 
 
 def adjust(pvalues: Sequence[float]) -> list[float]:

@@ -48,7 +48,9 @@ def test_a_true_drop_of_the_stated_detectable_size_is_blocked_80_percent_of_the_
     rate, blocked_by = block_rate(setting, runs=RUNS, redraw=0.5, seed=2, drop={check: size})
     print(f"{check}: true drop {size:.3g}: {rate:.1%} of {RUNS} runs blocked {blocked_by}")
     assert rate >= 0.8
-    assert set(blocked_by) == {check} or blocked_by[check] >= 0.95 * sum(blocked_by.values())
+    # The drop is found by the check it was put in (a drop in a length's average is a
+    # drop in its tasks too, whose own checks may block it as well).
+    assert blocked_by.get(check, 0) == max(blocked_by.values())
 
 
 def test_a_drop_half_the_margin_is_never_blocked(setting):
