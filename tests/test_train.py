@@ -62,9 +62,12 @@ def test_lora_on_every_group_trains_and_reports_coverage(tmp_path, data_dir):
 def test_only_assistant_turns_are_trained(tmp_path, data_dir):
     """Labels are -100 exactly outside the assistant turns of the rendered template;
     every assistant token, its tool calls and its closing <|im_end|> are trained."""
+    from trl import SFTTrainer
+
     from pipeline.recipe import load_recipe
     from pipeline.student import load_student, load_tokenizer
-    from sft.train import load_conversations, make_trainer_class, sft_config, tokenize_conversations
+    from sft.train import load_conversations, sft_config, tokenize_conversations
+    from sft.trainer import with_activation_loss
 
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(data_dir, tmp_path / "out"))
     recipe = load_recipe(path)
@@ -72,7 +75,7 @@ def test_only_assistant_turns_are_trained(tmp_path, data_dir):
     train_set, skipped = tokenize_conversations(
         load_conversations(recipe.data.train, None), tokenizer, recipe)
     assert skipped == []
-    trainer = make_trainer_class()(
+    trainer = with_activation_loss(SFTTrainer)(
         model=load_student(recipe.model, tokenizer), args=sft_config(recipe, tmp_path / "out"),
         train_dataset=train_set, processing_class=tokenizer,
     )
