@@ -67,6 +67,12 @@ class DataSection(Section):
     # tool support). error: stop naming them; skip: drop them, count them in
     # train_metrics.json and log it.
     on_bad_record: Literal["error", "skip"] = "error"
+    # Records longer than the trainer's max_length (sft.max_length, dpo.max_length). One
+    # whose answer lies wholly past it would train on nothing: always skipped. One that
+    # keeps part of its answer: keep trains on what fits (TRL's own behaviour, so a
+    # recipe means what it meant before), skip leaves it out, error stops naming it.
+    # train_metrics.json / dpo_metrics.json count both kinds (`truncation`).
+    on_truncated: Literal["keep", "skip", "error"] = "keep"
 
 
 # ------------------------------------------------------------------- activation_loss

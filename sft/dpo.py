@@ -21,7 +21,8 @@ this one always read outputs/dpo/final and turning DPO on is that one recipe lin
 The activation loss, LoRA coverage and the first-step gradient check apply as in SFT.
 Writes into the output folder:
   final/             the trained adapter or model (+ tokenizer), or the pointer
-  dpo_metrics.json   reward margin and accuracy first/last, steps, pairs, runtime
+  dpo_metrics.json   reward margin and accuracy first/last, steps, pairs, runtime, and
+                     the pairs dpo.max_length truncates or cuts to no answer (skipped)
   dpo_curve.json     one row per logging step (DVC plot data): margins, accuracies,
                      loss, activation loss
   dpo_curve.png      the margin and accuracy curves
@@ -106,9 +107,9 @@ def write_pointer(sft_dir: Path, output_dir: Path) -> None:
 
 # --------------------------------------------------------------------- data
 def load_pairs(path: Path):
-    """pairs.jsonl -> a datasets.Dataset of prompt / chosen / rejected (+ tools as JSON
-    text, which TRL parses back: tool schemas differ per record, one Arrow type cannot
-    hold them all)."""
+    """pairs.jsonl -> a datasets.Dataset of id / prompt / chosen / rejected (+ tools as
+    JSON text, which TRL parses back: tool schemas differ per record, one Arrow type
+    cannot hold them all)."""
     from datasets import Dataset
 
     if not path.is_file():
@@ -118,7 +119,8 @@ def load_pairs(path: Path):
         if not all(isinstance(pair.get(k), list) and pair[k] for k in ("prompt", "chosen", "rejected")):
             raise InputError(f"--pairs {path}:{number}: a pair needs prompt, chosen and rejected turns")
         tools = pair.get("tools")
-        rows.append({"prompt": [clean_turn(t) for t in pair["prompt"]],
+        rows.append({"id": pair.get("id") or f"{path}:{number}",
+                     "prompt": [clean_turn(t) for t in pair["prompt"]],
                      "chosen": [clean_turn(t) for t in pair["chosen"]],
                      "rejected": [clean_turn(t) for t in pair["rejected"]],
                      "tools": json.dumps(tools) if tools else None})
@@ -193,6 +195,40 @@ def load_policy(recipe: Recipe, sft_dir: Path, tokenizer):
     return policy, from_folder(), None, None, "full"
 
 
+# ---------------------------------------------------------------- max_length
+def fit_pairs(prepared, pairs, args, recipe: Recipe):
+    """TRL's tokenised pairs (`prepared`: prompt_ids, chosen_ids, rejected_ids) under
+    dpo.max_length, counted: TRL's collator cuts each prompt + answer to max_length
+    (truncation_mode) and its preparation drops, without a word, a pair whose prompt
+    alone fills max_length. Both are counted here, and a pair is skipped when either
+    answer keeps no token (sft/trainer.py's fit_to_max_length). Returns (prepared
+    without the skipped pairs, report)."""
+    from sft.trainer import fit_to_max_length
+
+    limit = args.max_length
+    # Token counts per pair id: prompt, chosen answer, rejected answer.
+    sizes = {i: (len(p), len(c), len(r)) for i, p, c, r in zip(
+        prepared["id"], prepared["prompt_ids"], prepared["chosen_ids"], prepared["rejected_ids"])}
+
+    def answer_left(prompt, answer):
+        if args.truncation_mode == "keep_end":
+            return min(answer, limit)
+        return min(answer, max(0, limit - prompt))
+
+    def items():
+        for pair_id in pairs["id"]:
+            if pair_id not in sizes:  # dropped by TRL: the prompt alone is max_length or longer
+                yield pair_id, None, 0
+                continue
+            prompt, chosen, rejected = sizes[pair_id]
+            left = min(answer_left(prompt, chosen), answer_left(prompt, rejected)) if limit else None
+            yield pair_id, prompt + max(chosen, rejected), left
+
+    keep, report = fit_to_max_length(items(), limit, recipe.data.on_truncated, "--pairs")
+    kept = {pair_id for pair_id, k in zip(pairs["id"], keep) if k}
+    return prepared.select([i for i, pair_id in enumerate(prepared["id"]) if pair_id in kept]), report
+
+
 # -------------------------------------------------------------------- train
 def train(recipe: Recipe, sft_dir: Path, pairs, output_dir: Path) -> dict[str, Any]:
     from trl import DPOTrainer
@@ -221,6 +257,10 @@ def train(recipe: Recipe, sft_dir: Path, pairs, output_dir: Path) -> dict[str, A
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    trainer.train_dataset, cut = fit_pairs(trainer.train_dataset, pairs, args, recipe)
+    if len(trainer.train_dataset) == 0:
+        raise InputError(f"--pairs: every pair is cut by dpo.max_length {args.max_length} "
+                         f"({cut['skipped'][0]['reason']}); raise dpo.max_length")
     started = time.perf_counter()
     result = trainer.train()
     runtime = time.perf_counter() - started
@@ -246,7 +286,12 @@ def train(recipe: Recipe, sft_dir: Path, pairs, output_dir: Path) -> dict[str, A
             "sft_model": str(sft_dir),
             "mode": mode,
             "mamba_path": mamba_path(model),
-            "pairs": len(pairs),
+            "pairs": len(trainer.train_dataset),
+            # Pairs longer than dpo.max_length, and of them those with no token left of
+            # the chosen or the rejected answer: skipped.
+            "truncation": {"max_length": args.max_length, "on_truncated": recipe.data.on_truncated,
+                           "truncated": cut["truncated"], "answer_cut": cut["answer_cut"],
+                           "skipped": len(cut["skipped"]), "examples": cut["skipped"][:5]},
             "global_step": trainer.state.global_step,
             "train_seconds": round(runtime, 1),
             "margin_first": first.get("rewards/margins"),
@@ -262,7 +307,7 @@ def train(recipe: Recipe, sft_dir: Path, pairs, output_dir: Path) -> dict[str, A
         write_json(output_dir / "lora_coverage.json", coverage or {"lora": False})
         write_json(output_dir / "dpo_metrics.json", metrics)
         log.info("DPO %d steps on %d pairs, margin %s -> %s, accuracy %s -> %s; saved %s",
-                 metrics["global_step"], len(pairs), metrics["margin_first"], metrics["margin_last"],
+                 metrics["global_step"], metrics["pairs"], metrics["margin_first"], metrics["margin_last"],
                  metrics["accuracy_first"], metrics["accuracy_last"], final_dir)
     finish(trainer)
     return metrics

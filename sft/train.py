@@ -4,7 +4,8 @@ Reads top to bottom: recipe -> checks -> data -> tokenizer -> model -> LoRA ->
 SFTTrainer (+ activation loss, sft/trainer.py) -> train -> save -> reports. Full fine-tuning when the
 recipe has no `lora:` section. Writes into the output folder:
   final/                 the trained model or adapter (+ tokenizer)
-  train_metrics.json     final loss, steps, runtime, tokens/s, activation-loss summary
+  train_metrics.json     final loss, steps, runtime, tokens/s, activation-loss summary,
+                         the records sft.max_length truncates or cuts to no answer
   loss_curve.json        one row per logging step (DVC plot data)
   lora_coverage.json     per target group: layers covered / present, trainable params
   activation_stats.json  per-layer max |activation| per site kind (activation loss on)
@@ -178,17 +179,16 @@ def load_conversations(files: list[str], limit: int | None, skip: set[int] = fro
 
 def tokenize_conversations(dataset, tokenizer, recipe: Recipe, name: str = "train"):
     """Records -> input_ids in the student's own chat template, plus assistant_masks
-    (from which TRL builds labels: -100 outside the assistant turns) unless
-    sft.assistant_only_loss is false. Returns (dataset, skipped records as
-    {"id", "reason"}). A record the template cannot render faithfully fails the run,
-    naming it, or is skipped when data.on_bad_record is `skip`."""
+    (from which TRL builds labels: -100 outside the assistant turns) and the record's
+    id. Returns (dataset, skipped records as {"id", "reason"}). A record the template
+    cannot render faithfully fails the run, naming it, or is skipped when
+    data.on_bad_record is `skip`."""
     from pipeline.chat_template import BadRecord, encode_conversation, template_source, turn_end
 
     if dataset is None:
         return None, []
     marker = turn_end(tokenizer)
-    masked = recipe.sft.get("assistant_only_loss", True)
-    rows, skipped = {"input_ids": [], "assistant_masks": []}, []
+    rows, skipped = {"id": [], "input_ids": [], "assistant_masks": []}, []
     for index, record in enumerate(dataset):
         tools = record.get("tools")
         tools = json.loads(tools) if isinstance(tools, str) else tools
@@ -203,6 +203,7 @@ def tokenize_conversations(dataset, tokenizer, recipe: Recipe, name: str = "trai
                     "records out, or model.chat_template to train in another template") from None
             skipped.append({"id": label, "reason": str(exc)})
             continue
+        rows["id"].append(label)
         rows["input_ids"].append(encoded["input_ids"])
         rows["assistant_masks"].append(encoded["assistant_masks"])
     if skipped:
@@ -211,11 +212,34 @@ def tokenize_conversations(dataset, tokenizer, recipe: Recipe, name: str = "trai
     if not rows["input_ids"]:
         raise RecipeError(f"data.{name}: the chat template ({template_source(tokenizer)}) "
                           f"renders none of the {len(dataset)} records: {skipped[0]['reason']}")
-    if not masked:
-        del rows["assistant_masks"]
     from datasets import Dataset
 
     return Dataset.from_dict(rows), skipped
+
+
+def fit_records(dataset, args, recipe: Recipe, name: str = "train"):
+    """The tokenised records as SFTTrainer takes them, under sft.max_length: each record
+    longer than it is counted, and cut here (by sft.truncation_mode, so TRL cuts nothing
+    more) or skipped, as sft/trainer.py's fit_to_max_length decides. Returns (dataset,
+    report)."""
+    from sft.trainer import fit_to_max_length
+
+    if dataset is None:
+        return None, {"truncated": 0, "answer_cut": 0, "skipped": []}
+    limit = args.max_length
+    window = slice(None) if limit is None else \
+        slice(-limit, None) if args.truncation_mode == "keep_end" else slice(None, limit)
+    keep, report = fit_to_max_length(
+        ((row["id"], len(row["input_ids"]), sum(row["assistant_masks"][window])) for row in dataset),
+        limit, recipe.data.on_truncated, f"data.{name}")
+    dataset = dataset.select([i for i, kept in enumerate(keep) if kept])
+    if report["truncated"]:
+        dataset = dataset.map(lambda row: {"input_ids": row["input_ids"][window],
+                                           "assistant_masks": row["assistant_masks"][window]})
+    # Without assistant-only loss every token trains: TRL would still mask by the
+    # assistant_masks column if it were there.
+    unused = ["id"] if recipe.sft.get("assistant_only_loss", True) else ["id", "assistant_masks"]
+    return dataset.remove_columns(unused), report
 
 
 def train(recipe: Recipe, output_dir: Path, resume: str | None = None) -> dict[str, Any]:
@@ -244,6 +268,11 @@ def train(recipe: Recipe, output_dir: Path, resume: str | None = None) -> dict[s
     model = load_student(recipe.model, tokenizer)
     train_set, skipped = tokenize_conversations(train_set, tokenizer, recipe, "train")
     eval_set, eval_skipped = tokenize_conversations(eval_set, tokenizer, recipe, "eval")
+    train_set, cut = fit_records(train_set, args, recipe, "train")
+    eval_set, eval_cut = fit_records(eval_set, args, recipe, "eval")
+    if len(train_set) == 0:
+        raise InputError(f"data.train: every record is longer than sft.max_length {args.max_length} "
+                         f"({cut['skipped'][0]['reason']}); raise sft.max_length")
 
     # ------------------------------------------------------------------ LoRA
     peft_config, coverage = None, None
@@ -288,6 +317,12 @@ def train(recipe: Recipe, output_dir: Path, resume: str | None = None) -> dict[s
                                 "eval": len(unfit["eval"]) + len(eval_skipped),
                                 "examples": ([{"id": w, "reason": p} for w, p, _ in unfit["train"] + unfit["eval"]]
                                              + skipped + eval_skipped)[:5]},
+            # Records longer than sft.max_length, and of them those with no answer token
+            # left: skipped (and so, with data.on_truncated: skip, every truncated one).
+            "truncation": {"max_length": args.max_length, "on_truncated": recipe.data.on_truncated,
+                           **{key: {"truncated": c["truncated"], "answer_cut": c["answer_cut"],
+                                    "skipped": len(c["skipped"])} for key, c in (("train", cut), ("eval", eval_cut))},
+                           "examples": (cut["skipped"] + eval_cut["skipped"])[:5]},
         })
         if torch.cuda.is_available():
             metrics["cuda_peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)

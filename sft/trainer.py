@@ -2,6 +2,7 @@
 when it lands. Each stage module reads top to bottom and calls these pieces:
 
   training_args(ConfigClass, recipe, "sft", ...)  TRL's config from the recipe's section
+  fit_to_max_length(...)                          what max_length cuts: counted, skipped
   build_trainer(TrainerClass, recipe, model, ...) the trainer + activation loss + LoRA check
   save(trainer, tokenizer, folder)                the model or adapter + tokenizer
   finish(trainer)                                 hooks off, process group down
@@ -59,6 +60,46 @@ def training_args(config_class, recipe: Recipe, section: str, output_dir: Path,
         kwargs["use_reentrant"] = False
         fields["gradient_checkpointing_kwargs"] = kwargs
     return config_class(**fields)
+
+
+# ----------------------------------------------------------------- max_length
+def fit_to_max_length(items, max_length: int | None, on_truncated: str, where: str):
+    """Which records train under `max_length`, so that none trains silently cut.
+
+    `items` yields (id, length in tokens or None when only known to be longer,
+    answer tokens left within max_length) per record. A record with no answer token
+    left would train on nothing: it is always skipped. A record that keeps part of its
+    answer follows `on_truncated` (data.on_truncated): keep (train on what fits, as
+    TRL does), skip, or error. Returns (keep flags, report); the report counts
+    `truncated` (every record longer than max_length) and, of those, `answer_cut`, and
+    lists each skipped record's id and reason."""
+    keep, skipped, too_long, truncated = [], [], [], 0
+    for label, length, answer_left in items:
+        if max_length is None or (length is not None and length <= max_length):
+            keep.append(True)
+            continue
+        truncated += 1
+        size = f"{length} tokens" if length is not None else "longer"
+        if answer_left == 0:
+            skipped.append({"id": label, "reason": f"answer_cut: no answer token within max_length "
+                                                   f"{max_length} ({size})"})
+        elif on_truncated == "skip":
+            skipped.append({"id": label, "reason": f"truncated: {size} > max_length {max_length}"})
+        elif on_truncated == "error":
+            too_long.append(f"{label} ({size})")
+        keep.append(answer_left > 0 and on_truncated == "keep")
+    if too_long:
+        raise RecipeError(
+            f"{where}: {len(too_long)} record(s) longer than max_length {max_length}: "
+            f"{', '.join(too_long[:5])}{' and more' if len(too_long) > 5 else ''}. Raise max_length, or "
+            "set data.on_truncated: keep (train on what fits) or skip (leave them out)")
+    answer_cut = sum(s["reason"].startswith("answer_cut") for s in skipped)
+    if truncated:
+        log.warning("%s: %d of %d records are longer than max_length %d: %d with no answer token left "
+                    "(skipped), %d %s (data.on_truncated: %s)", where, truncated, len(keep), max_length,
+                    answer_cut, truncated - answer_cut,
+                    "trained truncated" if on_truncated == "keep" else "skipped", on_truncated)
+    return keep, {"truncated": truncated, "answer_cut": answer_cut, "skipped": skipped}
 
 
 # -------------------------------------------------------------------- trainer
