@@ -39,7 +39,6 @@ from pydantic import (
 
 from pipeline.records import InputError, iter_jsonl, stable_hash
 
-DECISIONS = ("accepted", "corrected", "rejected", "pending")
 # What pull writes to reviewed.jsonl: the records that may train.
 TRAINABLE = ("accepted", "corrected")
 

@@ -178,9 +178,9 @@ class TeacherSection(Section):
 
 
 class GenerateSection(Section):
-    """`generate:` maps a pipeline name to that pipeline's own Config fields. The
-    subsections are validated by the pipelines' Config classes when `posttrain
-    generate` starts (synth_data.four_steps.validate_generate_section)."""
+    """`generate:` maps a pipeline name to that pipeline's own Config fields. Each
+    subsection is validated by its pipeline's Config class when `posttrain generate`
+    runs that pipeline (synth_data.four_steps.validate_config)."""
 
     model_config = ConfigDict(extra="allow")
 

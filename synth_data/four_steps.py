@@ -53,7 +53,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from pipeline.recipe import Recipe, RecipeError
+from pipeline.recipe import RecipeError
 from pipeline.contract import make_record
 from pipeline.records import conservation_stats, write_json, write_jsonl
 
@@ -91,20 +91,6 @@ def validate_config(name: str, raw: dict[str, Any] | None, source: Any = "recipe
             for err in exc.errors()
         ]
         raise RecipeError(f"{source}:\n  " + "\n  ".join(problems)) from None
-
-
-def validate_generate_section(recipe: Recipe) -> dict[str, Any]:
-    """Validate every pipeline subsection of a recipe's `generate:` section."""
-    raw = recipe.raw.get("generate") or {}
-    configs, problems = {}, []
-    for name, sub in raw.items():
-        try:
-            configs[name] = validate_config(name, sub, recipe.path)
-        except RecipeError as exc:
-            problems.append(str(exc).split(":\n", 1)[-1] if ":\n" in str(exc) else str(exc))
-    if problems:
-        raise RecipeError(f"recipe {recipe.path}:\n  " + "\n  ".join(problems))
-    return configs
 
 
 def candidate(

@@ -173,13 +173,19 @@ def test_bad_pipeline_key_is_named_before_the_teacher_loads(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_every_recipe_generate_section_validates():
-    from synth_data.four_steps import validate_generate_section
+def test_every_shipped_recipe_gives_each_pipeline_the_values_it_wrote():
+    """What `posttrain generate` does first (four_steps.validate_config): every
+    recipe's generate.<pipeline> section passes, and each value the recipe writes is
+    the value the pipeline's Config holds."""
+    from synth_data.four_steps import validate_config
 
+    sections = 0
     for path in sorted((ROOT / "recipes").glob("*.yaml")):
-        recipe = load_recipe(path)
-        if "generate" in recipe.raw:
-            validate_generate_section(recipe)
+        for name, written in (load_recipe(path).raw.get("generate") or {}).items():
+            held = validate_config(name, written, path).model_dump()
+            assert {key: held[key] for key in written} == written, (path.name, name)
+            sections += 1
+    assert sections >= 6  # the tiny recipe alone configures all six pipelines
 
 
 # ----------------------------------------------------------------- kill/resume
