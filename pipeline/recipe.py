@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from pipeline.records import InputError
+from pipeline.records import InputError, validation_problems
 
 
 class RecipeError(InputError):
@@ -373,9 +373,7 @@ def validate_recipe(raw: dict[str, Any], path: Path) -> Recipe:
         try:
             sections[name] = SECTIONS[name].model_validate(value or {})
         except ValidationError as exc:
-            for err in exc.errors():
-                key = ".".join(str(p) for p in (name, *err["loc"]))
-                problems.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+            problems += validation_problems(exc, prefix=name)
     sft: dict[str, Any] = {}
     if raw.get("sft"):  # importing TRL takes seconds: only when there is something to check
         sft, sft_problems = check_library_fields("sft", raw["sft"], sft_config_fields())

@@ -55,7 +55,7 @@ from pydantic import ValidationError
 
 from pipeline.recipe import RecipeError
 from pipeline.contract import make_record
-from pipeline.records import conservation_stats, write_json, write_jsonl
+from pipeline.records import conservation_stats, validation_problems, write_json, write_jsonl
 
 # name -> module path; imported only when that pipeline runs.
 PIPELINES: dict[str, str] = {
@@ -85,11 +85,7 @@ def validate_config(name: str, raw: dict[str, Any] | None, source: Any = "recipe
     try:
         return module.Config.model_validate(raw or {})
     except ValidationError as exc:
-        problems = [
-            f"generate.{name}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
-            f" (got {err.get('input')!r})"
-            for err in exc.errors()
-        ]
+        problems = validation_problems(exc, prefix=f"generate.{name}")
         raise RecipeError(f"{source}:\n  " + "\n  ".join(problems)) from None
 
 
