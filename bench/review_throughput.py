@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -21,14 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.contract import make_record  # noqa: E402
+from pipeline.ports import free_port  # noqa: E402
 from pipeline.records import read_json, write_jsonl  # noqa: E402
 from review import pull, push, server  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def records(n: int) -> list[dict]:

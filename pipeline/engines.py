@@ -27,7 +27,6 @@ import dataclasses
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -333,12 +332,6 @@ class OpenAIEngine:
         self.client.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def local_openai_server(model: str, dtype: str = "float32", startup_s: float = 300.0):
     """Run vLLM's OpenAI server on 127.0.0.1 for the duration of the block.
@@ -347,8 +340,9 @@ def local_openai_server(model: str, dtype: str = "float32", startup_s: float = 3
     import httpx
 
     from pipeline.teacher import resolve_model_path
+    from pipeline.ports import free_port
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "1"}
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",

@@ -220,7 +220,8 @@ def test_dpo_trains_under_deepspeed_zero2_with_2_cpu_processes(dpo_run, tmp_path
     from pathlib import Path
 
     from safetensors.torch import load_file
-    from test_deepspeed import ROOT, free_port
+    from pipeline.ports import free_port
+    from test_deepspeed import ROOT
 
     root, recipe = dpo_run
     out = tmp_path / "dpo"

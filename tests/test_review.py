@@ -11,7 +11,6 @@ import copy
 import json
 import os
 import shutil
-import socket
 import uuid
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 from stage_outputs import needle_records
 
 from pipeline.contract import read_records
+from pipeline.ports import free_port
 from pipeline.records import read_json, read_jsonl, write_jsonl
 from review import pull, push, server
 
@@ -26,12 +26,6 @@ pytestmark = pytest.mark.skipif(
     not (server.SERVER_VENV / "bin" / "python").exists(), reason=".venv-argilla missing: run `make setup`"
 )
 ARTIFACTS = Path(os.environ.get("POSTTRAIN_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "outputs" / "test-artifacts"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -105,12 +105,9 @@ def test_openai_engine_retries_5xx_then_answers():
 
 
 def test_unreachable_server_fails_with_one_error_naming_the_endpoint_and_keeps_finished_items(tmp_path):
-    import socket
+    from pipeline.ports import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens here once closed
-    url = f"http://127.0.0.1:{port}/v1"
+    url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
     engine = CachedEngine(OpenAIEngine(url, "m", max_retries=2, backoff_s=0.01), tmp_path, progress=False)
     done = engine.key([{"role": "user", "content": "done"}], None, Sampling())
     engine.entries[done] = [{"text": "cached", "tokens": 1, "finish_reason": "stop"}]
