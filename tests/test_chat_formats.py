@@ -30,7 +30,7 @@ CHATML_TURN = r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)"
 #        assistant-turn regex, renders tools). A tiny student would default to ChatML:
 #        "tokenizer" asks for the tokenizer's own template.
 CASES = {
-    "smollm2": (lambda: __import__("pipeline.teacher").teacher.teacher_path(), "tokenizer", CHATML_TURN, False),
+    "smollm2": (lambda: __import__("pipeline.model_paths").model_paths.teacher_path(), "tokenizer", CHATML_TURN, False),
     "qwen3": (qwen3_dir, "tokenizer", CHATML_TURN, True),
     "gemma3-base": (gemma3_dir, None, CHATML_TURN, True),
     "gemma3-it": (gemma3_dir, str(GEMMA3_IT), r"<start_of_turn>model\n(.*?<end_of_turn>)", False),
