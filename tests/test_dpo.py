@@ -235,9 +235,14 @@ def test_dpo_trains_under_deepspeed_zero2_with_2_cpu_processes(dpo_run, tmp_path
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     curve = read_json(out / "dpo_curve.json")
+    metrics = read_json(out / "dpo_metrics.json")
     # Four steps over different pairs on each rank: the margin need not rise yet (the
     # single-process test checks that); what must hold is that both ranks trained the
     # adapter, every adapted module got a gradient, and the adapter moved off SFT's.
+    # Two ranks share the pairs: an epoch is ceil(pairs / 2) steps of one pair per rank
+    # (one process alone would need `pairs` steps), so 4 steps are 4 / ceil(pairs / 2)
+    # epochs.
+    assert metrics["epoch"] == pytest.approx(4 / math.ceil(metrics["pairs"] / 2))
     assert [r["step"] for r in curve] == [2, 4]
     assert all(math.isfinite(r["rewards/margins"]) and r["activation_loss"] > 0 for r in curve)
     assert read_json(out / "lora_coverage.json")["no_gradient"] == []

@@ -326,11 +326,15 @@ def test_browser_reviewer_rejects_a_record_and_pull_sees_it(argilla, sdk, candid
     assert rej["id"] == shown["id"] and rej["reject_reason"] == "human_reject"
 
 
-def test_stopped_server_fails_fast_and_writes_nothing(argilla, candidates, tmp_path, capsys):
-    # Runs last: it stops the module's server, as a person running `review stop` would.
+def test_stopped_server_fails_fast_and_writes_nothing(candidates, tmp_path, capsys, monkeypatch):
+    # A server of its own, stopped as a person running `review stop` would: the module's
+    # server keeps serving the other tests, in whatever order they run.
     from review import cli
 
-    conn, state = argilla
+    state = tmp_path / "argilla-state"
+    conn = server.serve(state, port=free_port(), redis_port=free_port())
+    monkeypatch.setenv("ARGILLA_API_URL", conn.api_url)
+    monkeypatch.setenv("ARGILLA_API_KEY", conn.api_key)
     assert server.stop(state) == ["worker", "server", "redis"]
     inputs = write_inputs(tmp_path, candidates(2))
     out = tmp_path / "review"
