@@ -3,10 +3,10 @@ of selected activations, added to the training loss so that no activation grows 
 FP16's range (65,504). The paper used alpha = 1e-5 on expert and last-Mamba-layer
 outputs and brought maxima from ~4e6 down to 2-3K with no loss in quality.
 
-How it is wired (sft/train.py):
+How it is wired (sft/trainer.py, for SFT, DPO and any TRL trainer):
     penalty = ActivationLoss(model, recipe.activation_loss)
-    trainer = HybridSFTTrainer(..., activation_loss=penalty,
-                               callbacks=[ActivationLossCallback(penalty)])
+    trainer = with_activation_loss(SFTTrainer)(..., activation_loss=penalty,
+                                               callbacks=[ActivationLossCallback(penalty)])
     penalty.attach(trainer.model)          # PEFT / DeepSpeed-wrapped or plain
     ... compute_loss: loss + penalty.term(global_step)
 
@@ -17,7 +17,7 @@ twice per step: the forward, then the recompute during backward. A forward pre-h
 on the root model opens recording; `term()` takes the stored outputs and closes it,
 so the recompute (which runs inside backward, after `term()`) stores nothing and each
 site counts once per step. With *reentrant* checkpointing the stored outputs carry no
-gradient and the term would silently do nothing; sft/train.py forces non-reentrant.
+gradient and the term would silently do nothing; sft/trainer.py forces non-reentrant.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import time
 
 from pipeline.chat_template import apply_training_template
 from pipeline.engines import Sampling, TransformersEngine, VLLMEngine
-from pipeline.teacher import teacher_path
+from pipeline.model_paths import teacher_path
 
 
 def n_tokens(tokenizer, conv: list[dict]) -> int:

@@ -37,7 +37,6 @@ import json
 import os
 import resource
 import functools
-import socket
 import sys
 import tempfile
 import time
@@ -47,18 +46,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.contract import make_record  # noqa: E402
+from pipeline.ports import free_port  # noqa: E402
 from pipeline.recipe import load_recipe  # noqa: E402
 from pipeline.records import read_json, write_jsonl  # noqa: E402
 from review import pull, push, server  # noqa: E402
 from review.dataset import argilla_record, review_item, review_settings  # noqa: E402
 
 PIPELINES = ("doc_qa", "table_qa")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def records(n: int, tag: str) -> list[dict]:

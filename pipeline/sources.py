@@ -161,7 +161,7 @@ def student_tokenizer():
     """The tiny student's tokenizer = the packaged teacher's (SmolLM2)."""
     from transformers import AutoTokenizer
 
-    from pipeline.teacher import teacher_path
+    from pipeline.model_paths import teacher_path
 
     return AutoTokenizer.from_pretrained(teacher_path())
 

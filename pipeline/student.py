@@ -20,7 +20,7 @@ import torch
 from pipeline.chat_template import TemplateError, apply_training_template
 from pipeline.recipe import ModelSection, RecipeError
 from pipeline.records import InputError
-from pipeline.teacher import resolve_model_path
+from pipeline.model_paths import resolve_model_path
 
 log = logging.getLogger(__name__)
 

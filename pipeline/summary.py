@@ -2,8 +2,9 @@
 
 Reads the reports the stages write (at the paths dvc.yaml gives them) and prints the
 numbers a person checks first: per pipeline accepted / generated and the top reject
-reason; dedup, review buckets and the mix; training loss first -> last and max
-|activation| per site kind; preference pairs and DPO; the FP16 verdict; the export check; eval and gate results
+reason; dedup, review buckets and the mix; training loss first -> last, the records
+max_length truncated or cut to no answer, and max |activation| per site kind;
+preference pairs and DPO; the FP16 verdict; the export check; eval and gate results
 when those stages have run; where the data, model and plots are. A missing report
 prints "not run". Not a DVC stage: it only reads. `make run` ends with it.
 """
@@ -121,7 +122,8 @@ def train(_root, reports) -> list[str]:
     if t is None:
         return [_missing("train")]
     lines = [_row("train", f"{t.get('mode', '?')}, {t.get('global_step', '?')} steps, "
-                  f"loss {_num(t.get('first_loss'))} -> {_num(t.get('final_loss'))}")]
+                  f"loss {_num(t.get('first_loss'))} -> {_num(t.get('final_loss'))}"
+                  + _truncation(t.get("truncation"), "train"))]
     by_kind = (t.get("activation_loss") or {}).get("max_abs") or {
         kind: max((v for v in layers.values() if v is not None), default=None)
         for kind, layers in (reports["activations"] or {}).items()}
@@ -152,7 +154,8 @@ def preferences(_root, reports) -> list[str]:
     else:
         lines.append(_row("dpo", f"{d.get('global_step', '?')} steps on {d.get('pairs', '?')} pairs, reward "
                           f"margin {_num(d.get('margin_first'))} -> {_num(d.get('margin_last'))}, accuracy "
-                          f"{_num(d.get('accuracy_first'))} -> {_num(d.get('accuracy_last'))}"))
+                          f"{_num(d.get('accuracy_first'))} -> {_num(d.get('accuracy_last'))}"
+                          + _truncation(d.get("truncation"))))
     return lines
 
 
@@ -259,6 +262,16 @@ def _row(label: str, text: str) -> str:
 
 def _missing(name: str) -> str:
     return _row(name, f"not run (no {REPORTS[name]})")
+
+
+def _truncation(report: Any, split: str | None = None) -> str:
+    """'; max_length 1024: 3 truncated, 1 answer cut, 1 skipped' from a trainer's
+    `truncation` report ('' from a report written before there was one)."""
+    if not report:
+        return ""
+    counts = report[split] if split else report
+    return (f"; max_length {report['max_length']}: {counts['truncated']} truncated, "
+            f"{counts['answer_cut']} answer cut, {counts['skipped']} skipped")
 
 
 def _num(value: Any) -> str:

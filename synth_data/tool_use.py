@@ -33,7 +33,7 @@ from pipeline.chat_template import parse_tool_calls
 from pipeline.recipe import Section
 from pipeline.contract import make_record
 from pipeline.bfcl import (
-    CATALOGUE_FILES, IRRELEVANCE_FILES, bfcl_answers, bfcl_items, is_heldout,
+    CATALOGUE_FILES, HELDOUT_FRACTION, IRRELEVANCE_FILES, bfcl_answers, bfcl_items, is_heldout,
 )
 from pipeline.engines import sampling_for
 from synth_data.four_steps import first_failure, rejected_if_malformed, verdict
@@ -57,7 +57,7 @@ class Config(Section):
     max_parallel: int = Field(3, ge=2)
     distractors: int = Field(1, ge=0)  # extra tools in context that must not be called
     optional_p: float = Field(0.3, ge=0, le=1)  # chance an optional argument is set
-    heldout_fraction: float = Field(0.1, ge=0, lt=1)  # BFCL items never sampled
+    heldout_fraction: float = Field(HELDOUT_FRACTION, ge=0, lt=1)  # BFCL items never sampled
     n: int = Field(2, ge=1)  # answers per request
     temperature: float = 0.3
     max_tokens: int = Field(160, gt=0)

@@ -27,7 +27,7 @@ def qwen3_dir() -> Path | None:
 
 
 def gemma3_dir(build: bool = False) -> Path | None:
-    from pipeline.teacher import cache_root
+    from pipeline.model_paths import cache_root
 
     folder = cache_root() / "gemma-3-270m-tokenizer"
     if (folder / "tokenizer_config.json").is_file():

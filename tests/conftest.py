@@ -10,11 +10,26 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 import pytest  # noqa: E402
 
+# Bounds (seconds) for tests that carry a marker but no @pytest.mark.timeout of their
+# own; every other test has pyproject's `timeout`. A slow test trains or runs several
+# stages: on 2 shared cores the planted-outlier fixture (two 120-step trainings) took
+# over an hour. A proof run trains for up to two hours by design.
+MARKER_TIMEOUTS = {"proof": 6 * 3600, "slow": 4 * 3600}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            for marker, seconds in MARKER_TIMEOUTS.items():
+                if item.get_closest_marker(marker) is not None:
+                    item.add_marker(pytest.mark.timeout(seconds))
+                    break
+
 
 @pytest.fixture(scope="session")
 def teacher_dir():
     """The packaged SmolLM2-135M-Instruct as a plain model folder (materialised once)."""
-    from pipeline.teacher import teacher_path
+    from pipeline.model_paths import teacher_path
 
     return teacher_path()
 

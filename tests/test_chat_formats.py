@@ -30,7 +30,7 @@ CHATML_TURN = r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)"
 #        assistant-turn regex, renders tools). A tiny student would default to ChatML:
 #        "tokenizer" asks for the tokenizer's own template.
 CASES = {
-    "smollm2": (lambda: __import__("pipeline.teacher").teacher.teacher_path(), "tokenizer", CHATML_TURN, False),
+    "smollm2": (lambda: __import__("pipeline.model_paths").model_paths.teacher_path(), "tokenizer", CHATML_TURN, False),
     "qwen3": (qwen3_dir, "tokenizer", CHATML_TURN, True),
     "gemma3-base": (gemma3_dir, None, CHATML_TURN, True),
     "gemma3-it": (gemma3_dir, str(GEMMA3_IT), r"<start_of_turn>model\n(.*?<end_of_turn>)", False),
@@ -91,9 +91,12 @@ def data(tmp_path_factory):
 def prepared(name, folder, data_dir, tmp_path, on_bad_record="skip"):
     """The recipe's tokenizer, TRL's prepared train set and the skipped records, through
     load_tokenizer -> tokenize_conversations -> SFTTrainer (a tiny student)."""
+    from trl import SFTTrainer
+
     from pipeline.recipe import load_recipe
     from pipeline.student import load_student, load_tokenizer
-    from sft.train import load_conversations, make_trainer_class, sft_config, tokenize_conversations
+    from sft.train import load_conversations, sft_config, tokenize_conversations
+    from sft.trainer import with_activation_loss
 
     recipe = tiny_recipe(data_dir, tmp_path / "out", sft={"max_length": 1024})
     recipe["model"]["tokenizer"] = folder
@@ -104,7 +107,7 @@ def prepared(name, folder, data_dir, tmp_path, on_bad_record="skip"):
     tokenizer = load_tokenizer(recipe.model)
     train_set, skipped = tokenize_conversations(
         load_conversations(recipe.data.train, None), tokenizer, recipe)
-    trainer = make_trainer_class()(
+    trainer = with_activation_loss(SFTTrainer)(
         model=load_student(recipe.model, tokenizer), args=sft_config(recipe, tmp_path / "out"),
         train_dataset=train_set, processing_class=tokenizer)
     return tokenizer, trainer.train_dataset, skipped

@@ -18,6 +18,8 @@ from pipeline.records import read_json, read_jsonl
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 PIPELINES = ["table_qa", "doc_qa", "tool_use", "steerability", "needle", "chat"]
+# One `dvc repro` of the reduced recipe, from scratch, on 2 busy cores.
+REPRO_TIMEOUT_S = 2 * 3600
 
 
 def copy_repo(dest: Path) -> Path:
@@ -55,16 +57,17 @@ def reduced_recipe(repo: Path) -> Path:
     return path
 
 
-def dvc(repo: Path, *args: str) -> str:
+def dvc(repo: Path, *args: str, timeout: float = 120) -> str:
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
-    result = subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=env, capture_output=True, text=True)
+    result = subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=env, capture_output=True, text=True,
+                            timeout=timeout)
     assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result.stdout
 
 
 def repro(repo: Path) -> set[str]:
-    """Run `dvc repro`; return the stages that actually ran."""
-    return set(re.findall(r"Running stage '([^']+)'", dvc(repo, "repro")))
+    """Run `dvc repro` (bounded: a hung stage fails the test); return the stages that ran."""
+    return set(re.findall(r"Running stage '([^']+)'", dvc(repo, "repro", timeout=REPRO_TIMEOUT_S)))
 
 
 def changed_stages(repo: Path) -> set[str]:
@@ -73,6 +76,7 @@ def changed_stages(repo: Path) -> set[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2 * REPRO_TIMEOUT_S)  # a whole repro, a partial one, and checks
 def test_dvc_repro_runs_every_stage_and_conserves_counts(tmp_path):
     repo = copy_repo(tmp_path / "repo")
     recipe_path = reduced_recipe(repo)

@@ -13,7 +13,7 @@ from stage_outputs import needle_records
 
 from pipeline.contract import make_record
 from pipeline.records import read_jsonl, write_jsonl
-from synth_data.dedup import Decontaminator, dedup, find_duplicates, jaccard, normalise, record_text, shingles
+from synth_data.dedup import Decontaminator, dedup, find_duplicates
 
 BASE = ("The community garden opens on Saturday morning with free seedlings, a short talk on "
         "composting and a picnic for every volunteer who helped build the raised beds last spring.")
@@ -40,20 +40,27 @@ def test_exact_duplicates_ignore_case_punctuation_and_spacing(rec):
 
 
 def test_near_duplicates_are_found_and_distinct_texts_kept(rec):
+    # Counted by hand: "Write a note." + BASE is 3 + 29 = 32 words, so 28 word 5-grams,
+    # all distinct. Saturday -> Sunday (word 9) changes the 5 that hold it: 23 shared,
+    # 28 + 5 in the union, Jaccard 23 / 33.
     near = BASE.replace("Saturday", "Sunday")
     other = "Quarterly revenue grew by four percent while operating costs stayed flat across all regions."
     a, b = rec("a", BASE), rec("a", near)
-    sim = jaccard(*(shingles(normalise(record_text(r)), 5) for r in (a, b)))
-    assert 0.5 < sim < 1
-    found = find_duplicates([a, b, rec("a", other)], threshold=sim - 0.01)
+    assert len(BASE.split()) == 29 and BASE.split()[5] == "Saturday"
+    sim = 23 / 33
+    found = find_duplicates([a, b, rec("a", other)], threshold=0.69)
     assert found == {1: ("near_duplicate", 0, round(sim, 4))}
-    assert find_duplicates([a, b], threshold=min(1.0, sim + 0.05)) == {}
+    assert find_duplicates([a, b], threshold=0.70) == {}
 
 
 def test_decontamination_matches_ngrams_and_short_items_whole():
     d = Decontaminator(["What is the weather like in Boston today?", BASE], n=8)
-    assert d.match("Tell me: what is the weather like in Boston today, please") is not None
-    assert d.match("A picnic for every volunteer who helped build the raised beds.") is not None
+    # The 8-word item matches whole, case and punctuation aside.
+    assert d.match("Tell me: what is the weather like in Boston today, please") == \
+        "what is the weather like in boston today"
+    # The first 8 words of this text are 8 consecutive words of BASE.
+    assert d.match("A picnic for every volunteer who helped build the raised beds.") == \
+        "a picnic for every volunteer who helped build"
     assert d.match("The weather in Boston is mild.") is None
 
 

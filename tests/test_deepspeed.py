@@ -4,7 +4,6 @@ ZeRO-3 end where the same run in plain DDP (gloo) ends, and LoRA on every group 
 hybrid, routed experts included, trains under ZeRO-3 with its gradient check passing."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,17 +12,12 @@ import pytest
 from safetensors.torch import load_file
 
 from fixtures_chat import tiny_recipe, write_chat_data, write_recipe
+from pipeline.ports import free_port
 from pipeline.records import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 STEPS = {"max_steps": 6, "per_device_train_batch_size": 2, "max_length": 64}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch(recipe_path: Path, launcher: str = "torchrun") -> subprocess.CompletedProcess:

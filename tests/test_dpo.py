@@ -152,6 +152,40 @@ def test_dpo_keeps_the_planted_outlier_site_in_fp16_range(dpo_run):
     assert max(after, after_other) < FP16_MAX / 2
 
 
+@pytest.mark.slow
+def test_dpo_skips_and_counts_the_pairs_max_length_cuts(dpo_run, tmp_path):
+    """At a max_length some prompts fill alone, those pairs (which TRL would drop
+    without a word) are skipped and named; the rest train, their truncation counted.
+    Lengths come from the training template's render, not from the stage."""
+    from pipeline.recipe import load_recipe
+    from pipeline.student import load_tokenizer
+
+    root, recipe = dpo_run
+    pairs = read_jsonl(root / "prefs" / "pairs.jsonl")
+    tokenizer = load_tokenizer(load_recipe(recipe).model)
+
+    def tokens(pair, turns, **kwargs):
+        text = tokenizer.apply_chat_template(turns, tools=pair.get("tools"), tokenize=False, **kwargs)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    prompts = {p["id"]: tokens(p, p["prompt"], add_generation_prompt=True) for p in pairs}
+    limit = sorted(prompts.values())[len(pairs) // 2]
+    answer_cut = {i for i, n in prompts.items() if n >= limit}
+    truncated = {p["id"] for p in pairs
+                 if max(tokens(p, p["prompt"] + p[k]) for k in ("chosen", "rejected")) > limit}
+    assert 0 < len(answer_cut) < len(pairs)  # the test needs both kinds
+
+    out = tmp_path / "dpo"
+    assert posttrain(["dpo", str(recipe), "--sft", str(root / "sft" / "final"), "--pairs",
+                      str(root / "prefs" / "pairs.jsonl"), "--output-dir", str(out),
+                      "--set", f"dpo.max_length={limit}", "--set", "dpo.max_steps=1"]) == 0
+    metrics = read_json(out / "dpo_metrics.json")
+    cut = metrics["truncation"]
+    assert (cut["max_length"], cut["truncated"], cut["answer_cut"]) == (limit, len(truncated), len(answer_cut))
+    assert {e["id"] for e in cut["examples"]} == answer_cut and cut["skipped"] == len(answer_cut) <= 5
+    assert metrics["pairs"] == len(pairs) - len(answer_cut)
+
+
 def test_a_wrong_dpo_key_is_named(tmp_path, capsys):
     recipe = write_recipe(tmp_path / "r.yaml", model={"tiny": {}, "tokenizer": "teacher"},
                           dpo={"enabled": True, "beta": 0.1, "learning_rat": 1e-4})
@@ -186,7 +220,8 @@ def test_dpo_trains_under_deepspeed_zero2_with_2_cpu_processes(dpo_run, tmp_path
     from pathlib import Path
 
     from safetensors.torch import load_file
-    from test_deepspeed import ROOT, free_port
+    from pipeline.ports import free_port
+    from test_deepspeed import ROOT
 
     root, recipe = dpo_run
     out = tmp_path / "dpo"
@@ -200,9 +235,14 @@ def test_dpo_trains_under_deepspeed_zero2_with_2_cpu_processes(dpo_run, tmp_path
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     curve = read_json(out / "dpo_curve.json")
+    metrics = read_json(out / "dpo_metrics.json")
     # Four steps over different pairs on each rank: the margin need not rise yet (the
     # single-process test checks that); what must hold is that both ranks trained the
     # adapter, every adapted module got a gradient, and the adapter moved off SFT's.
+    # Two ranks share the pairs: an epoch is ceil(pairs / 2) steps of one pair per rank
+    # (one process alone would need `pairs` steps), so 4 steps are 4 / ceil(pairs / 2)
+    # epochs.
+    assert metrics["epoch"] == pytest.approx(4 / math.ceil(metrics["pairs"] / 2))
     assert [r["step"] for r in curve] == [2, 4]
     assert all(math.isfinite(r["rewards/margins"]) and r["activation_loss"] > 0 for r in curve)
     assert read_json(out / "lora_coverage.json")["no_gradient"] == []

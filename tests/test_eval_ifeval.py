@@ -14,7 +14,7 @@ import pytest
 from stage_outputs import needle_records
 
 from evals import ifeval
-from pipeline.ifeval_data import ifeval_items, ifeval_prompts
+from pipeline.ifeval_data import ifeval_data_file, ifeval_items, ifeval_prompts
 from pipeline.contract import make_record
 from pipeline.records import read_jsonl, write_jsonl
 from synth_data import steerability
@@ -23,8 +23,10 @@ from synth_data.dedup import Decontaminator
 
 @pytest.fixture(scope="module")
 def items():
-    """All 541 items, by IFEval key."""
-    return {it["key"]: it for it in ifeval.build_items(ifeval.Config(count=10_000), None, {})}
+    """All 541 items by IFEval key, read from Google's file as it ships, not through the
+    eval's own item builder."""
+    lines = ifeval_data_file().read_text(encoding="utf-8").splitlines()
+    return {it["key"]: it for it in (json.loads(line) for line in lines if line.strip())}
 
 
 # --------------------------------------------------------------------------- items
@@ -37,10 +39,12 @@ def test_the_data_is_ifevals_541_prompts_and_834_instructions():
 def test_items_are_a_seeded_sample_with_the_prompt_as_the_user_turn(items):
     cfg = ifeval.Config(count=16)
     first = ifeval.build_items(cfg, None, {})
-    assert first == ifeval.build_items(cfg, None, {}) and len(first) == 16
+    assert first == ifeval.build_items(cfg, None, {}) and len({it["key"] for it in first}) == 16
     assert first != ifeval.build_items(ifeval.Config(count=16, seed=1), None, {})
     for it in first:
-        assert it["messages"] == [{"role": "user", "content": items[it["key"]]["prompt"]}]
+        source = items[it["key"]]
+        assert it["messages"] == [{"role": "user", "content": source["prompt"]}]
+        assert (it["instruction_id_list"], it["kwargs"]) == (source["instruction_id_list"], source["kwargs"])
         assert it["id"] == f"ifeval/{it['key']}"
     assert len(items) == 541
 
@@ -73,7 +77,7 @@ def test_strict_and_loose_on_hand_written_answers(items, key, answer, strict, lo
 
 
 def test_metrics_count_prompts_and_instructions_separately(items):
-    chosen = [items[1001], items[1262], items[1051]]
+    chosen = [{**items[key], "id": f"ifeval/{key}"} for key in (1001, 1262, 1051)]  # as the eval passes them
     answers = ["Day one we sail to Tokyo.",  # its one instruction followed
                "<<Roads>>\n" + "A road cracks. " * 6 + "\n" + "A truck passes. " * 6 + "\nThe end.",
                # title yes, fewer than 5 sentences no (also without the first or last line)

@@ -11,7 +11,6 @@ import copy
 import json
 import os
 import shutil
-import socket
 import uuid
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 from stage_outputs import needle_records
 
 from pipeline.contract import read_records
+from pipeline.ports import free_port
 from pipeline.records import read_json, read_jsonl, write_jsonl
 from review import pull, push, server
 
@@ -26,12 +26,6 @@ pytestmark = pytest.mark.skipif(
     not (server.SERVER_VENV / "bin" / "python").exists(), reason=".venv-argilla missing: run `make setup`"
 )
 ARTIFACTS = Path(os.environ.get("POSTTRAIN_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "outputs" / "test-artifacts"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -332,11 +326,15 @@ def test_browser_reviewer_rejects_a_record_and_pull_sees_it(argilla, sdk, candid
     assert rej["id"] == shown["id"] and rej["reject_reason"] == "human_reject"
 
 
-def test_stopped_server_fails_fast_and_writes_nothing(argilla, candidates, tmp_path, capsys):
-    # Runs last: it stops the module's server, as a person running `review stop` would.
+def test_stopped_server_fails_fast_and_writes_nothing(candidates, tmp_path, capsys, monkeypatch):
+    # A server of its own, stopped as a person running `review stop` would: the module's
+    # server keeps serving the other tests, in whatever order they run.
     from review import cli
 
-    conn, state = argilla
+    state = tmp_path / "argilla-state"
+    conn = server.serve(state, port=free_port(), redis_port=free_port())
+    monkeypatch.setenv("ARGILLA_API_URL", conn.api_url)
+    monkeypatch.setenv("ARGILLA_API_KEY", conn.api_key)
     assert server.stop(state) == ["worker", "server", "redis"]
     inputs = write_inputs(tmp_path, candidates(2))
     out = tmp_path / "review"

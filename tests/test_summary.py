@@ -65,6 +65,9 @@ def test_summary_of_a_real_run_fits_a_screen_and_carries_the_key_numbers(tmp_pat
     assert f"{dedup['input']} in, {dedup['kept']} kept" in text
     assert f"train {mix['train']}, eval {mix['eval']}, unused {mix['unused']}" in text
     assert f"2 steps, loss {train['first_loss']:.4g} -> {train['final_loss']:.4g}" in text
+    cut = train["truncation"]
+    assert (f"max_length {cut['max_length']}: {cut['train']['truncated']} truncated, "
+            f"{cut['train']['answer_cut']} answer cut, {cut['train']['skipped']} skipped") in text
     for kind, value in train["activation_loss"]["max_abs"].items():
         assert f"{kind} {value:.4g}" in text
     verdict = "fp16-safe" if audit["fp16_safe"] else "NOT fp16-safe"

@@ -144,12 +144,9 @@ def test_openai_engine_asks_the_server_to_continue_an_answer_prefix():
 
 
 def test_unreachable_server_fails_with_one_error_naming_the_endpoint_and_keeps_finished_items(tmp_path):
-    import socket
+    from pipeline.ports import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens here once closed
-    url = f"http://127.0.0.1:{port}/v1"
+    url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
     engine = CachedEngine(OpenAIEngine(url, "m", max_retries=2, backoff_s=0.01), tmp_path, progress=False)
     done = engine.key([{"role": "user", "content": "done"}], None, Sampling())
     engine.entries[done] = [{"text": "cached", "tokens": 1, "finish_reason": "stop"}]
@@ -212,13 +209,19 @@ def test_bad_pipeline_key_is_named_before_the_teacher_loads(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_every_recipe_generate_section_validates():
-    from synth_data.four_steps import validate_generate_section
+def test_every_shipped_recipe_gives_each_pipeline_the_values_it_wrote():
+    """What `posttrain generate` does first (four_steps.validate_config): every
+    recipe's generate.<pipeline> section passes, and each value the recipe writes is
+    the value the pipeline's Config holds."""
+    from synth_data.four_steps import validate_config
 
+    sections = 0
     for path in sorted((ROOT / "recipes").glob("*.yaml")):
-        recipe = load_recipe(path)
-        if "generate" in recipe.raw:
-            validate_generate_section(recipe)
+        for name, written in (load_recipe(path).raw.get("generate") or {}).items():
+            held = validate_config(name, written, path).model_dump()
+            assert {key: held[key] for key in written} == written, (path.name, name)
+            sections += 1
+    assert sections >= 6  # the tiny recipe alone configures all six pipelines
 
 
 # ----------------------------------------------------------------- kill/resume

@@ -1,6 +1,7 @@
 """SFT of the tiny hybrid through `posttrain train`: loss goes down (full and LoRA),
 only assistant tokens are trained, a run resumes to the state of an uninterrupted one,
-and bad recipes fail at once, naming the key and the file, writing nothing."""
+no record trains silently cut by max_length, and bad recipes fail at once, naming the
+key and the file, writing nothing."""
 
 import re
 import subprocess
@@ -62,9 +63,12 @@ def test_lora_on_every_group_trains_and_reports_coverage(tmp_path, data_dir):
 def test_only_assistant_turns_are_trained(tmp_path, data_dir):
     """Labels are -100 exactly outside the assistant turns of the rendered template;
     every assistant token, its tool calls and its closing <|im_end|> are trained."""
+    from trl import SFTTrainer
+
     from pipeline.recipe import load_recipe
     from pipeline.student import load_student, load_tokenizer
-    from sft.train import load_conversations, make_trainer_class, sft_config, tokenize_conversations
+    from sft.train import load_conversations, sft_config, tokenize_conversations
+    from sft.trainer import with_activation_loss
 
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(data_dir, tmp_path / "out"))
     recipe = load_recipe(path)
@@ -72,7 +76,7 @@ def test_only_assistant_turns_are_trained(tmp_path, data_dir):
     train_set, skipped = tokenize_conversations(
         load_conversations(recipe.data.train, None), tokenizer, recipe)
     assert skipped == []
-    trainer = make_trainer_class()(
+    trainer = with_activation_loss(SFTTrainer)(
         model=load_student(recipe.model, tokenizer), args=sft_config(recipe, tmp_path / "out"),
         train_dataset=train_set, processing_class=tokenizer,
     )
@@ -159,3 +163,78 @@ def test_a_bad_recipe_fails_at_once_naming_key_and_file(tmp_path, data_dir, case
     assert error and str(path) in run.stderr and message in run.stderr, run.stderr[-2000:]
     assert "Traceback" not in run.stderr
     assert set(tmp_path.iterdir()) == before and not out.exists()
+
+
+# ------------------------------------------------------------------ max_length
+TURN_RE = r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)"
+
+
+def length_and_answer_start(tokenizer, record):
+    """(tokens, index of the first answer token) of a record in the training template,
+    found from the rendered text's assistant turns, not from the trainer's masks."""
+    text = tokenizer.apply_chat_template(record["messages"], tools=record.get("tools"), tokenize=False)
+    spans = [m.span(1) for m in re.finditer(TURN_RE, text, re.DOTALL)]
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    inside = [i for i, (start, end) in enumerate(encoded["offset_mapping"])
+              if any(a <= start and end <= b for a, b in spans)]
+    return len(encoded["input_ids"]), inside[0]
+
+
+@pytest.fixture(scope="module")
+def long_data(tmp_path_factory):
+    """Real needle records (the needle stage's output) at 512 and 1,024 tokens among the
+    short chat records, and a max_length that truncates every needle record: the 512
+    ones keep part of their answer, the 1,024 ones keep none of it."""
+    from stage_outputs import needle_records
+
+    from fixtures_chat import chat_records
+    from pipeline.recipe import ModelSection
+    from pipeline.records import write_jsonl
+    from pipeline.student import load_tokenizer
+
+    folder = tmp_path_factory.mktemp("long")
+    short = needle_records(folder / "n512", 3, length_buckets=(512,))
+    long = needle_records(folder / "n1024", 2, length_buckets=(1024,), seed=1)
+    chat = chat_records(8)
+    write_jsonl(folder / "train.jsonl", short + chat + long)
+    tokenizer = load_tokenizer(ModelSection(**tiny_recipe(folder, folder / "out")["model"]))
+    sizes = {r["id"]: length_and_answer_start(tokenizer, r) for r in short + chat + long}
+    limit = max(sizes[r["id"]][1] for r in short) + 1
+    truncated = {i for i, (n, _) in sizes.items() if n > limit}
+    answer_cut = {i for i, (_, start) in sizes.items() if start >= limit}
+    # What the test needs of the data: every needle record cut, the long ones wholly.
+    assert truncated == {r["id"] for r in short + long} and answer_cut == {r["id"] for r in long}
+    return folder, limit, truncated, answer_cut, len(sizes)
+
+
+@pytest.mark.slow
+def test_records_max_length_cuts_are_counted_and_none_trains_empty(tmp_path, long_data, capsys):
+    """Packed, as the default recipe trains (where TRL itself keeps a record cut to no
+    answer as an empty sequence): records whose answer lies past max_length are
+    skipped and named, truncated ones train on what fits (data.on_truncated: keep),
+    or are skipped (skip), or stop the run naming them (error)."""
+    folder, limit, truncated, answer_cut, total = long_data
+    sft = {"max_length": limit, "max_steps": 2, "packing": True, "per_device_train_batch_size": 1}
+
+    kept = read_json(train(tmp_path, folder, "keep", sft=sft) / "train_metrics.json")
+    cut = kept["truncation"]
+    assert (cut["max_length"], cut["on_truncated"]) == (limit, "keep")
+    assert cut["train"] == {"truncated": len(truncated), "answer_cut": len(answer_cut), "skipped": len(answer_cut)}
+    assert {e["id"] for e in cut["examples"]} == answer_cut
+    assert all(e["reason"].startswith("answer_cut") for e in cut["examples"])
+    assert kept["train_samples"] == total - len(answer_cut)
+
+    skipping = tiny_recipe(folder, tmp_path / "skip", sft=sft)
+    skipping["data"]["on_truncated"] = "skip"
+    assert cli(["train", str(write_recipe(tmp_path / "skip.yaml", skipping))]) == 0
+    skipped = read_json(tmp_path / "skip" / "train_metrics.json")
+    assert skipped["truncation"]["train"]["skipped"] == len(truncated)
+    assert skipped["train_samples"] == total - len(truncated)
+
+    capsys.readouterr()
+    skipping["data"]["on_truncated"] = "error"
+    assert cli(["train", str(write_recipe(tmp_path / "error.yaml", skipping))]) == 2
+    err = capsys.readouterr().err
+    partly = truncated - answer_cut  # answer_cut records are skipped whatever the setting
+    assert f"{len(partly)} record(s) longer than max_length {limit}" in err
+    assert "data.on_truncated" in err and all(i in err for i in partly)

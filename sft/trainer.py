@@ -1,0 +1,188 @@
+"""What the training stages share: SFT (sft/train.py) and DPO (sft/dpo.py) today, GRPO
+when it lands. Each stage module reads top to bottom and calls these pieces:
+
+  training_args(ConfigClass, recipe, "sft", ...)  TRL's config from the recipe's section
+  fit_to_max_length(...)                          what max_length cuts: counted, skipped
+  build_trainer(TrainerClass, recipe, model, ...) the trainer + activation loss + LoRA check
+  save(trainer, tokenizer, folder)                the model or adapter + tokenizer
+  finish(trainer)                                 hooks off, process group down
+
+The activation loss enters through a mixin on TRL's own trainer class
+(`with_activation_loss(SFTTrainer)`, DPOTrainer, GRPOTrainer): every transformers
+Trainer computes its loss in `compute_loss(model, inputs, return_outputs,
+num_items_in_batch)`, so adding the term there works for all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.recipe import Recipe, RecipeError
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------ arguments
+def training_args(config_class, recipe: Recipe, section: str, output_dir: Path,
+                  defaults: dict[str, Any], forced: dict[str, Any] | None = None):
+    """`config_class` (trl.SFTConfig, DPOConfig, ...) from the recipe's `section`: our
+    defaults, then the recipe's fields (which win), then `forced` fields."""
+    on_gpu = torch.cuda.is_available()
+    fields: dict[str, Any] = {
+        "bf16": on_gpu,
+        "report_to": "none",
+        "save_strategy": "no",
+        "seed": recipe.model.seed,
+        **defaults,
+        **getattr(recipe, section),
+        "output_dir": str(output_dir),
+        **(forced or {}),
+    }
+    if (fields.get("deepspeed") or int(os.environ.get("WORLD_SIZE", "1")) > 1) and not on_gpu:
+        # DeepSpeed on CPU trains only with use_cpu=True (else a batch-size assertion
+        # or a gloo allgather error). Plain DDP under torchrun without it
+        # runs unsynchronised copies (every rank its own model and full data).
+        fields["use_cpu"] = True
+    if fields.get("gradient_checkpointing"):
+        # Reentrant checkpointing recomputes without grad: hook-stored activations then
+        # carry no gradient and the activation loss silently does nothing.
+        kwargs = dict(fields.get("gradient_checkpointing_kwargs") or {})
+        if kwargs.get("use_reentrant") and recipe.activation_loss.alpha > 0:
+            raise RecipeError(
+                f"recipe {recipe.path}: {section}.gradient_checkpointing_kwargs.use_reentrant: true "
+                "drops the activation loss's gradient; use use_reentrant: false"
+            )
+        kwargs["use_reentrant"] = False
+        fields["gradient_checkpointing_kwargs"] = kwargs
+    return config_class(**fields)
+
+
+# ----------------------------------------------------------------- max_length
+def fit_to_max_length(items, max_length: int | None, on_truncated: str, where: str):
+    """Which records train under `max_length`, so that none trains silently cut.
+
+    `items` yields (id, length in tokens or None when only known to be longer,
+    answer tokens left within max_length) per record. A record with no answer token
+    left would train on nothing: it is always skipped. A record that keeps part of its
+    answer follows `on_truncated` (data.on_truncated): keep (train on what fits, as
+    TRL does), skip, or error. Returns (keep flags, report); the report counts
+    `truncated` (every record longer than max_length) and, of those, `answer_cut`, and
+    lists each skipped record's id and reason."""
+    keep, skipped, too_long, truncated = [], [], [], 0
+    for label, length, answer_left in items:
+        if max_length is None or (length is not None and length <= max_length):
+            keep.append(True)
+            continue
+        truncated += 1
+        size = f"{length} tokens" if length is not None else "longer"
+        if answer_left == 0:
+            skipped.append({"id": label, "reason": f"answer_cut: no answer token within max_length "
+                                                   f"{max_length} ({size})"})
+        elif on_truncated == "skip":
+            skipped.append({"id": label, "reason": f"truncated: {size} > max_length {max_length}"})
+        elif on_truncated == "error":
+            too_long.append(f"{label} ({size})")
+        keep.append(answer_left > 0 and on_truncated == "keep")
+    if too_long:
+        raise RecipeError(
+            f"{where}: {len(too_long)} record(s) longer than max_length {max_length}: "
+            f"{', '.join(too_long[:5])}{' and more' if len(too_long) > 5 else ''}. Raise max_length, or "
+            "set data.on_truncated: keep (train on what fits) or skip (leave them out)")
+    answer_cut = sum(s["reason"].startswith("answer_cut") for s in skipped)
+    if truncated:
+        log.warning("%s: %d of %d records are longer than max_length %d: %d with no answer token left "
+                    "(skipped), %d %s (data.on_truncated: %s)", where, truncated, len(keep), max_length,
+                    answer_cut, truncated - answer_cut,
+                    "trained truncated" if on_truncated == "keep" else "skipped", on_truncated)
+    return keep, {"truncated": truncated, "answer_cut": answer_cut, "skipped": skipped}
+
+
+# -------------------------------------------------------------------- trainer
+class ActivationLossMixin:
+    """Put before a transformers Trainer class (TRL's SFTTrainer, DPOTrainer,
+    GRPOTrainer): adds the activation-loss term to its loss (a no-op when the penalty
+    is None). The term comes from the training forward whose outputs the hooks stored
+    (a no-grad forward, such as DPO's reference or GRPO's generation, stores none)."""
+
+    def __init__(self, *args, activation_loss=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.activation_loss = activation_loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # Outputs only when asked: TRL then recomputes the logits in an extra no-grad
+        # forward, which would also overwrite the activations the hooks stored.
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+        loss, outputs = result if return_outputs else (result, None)
+        if self.activation_loss is not None and model.training:
+            term = self.activation_loss.term(self.state.global_step)
+            if term is not None:
+                loss = loss + term
+        return (loss, outputs) if return_outputs else loss
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # transformers' Trainer reads a full checkpoint back with a plain, non-strict
+        # load_state_dict, but save_pretrained wrote it in the hub layout (one tensor
+        # per MoE expert, where the model holds them fused): the experts silently
+        # kept their initial weights on resume (huggingface/transformers#48805).
+        # from_pretrained applies the layout conversion; copy its weights in.
+        from transformers import PreTrainedModel
+
+        model = self.model if model is None else model
+        if self.is_fsdp_enabled or not isinstance(model, PreTrainedModel):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        saved = type(model).from_pretrained(resume_from_checkpoint, config=model.config)
+        model.load_state_dict(saved.state_dict())  # strict: every weight is restored
+
+
+def with_activation_loss(trainer_class: type) -> type:
+    """`trainer_class` with ActivationLossMixin in front."""
+    return type(f"Hybrid{trainer_class.__name__}", (ActivationLossMixin, trainer_class), {})
+
+
+def build_trainer(trainer_class: type, recipe: Recipe, model, coverage: dict[str, Any] | None, **kwargs):
+    """`trainer_class` with the recipe's activation loss (none at alpha 0) and, for
+    LoRA (`coverage` from sft.lora.build_lora_config), the first-step gradient check;
+    the penalty's hooks go on the model as the trainer wrapped it (PEFT, DeepSpeed).
+    `kwargs` are the trainer's own (args, datasets, processing_class, peft_config, ...)."""
+    callbacks = []
+    if coverage is not None:
+        from sft.lora import GradientCoverageCallback
+
+        callbacks.append(GradientCoverageCallback(coverage))
+    penalty = None
+    if recipe.activation_loss.alpha > 0:
+        from activation_loss.term import ActivationLoss, ActivationLossCallback
+
+        # Sites are found on the model being trained: a DPO reference is frozen, not penalised.
+        penalty = ActivationLoss(model, recipe.activation_loss)
+        callbacks.append(ActivationLossCallback(penalty))
+    trainer = with_activation_loss(trainer_class)(
+        model=model, callbacks=callbacks, activation_loss=penalty, **kwargs)
+    if penalty is not None:
+        penalty.attach(trainer.model)
+    return trainer
+
+
+# --------------------------------------------------------------- save, finish
+def save(trainer, tokenizer, final_dir: Path) -> None:
+    """The trained model or adapter (every rank takes part: ZeRO-3 gathers the shards),
+    and the tokenizer with the template it trained in (rank zero)."""
+    trainer.save_model(str(final_dir))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(final_dir)
+
+
+def finish(trainer) -> None:
+    if trainer.activation_loss is not None:
+        trainer.activation_loss.detach()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # ZeRO-3 under the deepspeed launcher exits 250 unless the group is destroyed.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
