@@ -41,6 +41,7 @@ from pipeline.contract import make_record
 from pipeline.bfcl import (
     CATALOGUE_FILES, IRRELEVANCE_FILES, bfcl_answers, bfcl_items, is_heldout,
 )
+from pipeline import sources
 from pipeline.engines import sampling_for
 from synth_data.four_steps import first_failure, rejected_if_malformed, verdict
 
@@ -80,6 +81,10 @@ class Config(Section):
     # code's, so every call set with a valid request yields a record and the teacher's
     # wrong answers remain as rejected samples (preference pairs).
     answers: Literal["teacher", "code", "auto"] = "teacher"
+    # Call sets whose record (tools, request, calls; in student tokens as trained) would
+    # be longer are not sampled: a few BFCL items offer dozens of functions, more than
+    # the teacher's 4K window and costly to train on. None = no limit.
+    max_record_tokens: int | None = Field(None, gt=0)
     n: int = Field(2, ge=1)  # teacher answers per request
     temperature: float = 0.3
     max_tokens: int = Field(160, gt=0)
@@ -240,12 +245,20 @@ def sample_prompts(cfg: Config, rng: random.Random) -> list[dict[str, Any]]:
         others = [n for n in names if n not in used]
         in_context = offered + [cat[n]["function"] for n in rng.sample(others, min(cfg.distractors, len(others)))]
         rng.shuffle(in_context)
-        prompts.append({
-            "id": pid, "kind": kind, **prompt,
-            "calls": [{"name": tool_name(c["name"]), "arguments": c["arguments"]} for c in calls],
-            "tools": [openai_tool(fn) for fn in in_context],
-        })
+        prompt.update(id=pid, kind=kind, tools=[openai_tool(fn) for fn in in_context],
+                      calls=[{"name": tool_name(c["name"]), "arguments": c["arguments"]} for c in calls])
+        if cfg.max_record_tokens and _record_tokens(prompt) > cfg.max_record_tokens:
+            continue
+        prompts.append(prompt)
     return prompts
+
+
+def _record_tokens(prompt: dict[str, Any]) -> int:
+    """The tokens of the record this call set becomes (the stated request stands in for
+    one still to be written)."""
+    request = prompt.get("request") or stated_request(prompt["calls"], prompt["tools"])
+    return sources.conversation_tokens([{"role": "user", "content": request},
+                                {"role": "assistant", "content": code_answer(prompt["calls"])}], prompt["tools"])
 
 
 @functools.cache

@@ -158,6 +158,20 @@ def test_bfcl_requests_are_items_outside_the_heldout_slice_with_their_ground_tru
         assert tu.match_calls(tu.code_answer(p["calls"]), p["calls"], p["tools"]) is None
 
 
+def test_call_sets_whose_record_would_exceed_max_record_tokens_are_not_sampled():
+    from pipeline.sources import conversation_tokens
+
+    cfg = tu.Config(count=60, seed=5, requests="bfcl", max_record_tokens=600, mix={"multiple": 1.0})
+    prompts = tu.sample_prompts(cfg, random.Random(5))
+    assert 0 < len(prompts) < 60  # multiple-call items are long: some are left out
+    for p in prompts:
+        record = [{"role": "user", "content": p["request"]},
+                  {"role": "assistant", "content": "", "tool_calls": [
+                      {"type": "function", "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}}
+                      for c in p["calls"]]}]
+        assert conversation_tokens(record, p["tools"]) <= 600
+
+
 class ScriptedTeacher:
     """A stand-in engine that writes the given request texts, in turn, and answers
     every request with plain text (no call)."""
