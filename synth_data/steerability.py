@@ -23,8 +23,8 @@ from pydantic import Field
 
 from pipeline.recipe import Section
 from pipeline.contract import make_record
-from synth_data.constraints import CONSTRAINTS, check, describe, sample_constraints, words
-from pipeline.engines import Sampling, sampling_for
+from synth_data.constraints import CONSTRAINTS, check, describe, edit, sample_constraints, words
+from pipeline.engines import Completion, Sampling, sampling_for
 from synth_data.four_steps import candidate, first_failure, rejected_if_malformed, verdict
 
 NAME = "steerability"
@@ -59,6 +59,13 @@ class Config(Section):
     n: int = Field(4, ge=1)  # samples per prompt (rejection sampling)
     keep_per_prompt: int = Field(1, ge=1)  # passing samples kept per prompt
     scorer: Literal["first", "concise"] = "first"  # ranks passing samples
+    # Drafting requests end "Keep it short.": a 135M teacher asked for a document
+    # otherwise runs past max_tokens on ~40 % of samples (rejected as truncated).
+    short_drafts: bool = False
+    # Drafts the teacher finished get constraints.EDITS (case, wrapping quotes, a fixed
+    # opening or closing phrase) before the validators judge them; meta.format_edits
+    # names what code changed. The 135M teacher almost never ends with a given phrase.
+    format_edits: bool = False
     # None = the recipe's teacher.sampling value
     temperature: float | None = 0.9
     max_tokens: int | None = 200
@@ -72,8 +79,8 @@ SCORERS: dict[str, Callable[[dict[str, Any]], float]] = {
 }
 
 
-def _request(doc: str, topic: str) -> str:
-    return f"Write {doc} about {topic}."
+def _request(doc: str, topic: str, short: bool = False) -> str:
+    return f"Write {doc} about {topic}." + (" Keep it short." if short else "")
 
 
 def _user_turn(request: str, constraints: list[dict[str, Any]]) -> str:
@@ -95,13 +102,13 @@ def sample_prompts(cfg: Config, rng: random.Random) -> list[dict[str, Any]]:
         k = rng.randint(cfg.min_constraints, max(cfg.min_constraints, cfg.max_constraints))
         doc, topic = rng.choice(DOC_TYPES), rng.choice(TOPICS)
         prompts.append({"id": f"steer-{cfg.seed}-{i}", "variant": "single",
-                        "requests": [_request(doc, topic)],
+                        "requests": [_request(doc, topic, cfg.short_drafts)],
                         "constraints": sample_constraints(rng, k, cfg.kinds)})
     for i in range(cfg.conversations):
         shared = sample_constraints(rng, 1, cfg.kinds)
         pairs = rng.sample([(d, t) for d in DOC_TYPES for t in TOPICS], cfg.turns)
         prompts.append({"id": f"steer-sys-{cfg.seed}-{i}", "variant": "system",
-                        "requests": [_request(d, t) for d, t in pairs], "constraints": shared})
+                        "requests": [_request(d, t, cfg.short_drafts) for d, t in pairs], "constraints": shared})
     return prompts
 
 
@@ -110,10 +117,19 @@ def _sampling(engine, cfg: Config) -> Sampling:
     return sampling_for(engine, temperature=cfg.temperature, max_tokens=cfg.max_tokens, n=cfg.n, seed=cfg.seed)
 
 
-def _meta(p: dict[str, Any], engine, sampling: Sampling, sample: int) -> dict[str, Any]:
+def _meta(p: dict[str, Any], engine, sampling: Sampling, sample: int, edits: list[str]) -> dict[str, Any]:
     return {"seed_id": p["id"], "variant": p["variant"], "constraints": p["constraints"],
             "teacher": engine.model, "engine": engine.name,
-            "sampling": dataclasses.asdict(sampling), "sample": sample}
+            "sampling": dataclasses.asdict(sampling), "sample": sample,
+            "answer_source": "teacher+code_edits" if edits else "teacher", "format_edits": edits}
+
+
+def _edited(sample: Completion, constraints: list[dict[str, Any]], cfg: Config) -> tuple[Completion, list[str]]:
+    """The sample after format_edits (never a cut-off one: it stays rejected as truncated)."""
+    if not cfg.format_edits or sample.finish_reason == "length":
+        return sample, []
+    text, edits = edit(constraints, sample.text)
+    return (dataclasses.replace(sample, text=text) if edits else sample), edits
 
 
 def generate(prompts: list[dict[str, Any]], engine, cfg: Config) -> list[dict[str, Any]]:
@@ -122,12 +138,15 @@ def generate(prompts: list[dict[str, Any]], engine, cfg: Config) -> list[dict[st
     convs = [[{"role": "user", "content": _user_turn(p["requests"][0], p["constraints"])}] for p in single]
     out = []
     for p, conv, samples in zip(single, convs, engine.chat(convs, sampling)):
-        out += [candidate(conv, c, _meta(p, engine, sampling, j)) for j, c in enumerate(samples)]
+        for j, sample in enumerate(samples):
+            sample, edits = _edited(sample, p["constraints"], cfg)
+            out.append(candidate(conv, sample, _meta(p, engine, sampling, j, edits)))
 
     # System variant: one candidate per conversation, built turn by turn.
     system = [p for p in prompts if p["variant"] == "system"]
     threads = [[{"role": "system", "content": _system_turn(p["constraints"][0])}] for p in system]
     last: list[Any] = [None] * len(system)
+    edits: list[list[str]] = [[] for _ in system]  # every turn's format edits, in order
     live = list(range(len(system)))
     for turn in range(cfg.turns):
         for i in live:
@@ -136,16 +155,18 @@ def generate(prompts: list[dict[str, Any]], engine, cfg: Config) -> list[dict[st
         still = []
         for i, samples in zip(live, answers):
             c = system[i]["constraints"][0]
-            good = [s for s in samples if s.finish_reason != "length" and check(c["kind"], c["args"], s.text.strip())]
-            last[i] = (good or samples)[0]
+            samples = [_edited(s, system[i]["constraints"], cfg) for s in samples]
+            good = [(s, e) for s, e in samples if s.finish_reason != "length" and check(c["kind"], c["args"], s.text.strip())]
+            last[i], turn_edits = (good or samples)[0]
+            edits[i] += turn_edits
             threads[i].append({"role": "assistant", "content": last[i].text})
             if good:
                 still.append(i)  # a turn nobody followed ends the conversation here
         live = still
-    for p, thread, final in zip(system, threads, last):
+    for p, thread, final, made in zip(system, threads, last, edits):
         if final is None:  # turns=0 cannot happen (Config), but keep the invariant
             continue
-        out.append(candidate(thread[:-1], final, _meta(p, engine, sampling, 0)))
+        out.append(candidate(thread[:-1], final, _meta(p, engine, sampling, 0, made)))
     return out
 
 

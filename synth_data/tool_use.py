@@ -9,11 +9,17 @@ decontaminates against their questions.
 
 (i)   sample_prompts: call sets (one call; parallel calls of one function; calls across
       functions) and irrelevance cases (BFCL irrelevance requests, no tool fits)
-(ii)  generate: the teacher writes the user request for each call set, then answers it
-      as a function-calling assistant with the tools (plus distractors) in context
-(iii) validate: parsed calls == sampled calls (order-insensitive, values normalised by
-      schema type); irrelevance: no call
+(ii)  generate: the user request for each call set (`requests`: the teacher writes it
+      from the calls, or rewrites in a user's words a request that code stated from the
+      function's description and the values; best of `request_n`), then the answer
+      (`answers`: the teacher's, as a function-calling assistant with the tools plus
+      distractors in context; or the sampled calls themselves, built by code; or both)
+(iii) validate: the request states every value; parsed calls == sampled calls
+      (order-insensitive, values normalised by schema type); irrelevance: no call
 (iv)  post_edit: calls as structured `tool_calls` with schema-typed arguments
+
+Every record's meta says who made it: `request_source` (teacher, paraphrase, or bfcl
+for BFCL's own irrelevance questions) and `answer_source` (teacher or code).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import json
 import random
 import re
 from collections import Counter
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -35,6 +41,7 @@ from pipeline.contract import make_record
 from pipeline.bfcl import (
     CATALOGUE_FILES, HELDOUT_FRACTION, IRRELEVANCE_FILES, bfcl_answers, bfcl_items, is_heldout,
 )
+from pipeline import sources
 from pipeline.engines import sampling_for
 from synth_data.four_steps import first_failure, rejected_if_malformed, verdict
 
@@ -58,11 +65,44 @@ class Config(Section):
     distractors: int = Field(1, ge=0)  # extra tools in context that must not be called
     optional_p: float = Field(0.3, ge=0, le=1)  # chance an optional argument is set
     heldout_fraction: float = Field(HELDOUT_FRACTION, ge=0, lt=1)  # BFCL items never sampled
-    n: int = Field(2, ge=1)  # answers per request
+    # Who writes a call set's request. teacher: from the calls. paraphrase: code states
+    # the request from the function's description and the values, and the teacher
+    # rewrites it as a user would (a 135M teacher rewrites a sentence far more often
+    # than it writes one from a call list). Either way the validator checks that the
+    # request states every value.
+    # bfcl: the call set and its request are a BFCL item's own (its question and its
+    # ground-truth calls), from the items outside the held-out slice whose functions
+    # are all in the catalogue: real user requests, seeds the eval never uses.
+    requests: Literal["teacher", "paraphrase", "bfcl"] = "teacher"
+    request_n: int = Field(1, ge=1)  # request samples per call set; the first stating every value is used
+    # Who writes a call set's answer. teacher: the teacher's answers, kept when their calls
+    # match. code: the sampled calls themselves (correct by construction; irrelevance
+    # requests are still answered by the teacher). auto: the teacher's answers plus the
+    # code's, so every call set with a valid request yields a record and the teacher's
+    # wrong answers remain as rejected samples (preference pairs).
+    answers: Literal["teacher", "code", "auto"] = "teacher"
+    # Call sets whose record (tools, request, calls; in student tokens as trained) would
+    # be longer are not sampled: a few BFCL items offer dozens of functions, more than
+    # the teacher's 4K window and costly to train on. None = no limit.
+    max_record_tokens: int | None = Field(None, gt=0)
+    n: int = Field(2, ge=1)  # teacher answers per request
     temperature: float = 0.3
     max_tokens: int = Field(160, gt=0)
     request_max_tokens: int = Field(80, gt=0)
     seed: int = 0
+
+
+def plain(option: Any) -> Any:
+    """A value from a BFCL ground-truth option: a dict option holds option lists of its
+    own (its keys' first non-empty option is taken; a key with none is left out)."""
+    if not isinstance(option, dict):
+        return option
+    out = {}
+    for key, options in option.items():
+        value = next((plain(o) for o in options if o != ""), None) if isinstance(options, list) else options
+        if value is not None:
+            out[key] = value
+    return out
 
 
 @functools.cache
@@ -84,20 +124,35 @@ def catalogue(fraction: float) -> dict[str, dict[str, Any]]:
             for call in answers.get(item["id"], []):
                 for name, args in call.items():
                     for param, options in args.items():
-                        value = next((o for o in options if o != ""), None)
+                        value = next((plain(o) for o in options if o != ""), None)
                         if value is not None and value not in pools.setdefault(name, {}).setdefault(param, []):
                             pools[name][param].append(value)
-    return {
-        name: {"function": fn, "pool": pools.get(name, {})}
-        for name, fn in sorted(functions.items()) if name not in banned
-    }
+    out = {}
+    for name, fn in sorted(functions.items()):
+        if name in banned:
+            continue
+        # Some ground-truth values break their own schema (0.5 for an integer): never sampled.
+        props = openai_tool(fn)["function"]["parameters"].get("properties", {})
+        pool = {param: [v for v in values if _fits(v, props.get(param))]
+                for param, values in pools.get(name, {}).items()}
+        out[name] = {"function": fn, "pool": pool}
+    return out
+
+
+def _fits(value: Any, spec: dict[str, Any] | None) -> bool:
+    try:
+        normalise(value, spec)
+        return True
+    except TypeMismatch:
+        return False
 
 
 # ----------------------------------------------------------- sampling assignments
 def sample_value(spec: dict[str, Any], pool: list[Any], rng: random.Random) -> Any:
     """A valid value for one parameter, or None when none can be made up honestly."""
     if spec.get("enum"):
-        return rng.choice(spec["enum"])
+        # BFCL puts an array's item choices on the array itself.
+        return [rng.choice(spec["enum"])] if spec.get("type") == "array" else rng.choice(spec["enum"])
     if pool:
         return rng.choice(pool)
     kind = spec.get("type")
@@ -157,29 +212,87 @@ def sample_prompts(cfg: Config, rng: random.Random) -> list[dict[str, Any]]:
     irrelevant = [it for f in IRRELEVANCE_FILES for it in bfcl_items(f)
                   if not is_heldout(it["id"], cfg.heldout_fraction)]
     kinds, weights = zip(*[(k, w) for k, w in cfg.mix.items() if w > 0])
+    # BFCL items in a seeded order per kind, taken in turn: no item repeats before all are used.
+    pools = {"irrelevance": irrelevant, **(bfcl_call_sets(cfg.heldout_fraction) if cfg.requests == "bfcl" else {})}
+    queues, taken = {k: rng.sample(v, len(v)) for k, v in pools.items()}, Counter()
+
+    def next_item(kind: str):
+        taken[kind] += 1
+        return queues[kind][(taken[kind] - 1) % len(queues[kind])]
+
     prompts = []
     for i in range(cfg.count):
         kind = rng.choices(kinds, weights)[0]
         pid = f"tool-{cfg.seed}-{i}"
         if kind == "irrelevance":
-            item = rng.choice(irrelevant)
+            item = next_item(kind)
             prompts.append({"id": pid, "kind": kind, "source": item["id"], "calls": [],
                             "request": item["question"][0][-1]["content"],
                             "tools": [openai_tool(fn) for fn in item["function"]]})
             continue
-        calls = _call_sets(cfg, rng, kind, cat, names)
-        if calls is None:
-            continue
-        used = sorted({c["name"] for c in calls})
+        if cfg.requests == "bfcl":
+            item, calls = next_item(kind)
+            # The item's own schemas: a function name can carry other schemas in other items.
+            prompt = {"source": item["id"], "request": item["question"][0][-1]["content"]}
+            offered = list(item["function"])
+        else:
+            calls = _call_sets(cfg, rng, kind, cat, names)
+            if calls is None:
+                continue
+            prompt = {"source": "bfcl-catalogue"}
+            offered = [cat[n]["function"] for n in sorted({c["name"] for c in calls})]
+        used = {fn["name"] for fn in offered}
         others = [n for n in names if n not in used]
-        in_context = used + rng.sample(others, min(cfg.distractors, len(others)))
+        in_context = offered + [cat[n]["function"] for n in rng.sample(others, min(cfg.distractors, len(others)))]
         rng.shuffle(in_context)
-        prompts.append({
-            "id": pid, "kind": kind, "source": "bfcl-catalogue",
-            "calls": [{"name": tool_name(c["name"]), "arguments": c["arguments"]} for c in calls],
-            "tools": [openai_tool(cat[n]["function"]) for n in in_context],
-        })
+        prompt.update(id=pid, kind=kind, tools=[openai_tool(fn) for fn in in_context],
+                      calls=[{"name": tool_name(c["name"]), "arguments": c["arguments"]} for c in calls])
+        if cfg.max_record_tokens and _record_tokens(prompt) > cfg.max_record_tokens:
+            continue
+        prompts.append(prompt)
     return prompts
+
+
+def _record_tokens(prompt: dict[str, Any]) -> int:
+    """The tokens of the record this call set becomes (the stated request stands in for
+    one still to be written)."""
+    request = prompt.get("request") or stated_request(prompt["calls"], prompt["tools"])
+    return sources.conversation_tokens([{"role": "user", "content": request},
+                                {"role": "assistant", "content": code_answer(prompt["calls"])}], prompt["tools"])
+
+
+@functools.cache
+def bfcl_call_sets(fraction: float) -> dict[str, list[tuple[dict[str, Any], list[dict[str, Any]]]]]:
+    """kind -> [(BFCL item, its call set)] for the items outside the held-out slice whose
+    functions are all in the catalogue. Each argument takes the first ground-truth
+    option the question states, else is left out where BFCL allows that, else takes
+    the first option (the request check then rejects it)."""
+    cat = catalogue(fraction)
+    out: dict[str, list] = {"single": [], "parallel": [], "multiple": []}
+    for category in CATALOGUE_FILES:
+        answers = bfcl_answers(category)
+        for item in bfcl_items(category):
+            if item["id"] not in answers or not all(fn["name"] in cat for fn in item["function"]):
+                continue
+            question = item["question"][0][-1]["content"]
+            calls = []
+            for truth in answers[item["id"]]:
+                (name, options), = truth.items()
+                args = {}
+                for param, opts in options.items():
+                    values = [plain(o) for o in opts if o != ""]
+                    stated = [v for v in values if _request_mentions(question, [{"arguments": {param: v}}])]
+                    if values and (stated or "" not in opts):
+                        args[param] = (stated or values)[0]
+                calls.append({"name": name, "arguments": args})
+            tools = {tool_name(fn["name"]): openai_tool(fn)["function"] for fn in item["function"]}
+            try:  # some ground truths break their own schema (0.5 for an integer): no seed
+                [canonical_call({**c, "name": tool_name(c["name"])}, tools) for c in calls]
+            except TypeMismatch:
+                continue
+            kind = "single" if len(calls) == 1 else "parallel" if len({c["name"] for c in calls}) == 1 else "multiple"
+            out[kind].append((item, calls))
+    return out
 
 
 # ----------------------------------------------------------------------- (ii)
@@ -193,6 +306,20 @@ Message: Find the area of a triangle with a base of 10 units and a height of 5 u
 Calls:
 {calls}
 Message:"""
+
+PARAPHRASE_PROMPT = """Rewrite this request the way a user would ask an assistant. Keep every name, number and value exactly as written. Reply with the rewritten request only.
+
+Request: {request}"""
+# Worked rewrites before the real one (few-shot): one call, then two calls of one function.
+PARAPHRASE_SHOTS = [
+    {"role": "user", "content": PARAPHRASE_PROMPT.format(
+        request="Calculate the area of a triangle, with base 10 and height 5.")},
+    {"role": "assistant", "content": "What is the area of a triangle with a base of 10 and a height of 5?"},
+    {"role": "user", "content": PARAPHRASE_PROMPT.format(
+        request="Get the current weather in a city, for each of these: city Paris, unit celsius; "
+                "city Rome, unit celsius.")},
+    {"role": "assistant", "content": "What is the weather like in Paris and in Rome right now, in celsius?"},
+]
 
 ANSWER_SYSTEM = """You are a function-calling assistant. If the user's request needs one or more of the functions, reply only with one <tool_call> block per call and nothing else. If no function fits the request, answer briefly in plain text and call nothing."""
 # Two worked turns before the real request (few-shot): the tiny default teacher follows
@@ -218,35 +345,104 @@ def _clean_request(text: str) -> str:
     return text.strip('"').strip()
 
 
+def _stated(value: Any) -> str:
+    """A value as a stated request writes it: scalars in the very form the request
+    check looks for, lists item by item."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return "(" + ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) + ")"
+    if isinstance(value, dict):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+def stated_request(calls: list[dict[str, Any]], tools: list[dict[str, Any]]) -> str:
+    """The request for a call set stated by code: each function's description (first
+    sentence) with its values, one sentence per function, so every value is in it."""
+    descriptions = {t["function"]["name"]: t["function"].get("description", "") for t in tools}
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for call in calls:
+        by_name.setdefault(call["name"], []).append(call["arguments"])
+    sentences = []
+    for name, assignments in by_name.items():
+        first = re.split(r"(?<=[.!?])\s+", descriptions[name].strip() or name.replace("_", " "))[0]
+        what = first.rstrip(".!? ")
+        values = [", ".join(f"{param.replace('_', ' ')} {_stated(v)}" for param, v in args.items())
+                  for args in assignments]
+        if len(values) == 1:
+            sentences.append(f"{what}, with {values[0]}." if values[0] else f"{what}.")
+        else:
+            sentences.append(f"{what}, for each of these: {'; '.join(values)}.")
+    sentences[1:] = [f"Also, {s[0].lower()}{s[1:]}" for s in sentences[1:]]
+    return " ".join(sentences)
+
+
+def write_requests(prompts: list[dict[str, Any]], engine, cfg: Config) -> None:
+    """Give each call-set prompt its `request`: best of `request_n` teacher samples, the
+    first that states every value (the validator's own check) and was not cut off;
+    sample 0 when none does (the validator then rejects it)."""
+    sampling = sampling_for(engine, temperature=0.7, max_tokens=cfg.request_max_tokens, n=cfg.request_n,
+                            seed=cfg.seed)
+    if cfg.requests == "paraphrase":
+        for p in prompts:
+            p["request_seed"] = stated_request(p["calls"], p["tools"])
+        convs = [[*PARAPHRASE_SHOTS, {"role": "user", "content": PARAPHRASE_PROMPT.format(request=p["request_seed"])}]
+                 for p in prompts]
+    else:
+        convs = [[{"role": "user", "content": REQUEST_PROMPT.format(
+            calls="\n".join(_show_call(c) for c in p["calls"]))}] for p in prompts]
+    for p, outs in zip(prompts, engine.chat(convs, sampling)):
+        texts = [_clean_request(o.text) for o in outs]
+        ok = [i for i, (t, o) in enumerate(zip(texts, outs))
+              if t and o.finish_reason != "length" and _request_mentions(t, p["calls"])]
+        pick = ok[0] if ok else 0
+        p["request"] = texts[pick]
+        p["request_meta"] = {"request_source": cfg.requests, "request_sample": pick,
+                             "request_sampling": dataclasses.asdict(sampling),
+                             **({"request_seed": p["request_seed"]} if "request_seed" in p else {})}
+
+
+def code_answer(calls: list[dict[str, Any]]) -> str:
+    """The sampled calls as the answer text a function-calling model writes."""
+    return "".join(f"<tool_call>{json.dumps({'name': c['name'], 'arguments': c['arguments']}, ensure_ascii=False)}"
+                   "</tool_call>" for c in calls)
+
+
 def generate(prompts: list[dict[str, Any]], engine, cfg: Config) -> list[dict[str, Any]]:
-    request_sampling = sampling_for(engine, temperature=0.7, max_tokens=cfg.request_max_tokens, n=1, seed=cfg.seed)
     answer_sampling = sampling_for(engine, temperature=cfg.temperature, max_tokens=cfg.max_tokens, n=cfg.n,
                                    seed=cfg.seed)
-    # Step (ii.a): the teacher writes a request for every sampled call set.
-    need = [p for p in prompts if p["kind"] != "irrelevance"]
-    convs = [[{"role": "user", "content": REQUEST_PROMPT.format(
-        calls="\n".join(_show_call(c) for c in p["calls"]))}] for p in need]
-    for p, (out,) in zip(need, engine.chat(convs, request_sampling)):
-        p["request"] = _clean_request(out.text)
-        p["request_finish"] = out.finish_reason
-    # Step (ii.b): the teacher answers each request with the tools in context.
+    # Step (ii.a): the request for every sampled call set (bfcl and irrelevance: BFCL's question).
+    write_requests([p for p in prompts if "request" not in p], engine, cfg)
+    # Step (ii.b): the teacher answers each request with the tools in context; with
+    # `answers: code` only the irrelevance requests, whose right answer is no call.
+    asked = [p for p in prompts if cfg.answers != "code" or not p["calls"]]
     answer_convs = [[{"role": "system", "content": ANSWER_SYSTEM}, *FEW_SHOT,
-                     {"role": "user", "content": p["request"]}] for p in prompts]
-    outs = engine.chat(answer_convs, answer_sampling, [p["tools"] for p in prompts])
+                     {"role": "user", "content": p["request"]}] for p in asked]
+    outs = engine.chat(answer_convs, answer_sampling, [p["tools"] for p in asked]) if asked else []
+    teacher_answers = {p["id"]: samples for p, samples in zip(asked, outs)}
     candidates = []
-    for p, samples in zip(prompts, outs):
-        for j, out in enumerate(samples):
-            candidates.append({
-                "messages": [{"role": "user", "content": p["request"]},
-                             {"role": "assistant", "content": out.text}],
-                "tools": p["tools"],
-                "expected": p["calls"],
-                "meta": {"seed_id": p["id"], "kind": p["kind"], "source": p["source"],
-                         "teacher": engine.model, "engine": engine.name, "sample": j,
-                         "sampling": dataclasses.asdict(answer_sampling),
-                         "expected_calls": json.dumps(p["calls"], sort_keys=True)},
-                "completion": {"finish_reason": out.finish_reason, "tokens": out.tokens},
-            })
+    for p in prompts:
+        base = {"seed_id": p["id"], "kind": p["kind"], "source": p["source"], "teacher": engine.model,
+                "engine": engine.name, "expected_calls": json.dumps(p["calls"], sort_keys=True),
+                **p.get("request_meta", {"request_source": "bfcl"})}
+        answers = [(out.text, {"answer_source": "teacher", "sampling": dataclasses.asdict(answer_sampling)},
+                    {"finish_reason": out.finish_reason, "tokens": out.tokens})
+                   for out in teacher_answers.get(p["id"], [])]
+        if p["calls"] and cfg.answers != "teacher":
+            # After the teacher's samples: a teacher answer that matches comes first, and
+            # the code's identical record is then counted as a duplicate sample.
+            # `sampling` is the request's, the teacher's part of this record (none for bfcl).
+            sampling = p.get("request_meta", {}).get("request_sampling")
+            answers.append((code_answer(p["calls"]), {"answer_source": "code", "sampling": sampling}, None))
+        for j, (text, source, completion) in enumerate(answers):
+            c = {"messages": [{"role": "user", "content": p["request"]}, {"role": "assistant", "content": text}],
+                 "tools": p["tools"], "expected": p["calls"], "meta": {**base, **source, "sample": j}}
+            if completion is not None:  # a code-built answer was not generated: nothing to cut off
+                c["completion"] = completion
+            candidates.append(c)
     return candidates
 
 

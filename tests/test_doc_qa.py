@@ -69,6 +69,18 @@ def test_answer_first_prompts_carry_a_span_of_the_cited_paragraph():
         assert f'whose answer is "{p["span"]}"' in dq.conversation(p)[-1]["content"]
 
 
+def test_cloze_prompts_never_show_the_teacher_its_answer():
+    """questions: cloze: the teacher sees the answer's sentence with the span blanked,
+    so it cannot copy the answer into its question; the validator is answer_first's."""
+    prompts = dq.sample_prompts(dq.Config(count=8, long_fraction=0, questions="cloze"), random.Random(1))
+    for p in prompts:
+        conv = dq.conversation(p)
+        shown = "\n".join(turn["content"] for turn in conv[1:])  # the worked example's answer, and the item
+        assert p["span"] not in shown and "___" in conv[-1]["content"]
+        assert p["span_sentence"].replace(p["span"], "___") in conv[-1]["content"]
+        assert dq.EXAMPLE_SPAN not in conv[0]["content"]
+
+
 def _cand(text, finish="stop", **meta):
     meta = {"paragraphs": [PARAGRAPH], "cited": 0, "seed_ids": {"doc_id": "lee-001"}, **meta}
     return candidate([{"role": "user", "content": "x"}], Completion(text, 9, finish), meta)
@@ -128,6 +140,30 @@ def test_a_bucket_larger_than_the_corpus_fails_with_one_clear_error():
     cfg = dq.Config(count=1, long_fraction=1.0, length_buckets=[262144])
     with pytest.raises(ValueError, match="too little for bucket 262144"):
         dq.sample_prompts(cfg, random.Random(0))
+
+
+@pytest.mark.slow
+def test_cloze_questions_on_the_real_teacher_keep_the_code_picked_answer(tmp_path, teacher_dir):
+    from test_steerability import assert_pipeline_output
+
+    from pipeline.contract import read_records
+    from synth_data import four_steps
+    from pipeline.engines import TransformersEngine
+
+    engine = TransformersEngine("teacher", batch_size=8, threads=1)
+    cfg = dq.Config(count=8, long_fraction=0, max_paragraphs=1, max_tokens=48, questions="cloze", seed=3)
+    stats = four_steps.run(dq, cfg, engine, tmp_path / "out")
+    assert_pipeline_output(tmp_path / "out", stats, dq.REJECT_REASONS, teacher_dir)
+    accepted = read_records(tmp_path / "out" / "accepted.jsonl")
+    assert accepted, stats
+    for record in accepted + read_records(tmp_path / "out" / "rejected.jsonl"):
+        assert record["meta"]["questions"] == "cloze" and record["meta"]["answer_source"] == "code"
+    for record in accepted:
+        meta = record["meta"]
+        # the answer is the span code picked; the teacher's question neither gives it away
+        # nor leaves the answer's sentence (answer_first's validator, unchanged)
+        assert record["messages"][-1]["content"] == dq.tidy_answer(meta["span"])
+        assert dq.check_question(meta["question"], meta["span"], meta["span_sentence"])[0] is None
 
 
 @pytest.mark.slow

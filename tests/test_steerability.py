@@ -98,6 +98,44 @@ def test_rejection_sampling_keeps_the_best_passing_sample_per_prompt():
     assert reasons == ["not_selected", None, "violates_no_commas"]
 
 
+@pytest.mark.parametrize("kind", sorted(constraints.EDITS))
+def test_format_edits_make_a_draft_follow_an_instruction_of_form_keeping_its_words(kind):
+    args, _, bad = CASES[kind]
+    edited, kinds = constraints.edit([{"kind": kind, "args": args}], bad)
+    assert kinds == [kind] and check(kind, args, edited)
+    # the teacher's words are all still there, in order (only case and edges changed)
+    words = lambda t: " ".join(w.lower() for w in constraints.words(t))  # noqa: E731
+    assert words(bad) in words(edited)
+    # a draft that already follows the instruction is left alone
+    follower = CASES[kind][1]
+    assert constraints.edit([{"kind": kind, "args": args}], follower) == (follower, [])
+
+
+@pytest.mark.slow
+def test_finished_drafts_never_fail_an_instruction_of_form_with_format_edits(tmp_path, teacher_dir):
+    """format_edits on the packaged teacher: a draft it finished is never rejected for
+    an instruction code can apply; a cut-off draft is never edited; meta says what code
+    changed."""
+    from synth_data import four_steps, steerability as st
+    from pipeline.contract import read_records
+    from pipeline.engines import CachedEngine, TransformersEngine
+
+    engine = CachedEngine(TransformersEngine("teacher", batch_size=8, threads=1), tmp_path / "cache",
+                          progress=False)
+    cfg = st.Config(count=4, conversations=1, turns=2, n=2, max_tokens=64, max_constraints=1, short_drafts=True,
+                    format_edits=True, kinds=sorted(constraints.EDITS), seed=1)
+    stats = four_steps.run(st, cfg, engine, tmp_path / "out")
+    assert_pipeline_output(tmp_path / "out", stats, st.REJECT_REASONS, teacher_dir)
+    records = read_records(tmp_path / "out" / "accepted.jsonl") + read_records(tmp_path / "out" / "rejected.jsonl")
+    assert any(r["meta"]["format_edits"] for r in records)
+    for r in records:
+        assert all(m["content"].endswith("Keep it short.") for m in r["messages"] if m["role"] == "user")
+        assert r.get("reject_reason") in (None, "empty", "truncated", "not_selected", "duplicate_sample"), r["reject_reason"]
+        assert r["meta"]["answer_source"] == ("teacher+code_edits" if r["meta"]["format_edits"] else "teacher")
+        if r.get("reject_reason") == "truncated" and r["meta"]["variant"] == "single":
+            assert not r["meta"]["format_edits"]
+
+
 @pytest.mark.slow
 def test_steerability_end_to_end_on_the_real_teacher(tmp_path, teacher_dir):
     """Both variants on the packaged SmolLM2 (transformers engine): counts conserved,

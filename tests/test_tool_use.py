@@ -126,3 +126,174 @@ def test_tool_use_end_to_end_on_the_real_teacher(tmp_path, teacher_dir):
     stats = four_steps.run(tu, cfg, engine, tmp_path / "out")
     assert_pipeline_output(tmp_path / "out", stats, tu.REJECT_REASONS, teacher_dir)
     assert stats["generated"] == 4
+
+
+# ------------------------------------------------- requests and answers not the teacher's
+def test_a_request_stated_by_code_states_every_value():
+    """What the teacher paraphrases (requests: paraphrase) passes the request check itself."""
+    for p in tu.sample_prompts(tu.Config(count=80, seed=4, requests="paraphrase"), random.Random(4)):
+        if p["calls"]:
+            assert tu._request_mentions(tu.stated_request(p["calls"], p["tools"]), p["calls"]), p["calls"]
+
+
+def test_bfcl_requests_are_items_outside_the_heldout_slice_with_their_ground_truth():
+    truth = {item["id"]: bfcl.bfcl_answers(category)[item["id"]]
+             for category in bfcl.CATALOGUE_FILES for item in bfcl.bfcl_items(category)
+             if item["id"] in bfcl.bfcl_answers(category)}
+    prompts = tu.sample_prompts(tu.Config(count=120, seed=2, requests="bfcl"), random.Random(2))
+    assert {p["kind"] for p in prompts} == set(tu.KINDS)
+    calls = [p for p in prompts if p["calls"]]
+    assert len({p["source"] for p in calls}) == len(calls)  # no item twice before all are used
+    for p in calls:
+        assert not bfcl.is_heldout(p["source"], 0.1)
+        gold = truth[p["source"]]
+        assert len(gold) == len(p["calls"])
+        for call, options in zip(p["calls"], gold):
+            (name, args), = options.items()
+            assert call["name"] == bfcl.tool_name(name)
+            # every argument is one of BFCL's own options (a left-out one may be left out)
+            for param, value in call["arguments"].items():
+                assert value in [tu.plain(o) for o in args[param]]
+            assert all("" in args[param] for param in set(args) - set(call["arguments"]))
+        assert tu.match_calls(tu.code_answer(p["calls"]), p["calls"], p["tools"]) is None
+
+
+def test_call_sets_whose_record_would_exceed_max_record_tokens_are_not_sampled():
+    from pipeline.sources import conversation_tokens
+
+    cfg = tu.Config(count=60, seed=5, requests="bfcl", max_record_tokens=600, mix={"multiple": 1.0})
+    prompts = tu.sample_prompts(cfg, random.Random(5))
+    assert 0 < len(prompts) < 60  # multiple-call items are long: some are left out
+    for p in prompts:
+        record = [{"role": "user", "content": p["request"]},
+                  {"role": "assistant", "content": "", "tool_calls": [
+                      {"type": "function", "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}}
+                      for c in p["calls"]]}]
+        assert conversation_tokens(record, p["tools"]) <= 600
+
+
+class ScriptedTeacher:
+    """A stand-in engine that writes the given request texts, in turn, and answers
+    every request with plain text (no call)."""
+
+    name, model = "scripted", "scripted-teacher"
+
+    def __init__(self, requests):
+        self.requests = list(requests)
+
+    def chat(self, conversations, sampling, tools=None):
+        from pipeline.engines import Completion
+
+        if tools is None:  # the request step
+            return [[Completion(self.requests.pop(0), 12, "stop") for _ in range(sampling.n)]
+                    for _ in conversations]
+        return [[Completion("No function fits.", 4, "stop")] * sampling.n for _ in conversations]
+
+
+def _one_call_set(**cfg):
+    """One single call with a string value (seed 2: get_event_date, event "Battle of Gettysburg")."""
+    cfg = tu.Config(count=1, mix={"single": 1.0}, seed=2, **cfg)
+    (prompt,) = tu.sample_prompts(cfg, random.Random(2))
+    assert any(isinstance(v, str) for v in prompt["calls"][0]["arguments"].values())
+    return cfg, prompt
+
+
+def test_a_request_missing_a_value_is_still_rejected_when_code_answers(tmp_path):
+    from synth_data import four_steps
+
+    cfg, prompt = _one_call_set(requests="paraphrase", answers="code", request_n=1)
+    stats = four_steps.run(tu, cfg, ScriptedTeacher(["Can you help me with this?"]), tmp_path)
+    assert stats["accepted"] == 0 and stats["reject_reasons"] == {"request_missing_value": 1}
+    (record,) = [json.loads(line) for line in (tmp_path / "rejected.jsonl").open()]
+    assert record["meta"]["answer_source"] == "code" and record["meta"]["request_source"] == "paraphrase"
+
+
+def test_best_of_n_requests_use_the_first_that_states_every_value(tmp_path):
+    from synth_data import four_steps
+
+    cfg, prompt = _one_call_set(requests="paraphrase", answers="code", request_n=3)
+    full = tu.stated_request(prompt["calls"], prompt["tools"])
+    engine = ScriptedTeacher(["Can you help me?", f"Please: {full}", f"Again: {full}"])
+    stats = four_steps.run(tu, cfg, engine, tmp_path)
+    assert stats["accepted"] == 1
+    (record,) = [json.loads(line) for line in (tmp_path / "accepted.jsonl").open()]
+    assert record["messages"][0]["content"] == f"Please: {full}"
+    assert record["meta"]["request_sample"] == 1 and record["meta"]["request_seed"] == full
+
+
+def _calls_of(record):
+    return [{"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}
+            for c in record["messages"][-1].get("tool_calls") or []]
+
+
+@pytest.mark.slow
+def test_code_answers_on_bfcl_requests_are_the_sampled_calls_on_the_real_teacher(tmp_path):
+    """answers: auto on BFCL's own requests: the teacher answers, every call set also
+    gets its code-built answer, and the records say which made each answer; parallel
+    and multiple calls come through."""
+    from synth_data import four_steps
+    from pipeline.contract import read_records
+    from pipeline.engines import CachedEngine, TransformersEngine
+
+    engine = CachedEngine(TransformersEngine("teacher", batch_size=8, threads=1), tmp_path / "cache",
+                          progress=False)
+    # seed 0: a parallel, a multiple and two irrelevance items, each request stating its values
+    cfg = tu.Config(count=4, n=1, max_tokens=48, requests="bfcl", answers="auto",
+                    mix={"parallel": 0.4, "multiple": 0.4, "irrelevance": 0.2}, seed=0)
+    stats = four_steps.run(tu, cfg, engine, tmp_path / "out")
+    accepted = read_records(tmp_path / "out" / "accepted.jsonl")
+    rejected = read_records(tmp_path / "out" / "rejected.jsonl")
+    calls = sum(len(json.loads(r["meta"]["expected_calls"])) > 0 for r in accepted + rejected
+                if r["meta"]["answer_source"] == "code")
+    assert stats["generated"] == 4 + calls  # one teacher answer each, one code answer per call set
+    for record in accepted + rejected:
+        meta = record["meta"]
+        assert meta["request_source"] == "bfcl" and meta["answer_source"] in ("teacher", "code")
+        if meta["answer_source"] == "code":
+            # correct by construction: only the request check or a duplicate can reject it
+            assert record.get("reject_reason") in (None, "request_missing_value", "duplicate_sample")
+    kinds = {r["meta"]["kind"] for r in accepted if _calls_of(r)}
+    assert {"parallel", "multiple"} <= kinds
+    for record in accepted:
+        expected = json.loads(record["meta"]["expected_calls"])
+        assert _calls_of(record) == expected
+        text = "".join(f"<tool_call>{json.dumps(c)}</tool_call>" for c in expected) or "No tool fits."
+        assert tu.match_calls(text, expected, record["tools"]) is None
+        assert tu._request_mentions(record["messages"][0]["content"], expected)
+    # the teacher's wrong answers stay as rejected samples (the preference pairs' losers)
+    assert all(r["meta"]["answer_source"] == "teacher" for r in rejected
+               if r["reject_reason"] not in ("request_missing_value", "duplicate_sample"))
+    # counts conserved; only a record the teacher had no part in (BFCL's request, the
+    # code's answer) carries no sampling parameters
+    assert stats["accepted"] + stats["rejected"] == stats["generated"] == len(accepted) + len(rejected)
+    assert all(r["reject_reason"] in tu.REJECT_REASONS + ("duplicate_sample",) for r in rejected)
+    assert len({r["id"] for r in accepted}) == len(accepted)
+    assert all((r["meta"]["sampling"] is None) == (r["meta"]["answer_source"] == "code")
+               for r in accepted + rejected)
+
+
+@pytest.mark.slow
+def test_paraphrased_requests_state_every_value_on_the_real_teacher(tmp_path, teacher_dir):
+    """requests: paraphrase: the teacher rewrites a request code stated; an accepted
+    record's request is the teacher's text and states every sampled value."""
+    from synth_data import four_steps
+    from pipeline.contract import read_records
+    from pipeline.engines import CachedEngine, TransformersEngine
+
+    engine = CachedEngine(TransformersEngine("teacher", batch_size=8, threads=1), tmp_path / "cache",
+                          progress=False)
+    cfg = tu.Config(count=4, request_n=3, request_max_tokens=48, requests="paraphrase", answers="code",
+                    mix={"single": 1.0}, seed=0)
+    stats = four_steps.run(tu, cfg, engine, tmp_path / "out")
+    assert stats["generated"] == 4  # code answers only: one per call set
+    accepted = read_records(tmp_path / "out" / "accepted.jsonl")
+    assert accepted, stats
+    for record in accepted + read_records(tmp_path / "out" / "rejected.jsonl"):
+        meta = record["meta"]
+        assert meta["request_source"] == "paraphrase" and meta["answer_source"] == "code"
+        assert meta["request_seed"] and 0 <= meta["request_sample"] < 3
+    for record in accepted:
+        expected = json.loads(record["meta"]["expected_calls"])
+        assert _calls_of(record) == expected
+        assert record["messages"][0]["content"] != record["meta"]["request_seed"]  # the teacher's words
+        assert tu._request_mentions(record["messages"][0]["content"], expected)
