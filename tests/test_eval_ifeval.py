@@ -24,9 +24,9 @@ from synth_data.dedup import Decontaminator
 @pytest.fixture(scope="module")
 def items():
     """All 541 items by IFEval key, read from Google's file as it ships, not through the
-    eval's own item builder."""
+    eval's own item builder; each with the id the eval's per-item rows carry."""
     lines = ifeval_data_file().read_text(encoding="utf-8").splitlines()
-    return {it["key"]: it for it in (json.loads(line) for line in lines if line.strip())}
+    return {it["key"]: {**it, "id": f"ifeval/{it['key']}"} for it in (json.loads(line) for line in lines if line.strip())}
 
 
 # --------------------------------------------------------------------------- items
