@@ -48,9 +48,10 @@ def pipeline_outputs(tmp_path_factory, teacher_dir):
         "table_qa": {"count": 3, "max_rows": 2, "max_columns": 1, "max_tokens": 80},
         "doc_qa": {"count": 3, "long_fraction": 0.5, "length_buckets": [1024], "max_paragraphs": 1,
                    "max_tokens": 64},
-        # n=2: two answers per request, so passing and failing answers of one prompt
-        # make preference pairs (tests/test_prefs.py).
-        "tool_use": {"count": 4, "n": 2, "max_tokens": 64, "request_max_tokens": 40,
+        # BFCL's requests, answered by the teacher (n=2) and by code (auto): a call set
+        # yields a record with calls whatever the 135M teacher writes, and its wrong
+        # answers of the same prompt make preference pairs (tests/test_prefs.py).
+        "tool_use": {"count": 4, "n": 2, "max_tokens": 64, "requests": "bfcl", "answers": "auto",
                      "mix": {"single": 0.5, "irrelevance": 0.5}},
         "steerability": {"count": 3, "conversations": 1, "turns": 2, "n": 2, "max_tokens": 48,
                          "max_constraints": 1,

@@ -129,7 +129,8 @@ def test_finished_drafts_never_fail_an_instruction_of_form_with_format_edits(tmp
     records = read_records(tmp_path / "out" / "accepted.jsonl") + read_records(tmp_path / "out" / "rejected.jsonl")
     assert any(r["meta"]["format_edits"] for r in records)
     for r in records:
-        assert all(m["content"].endswith("Keep it short.") for m in r["messages"] if m["role"] == "user")
+        # the request asks for brevity (the instructions, when listed, follow it)
+        assert all("Keep it short." in m["content"] for m in r["messages"] if m["role"] == "user")
         assert r.get("reject_reason") in (None, "empty", "truncated", "not_selected", "duplicate_sample"), r["reject_reason"]
         assert r["meta"]["answer_source"] == ("teacher+code_edits" if r["meta"]["format_edits"] else "teacher")
         if r.get("reject_reason") == "truncated" and r["meta"]["variant"] == "single":
