@@ -370,9 +370,18 @@ def build_items(cfg: Config, tokenizer, context: dict) -> list[dict[str, Any]]:
             while len(clean) < cfg.count:
                 if draw == MAX_DRAWS:
                     raise ContaminationError(
-                        f"retention {task} @ {length}: {MAX_DRAWS} draws still share needle training strings")
+                        f"retention {task} @ {length}: {MAX_DRAWS} draws gave {len(clean)} of {cfg.count} items "
+                        "(the others shared needle training strings or did not fit the length)")
                 draw_seed = int(stable_hash(NAME, seed, task, length, draw), 16)
-                fresh = ruler_samples(task, length, cfg.count - len(clean), counter, essay, draw_seed)
+                try:
+                    fresh = ruler_samples(task, length, cfg.count - len(clean), counter, essay, draw_seed)
+                except ValueError as exc:
+                    # lm-eval skips a sample whose haystack does not fit the length, and
+                    # raises when a draw keeps none: a small remainder at a tight length
+                    # (essay at 1K shrinks by 500 words) can; draw again, other seed.
+                    if "Could not generate any sample" not in str(exc):
+                        raise
+                    fresh = []
                 clean += [s for s in fresh if not needle.found_in(s["input"] + "\n" + "\n".join(s["outputs"]))]
                 draw += 1
             for i, s in enumerate(clean):
