@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 import logging
 import sys
 from collections import defaultdict
@@ -410,8 +411,12 @@ def paired_check(name: str, c: dict, p_adjusted: float, family: int, cfg) -> dic
     failed = harm > margin and p_adjusted < cfg.alpha
     # The larger of the observed SE and the base's own: a rerun with identical answers
     # (SE 0) says nothing about what a later run can detect. Losses always move.
-    se = c["se"] if c["lower_is_better"] else max(c["se"], c["se_before"])
-    detectable = detectable_drop(se, margin, cfg.alpha, cfg.power, family, units=c["clusters"],
+    # The bootstrap's standard error divides by n, the base's (evals/standard_error) by
+    # n - 1: the bootstrap's is scaled to match before the two are compared.
+    units = c["clusters"]
+    change_se = c["se"] * math.sqrt(units / (units - 1)) if units > 1 else c["se"]
+    se = change_se if c["lower_is_better"] else max(change_se, c["se_before"])
+    detectable = detectable_drop(se, margin, cfg.alpha, cfg.power, family, units=units,
                                  scale=0.0 if c["lower_is_better"] else 100.0)
     chance = c.get("chance")
     informative = chance is None or (-sign * chance["base_minus_chance"] > 0 and chance["p"] < cfg.alpha)

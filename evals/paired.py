@@ -150,13 +150,11 @@ def detectable_drop(se: float, margin: float, alpha: float, power: float, family
     for d by fixed-point iteration, so the stated figure holds for the spread a real
     drop has, not the spread of a harmless rerun. Losses shift without spreading:
     scale 0."""
-    # The standard error is itself estimated from `units` units (it matters at tens).
-    # Both quantiles are Student's t, and the bootstrap's standard error, which divides
-    # by n rather than n - 1, is scaled up to the unbiased one.
+    # The standard error is itself estimated from `units` units (it matters at tens):
+    # both quantiles are Student's t.
     level = 1 - alpha / (2 * max(family, 1))
     if units > 1:
         z_alpha, z_power = stats.t.ppf(level, units - 1), stats.t.ppf(power, units - 1)
-        se *= math.sqrt(units / (units - 1))
     else:
         z_alpha, z_power = stats.norm.ppf(level), stats.norm.ppf(power)
     drop = max(margin, z_alpha * se) + z_power * se
