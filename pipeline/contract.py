@@ -21,23 +21,51 @@ rejected, disputed or pending). `meta` may carry other, pipeline-specific keys.
 Stages build records with `make_record` and read them with `read_records`, both of
 which check this contract; a record that breaks it stops the stage with one error
 naming the file, line, record id and every problem.
+
+The contract covers every other file that crosses a stage boundary the same way, one
+model, one reader and one writer each (ARTIFACTS at the end maps dvc.yaml's paths to
+them):
+
+    preference pairs   Pair            read_pairs / write_pairs
+                       prefs -> review pairs push/pull -> dpo
+    SFT conversations  Conversation    read_conversations (mix writes them as records)
+                       mix -> sft, audit, eval (held-out loss)
+    reports            one model each  read_report / write_report
+                       generation, dedup, review, mix, prefs stats; train, dpo, audit,
+                       eval, gate and export reports; the DPO-off pointer
+
+Readers hand stages the data as written (plain dicts and lists), checked: a stage
+indexes what the model guarantees, and a report keeps its layout and key order.
+Reports allow keys beyond their model (a stage may add one); the model types what
+some later stage, the summary or the plots read.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterable, Literal, NamedTuple
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    RootModel,
     ValidationError,
     field_validator,
     model_validator,
 )
 
-from pipeline.records import InputError, iter_jsonl, stable_hash, validation_problems
+from pipeline.records import (
+    InputError,
+    iter_jsonl,
+    json_safe,
+    read_json,
+    stable_hash,
+    validation_problems,
+    write_json,
+    write_jsonl,
+)
 
 # What pull writes to reviewed.jsonl: the records that may train.
 TRAINABLE = ("accepted", "corrected")
@@ -178,6 +206,14 @@ def read_records(path: str | Path, trainable: bool = False) -> list[dict[str, An
     return records
 
 
+def write_records(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
+    """Check every record, then write them atomically as JSONL; returns the count."""
+    records = list(records)
+    for number, record in enumerate(records, 1):
+        check_record(record, f"{path}:{number} (writing)")
+    return write_jsonl(path, records)
+
+
 def validator_summary(validators: dict[str, dict[str, Any]]) -> tuple[str, float | None, list[str]]:
     """(verdict, mean score, one term per validator) from `meta.validators`.
 
@@ -188,3 +224,397 @@ def validator_summary(validators: dict[str, dict[str, Any]]) -> tuple[str, float
     scores = [v["score"] for v in validators.values() if v.get("score") is not None]
     terms = [f"{name}:{v['reason'] if not v['passed'] else 'pass'}" for name, v in validators.items()]
     return ("reject" if failed else "accept"), (round(sum(scores) / len(scores), 4) if scores else None), terms
+
+
+# ------------------------------------------------------------ preference pairs
+class PairReview(Review):
+    swapped_by: str | None = None  # the reviewer whose swap exchanged chosen and rejected
+    swaps: int | None = None  # reviewers who said the rejected response is better
+
+
+class PairMeta(BaseModel):
+    model_config = ConfigDict(extra="allow")  # seed_id, chosen_id, rejected_reason, checks, ...
+
+    review: PairReview | None = None
+
+
+class Pair(BaseModel):
+    """A preference pair as prefs writes it: TRL's conversational preference format
+    (prompt, one chosen and one rejected assistant turn, tools) + id, pipeline, meta;
+    review pull adds meta.review, and reject_reason on the pairs reviewers rejected."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1)
+    pipeline: str = Field(min_length=1)
+    prompt: list[Message] = Field(min_length=1)
+    chosen: list[Message] = Field(min_length=1, max_length=1)
+    rejected: list[Message] = Field(min_length=1, max_length=1)
+    tools: list[dict[str, Any]] | None = None
+    meta: PairMeta
+    reject_reason: str | None = None  # human_reject, on review pull's rejected pairs
+
+    @field_validator("chosen", "rejected")
+    @classmethod
+    def _one_answer(cls, turns: list[Message]) -> list[Message]:
+        if turns[0].role != "assistant":
+            raise ValueError("not the assistant's turn")
+        return turns
+
+
+def check_pair(pair: Any, where: str = "pair") -> dict[str, Any]:
+    """The pair itself if it keeps the contract, else RecordError naming every problem."""
+    if not isinstance(pair, dict):
+        raise RecordError(f"{where}: not a JSON object")
+    if "messages" in pair and "chosen" not in pair:
+        raise RecordError(f"{where}: record {pair.get('id', '?')!r} is an SFT record, not a preference"
+                          " pair (review records with --input, pairs with --pairs)")
+    try:
+        Pair.model_validate(pair)
+    except ValidationError as exc:
+        problems = "; ".join(validation_problems(exc, whole="pair", show_input=False))
+        raise RecordError(f"{where}: pair {pair.get('id', '?')!r}: {problems}") from None
+    return pair
+
+
+def read_pairs(path: str | Path, trainable: bool = False) -> list[dict[str, Any]]:
+    """Pairs from a JSONL file, each checked. `trainable`: every pair must be one review
+    pull put in reviewed.jsonl (accepted, or corrected: swapped by reviewers)."""
+    pairs = []
+    for number, pair in enumerate(iter_jsonl(path), 1):
+        where = f"{path}:{number}"
+        check_pair(pair, where)
+        if trainable:
+            decision = (pair["meta"].get("review") or {}).get("decision")
+            if decision not in TRAINABLE:
+                raise RecordError(
+                    f"{where}: pair {pair['id']!r}: meta.review.decision is {decision!r}; only"
+                    f" {' or '.join(TRAINABLE)} pairs (review pull's reviewed.jsonl) may train")
+        pairs.append(pair)
+    return pairs
+
+
+def write_pairs(path: str | Path, pairs: Iterable[dict[str, Any]]) -> int:
+    """Check every pair, then write them atomically as JSONL; returns the count."""
+    pairs = list(pairs)
+    for number, pair in enumerate(pairs, 1):
+        check_pair(pair, f"{path}:{number} (writing)")
+    return write_jsonl(path, pairs)
+
+
+# -------------------------------------------------------- what SFT trains on
+class TextMessage(Message):
+    content: str | None = None  # the chat template renders text; parts are not trained
+
+
+class Conversation(BaseModel):
+    """What SFT trains on, and what the audit and the held-out loss read: turns ending
+    in the assistant's (+ the tools offered). The mix writes whole records, each one a
+    Conversation; a user's own data.train file needs only this much."""
+
+    model_config = ConfigDict(extra="allow")  # id, pipeline, meta, ...: carried, not read
+
+    id: str | None = None
+    messages: list[TextMessage] = Field(min_length=1)
+    tools: list[dict[str, Any]] | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _ends_with_the_answer(cls, messages: list[TextMessage]) -> list[TextMessage]:
+        if messages[-1].role != "assistant":
+            raise ValueError("does not end with an assistant turn (nothing to learn)")
+        return messages
+
+
+def read_conversations(path: str | Path, bad: list | None = None) -> list[dict[str, Any]]:
+    """Conversations from a JSONL file, each checked. One that breaks the contract raises
+    RecordError naming the file, line, id and problem; given a list `bad`, it is left out
+    and appended there as (where, problem, line's index among the file's records)
+    instead: SFT's data.on_bad_record: skip."""
+    conversations = []
+    for index, record in enumerate(iter_jsonl(path)):
+        try:
+            Conversation.model_validate(record)
+        except ValidationError as exc:
+            where = f"{path}:{_line_of(path, index)}: record {record.get('id', '?')!r}"
+            problem = "; ".join(validation_problems(exc, whole="record", show_input=False))
+            if bad is None:
+                raise RecordError(f"{where}: {problem}") from None
+            bad.append((where, problem, index))
+            continue
+        conversations.append(record)
+    return conversations
+
+
+def _line_of(path: str | Path, index: int) -> int:
+    """The line number of the index-th record (blank lines hold none)."""
+    with open(path, encoding="utf-8") as handle:
+        return [n for n, line in enumerate(handle, 1) if line.strip()][index]
+
+
+# --------------------------------------------------------------------- reports
+class Report(BaseModel):
+    # A stage may add keys to its report; the fields typed here are what others read.
+    model_config = ConfigDict(extra="allow")
+
+
+class GenerateStats(Report):
+    """data/synth/<pipeline>/stats.json: read by the plots and the summary."""
+
+    generated: int
+    accepted: int
+    rejected: int
+    acceptance_rate: float
+    reject_reasons: dict[str, int]
+
+
+class DedupStats(Report):
+    input: int
+    kept: int
+    removed: dict[str, int]  # reason -> records
+
+
+class KappaCell(Report):
+    records: int
+    kappa: float | None = None
+
+
+class ReviewStats(Report):
+    """review_stats.json of records (data/review) and of pairs (data/prefs/review)."""
+
+    total: int
+    accepted: int
+    corrected: int
+    rejected: int
+    disputed: int
+    pending: int
+    mode: str | None = None
+    server: str | None = None
+    kappa: dict[str, dict[str, KappaCell]] | None = None  # pipeline -> question -> agreement
+
+
+class MixCategory(Report):
+    in_mix: int
+
+
+class MixStats(Report):
+    input: int
+    train: int
+    eval: int
+    unused: int
+    per_category: dict[str, MixCategory] | None = None
+
+
+class PrefsCounts(Report):
+    prompts: int
+    pairs: int
+    no_pair: dict[str, int]
+
+
+class PrefsStats(Report):
+    pairs: int
+    prompts: int
+    pipelines: dict[str, PrefsCounts]
+
+
+class TrainMetrics(Report):
+    """outputs/sft/train_metrics.json: the summary's training line."""
+
+    mode: str
+    global_step: int
+    first_loss: float | None
+    final_loss: float | None
+    truncation: dict[str, Any] | None = None
+    activation_loss: dict[str, Any] | None = None
+
+
+class ActivationStats(RootModel[dict[str, dict[str, float | None]]]):
+    """outputs/sft/activation_stats.json: site kind -> layer -> max |activation| ({} when off)."""
+
+
+class LossPoint(Report):
+    step: int
+    loss: float | None
+
+
+class LossCurve(RootModel[list[LossPoint]]):
+    """outputs/sft/loss_curve.json: one row per logging step (DVC plot data)."""
+
+
+class DpoMetrics(Report):
+    """outputs/dpo/dpo_metrics.json: `enabled` false says the SFT model stands in."""
+
+    enabled: bool
+    global_step: int | None = None
+    pairs: int | None = None
+
+
+class ModelPointer(Report):
+    """final/posttrain_model.json: with dpo.enabled false, outputs/dpo/final names the
+    SFT folder instead of holding weights."""
+
+    model: str = Field(min_length=1)
+
+
+class OffendingSite(Report):
+    site: str
+
+
+class Fp16Audit(Report):
+    """outputs/audit/fp16_audit.json: read by the gate (fp16_safe) and the summary."""
+
+    fp16_safe: bool
+    max_abs: float | None  # null: some activation was not finite
+    offending: list[OffendingSite]
+    max_abs_by_kind: dict[str, float | None] | None = None
+    logits: dict[str, Any] | None = None
+
+
+class EvalScores(Report):
+    """<eval out>/scores.json: every suite's metrics; the gate pairs two of them."""
+
+    model: str
+    engine: str
+    scores: dict[str, dict[str, Any]]
+    counts: dict[str, int] | None = None
+
+
+class EvalItem(Report):
+    id: str | None = None  # the gate pairs items by id, and refuses items without one
+
+
+class SuiteItems(Report):
+    """<eval out>/<suite>.json: per-item answers and verdicts (ids pair them across
+    evals), and what an empty answer scores on the same items (`chance`)."""
+
+    items: list[EvalItem]
+    metrics: dict[str, Any] | None = None
+    chance: dict[str, Any] | None = None
+
+
+class Comparison(Report):
+    before: float | None
+    after: float | None
+    delta: float | None
+    low: float | None
+    high: float | None
+    p: float | None
+    items: int
+    lower_is_better: bool
+
+
+class EvalReport(Report):
+    """outputs/eval/eval_report.json (and dpo_effect.json): before, after and the paired
+    change of every metric."""
+
+    suites: dict[str, Any]
+    comparisons: dict[str, Comparison]
+
+
+class GateCheck(Report):
+    name: str
+    status: str
+    passed: bool
+    detail: str
+
+
+class GateReport(Report):
+    """outputs/gate/gate_report.json: the decision export waits for; the summary's gate line."""
+
+    passed: bool
+    enforce: bool
+    checks: list[GateCheck]
+    off: list[str]
+    uninformative: list[str]
+    message: str
+
+
+class ExportReport(Report):
+    """export_report.json: each profile's reload check (or why it was skipped)."""
+
+    kind: str | None = None
+    profiles: dict[str, dict[str, Any]]
+
+
+def check_report(data: Any, model: type[BaseModel], where: str) -> Any:
+    """The report itself if it fits `model`, else InputError naming the file, each key
+    (and a list entry's id) and its problem."""
+    try:
+        model.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(validation_problems(exc, whole="report", show_input=False, data=data))
+        raise InputError(f"{where}: not a valid {_words(model.__name__)} file: {problems}") from None
+    return data
+
+
+def _words(name: str) -> str:
+    """EvalScores -> 'eval scores': what the file is, as a user would say it."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", name).lower()
+
+
+def read_report(path: str | Path, model: type[BaseModel]) -> Any:
+    """A JSON report, checked against its model; a missing, broken or misshapen file
+    raises InputError naming it."""
+    return check_report(read_json(path), model, str(path))
+
+
+def write_report(path: str | Path, model: type[BaseModel], data: Any) -> None:
+    """Check a report against its model (as JSON will hold it: non-finite floats null),
+    then write it atomically."""
+    write_json(path, check_report(json_safe(data), model, f"{path} (writing)"))
+
+
+# ------------------------------------------------------------- the artifacts
+class Artifact(NamedTuple):
+    model: type[BaseModel]
+    read: Any  # the reader function
+    write: Any  # the writer function
+
+
+_RECORDS = Artifact(Record, read_records, write_records)
+_PAIRS = Artifact(Pair, read_pairs, write_pairs)
+# The mix writes whole records (checked as Record); SFT, the audit and the held-out
+# loss read only the conversation of each.
+_TRAINING = Artifact(Conversation, read_conversations, write_records)
+
+
+def _report(model: type[BaseModel]) -> Artifact:
+    return Artifact(model, read_report, write_report)
+
+
+SUITE_FILES = ("retention", "ifeval", "tool_calls", "heldout_loss", "forgetting")
+
+# Every file that crosses a stage boundary, by its dvc.yaml path (a glob), and the
+# model, reader and writer the stages use for it (tests/test_contract.py checks that
+# every dvc.yaml output a later stage, the summary or the plots read is here, and
+# that the stages read and write it through these).
+ARTIFACTS: dict[str, Artifact] = {
+    "data/synth/*/accepted.jsonl": _RECORDS,
+    "data/synth/*/rejected.jsonl": _RECORDS,
+    "data/synth/*/stats.json": _report(GenerateStats),
+    "data/dedup/accepted/*.jsonl": _RECORDS,
+    "data/dedup/removed.jsonl": _RECORDS,
+    "data/dedup/dedup_stats.json": _report(DedupStats),
+    "data/review/*.jsonl": _RECORDS,
+    "data/review/review_stats.json": _report(ReviewStats),
+    "data/mix/train.jsonl": _TRAINING,
+    "data/mix/eval.jsonl": _TRAINING,
+    "data/mix/unused.jsonl": _RECORDS,
+    "data/mix/mix_stats.json": _report(MixStats),
+    "outputs/sft/train_metrics.json": _report(TrainMetrics),
+    "outputs/sft/activation_stats.json": _report(ActivationStats),
+    "outputs/sft/loss_curve.json": _report(LossCurve),
+    "data/prefs/pairs.jsonl": _PAIRS,
+    "data/prefs/prefs_stats.json": _report(PrefsStats),
+    "data/prefs/review/*.jsonl": _PAIRS,
+    "data/prefs/review/review_stats.json": _report(ReviewStats),
+    "outputs/dpo/final/posttrain_model.json": _report(ModelPointer),
+    "outputs/dpo/dpo_metrics.json": _report(DpoMetrics),
+    "outputs/audit/fp16_audit.json": _report(Fp16Audit),
+    "outputs/eval/*/scores.json": _report(EvalScores),
+    **{f"outputs/eval/*/{suite}.json": _report(SuiteItems) for suite in SUITE_FILES},
+    "outputs/eval/eval_report.json": _report(EvalReport),
+    "outputs/eval/dpo_effect.json": _report(EvalReport),
+    "outputs/gate/gate_report.json": _report(GateReport),
+    "outputs/export/export_report.json": _report(ExportReport),
+}

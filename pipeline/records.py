@@ -23,17 +23,34 @@ class InputError(ValueError):
     naming the file, line, record or key, and exits 2 (no traceback unless -v)."""
 
 
-def validation_problems(exc, prefix: str = "", whole: str = "", show_input: bool = True) -> list[str]:
+def validation_problems(exc, prefix: str = "", whole: str = "", show_input: bool = True,
+                        data: Any = None) -> list[str]:
     """Every error of a pydantic ValidationError as one `key.path: message` line: the
     key under `prefix` (a recipe section: "generate.tool_use"), or `whole` (what the
     object is: "record") when the error is about no one field; pydantic's "Value error, "
-    dropped; the offending value shown when `show_input` (a whole record is too long)."""
+    dropped; the offending value shown when `show_input` (a whole record is too long).
+    Given the validated `data`, a list entry that has an id is named by it too
+    (`items.3 (id 'ruler/niah/1024/3').passed`), so a reader finds it without counting."""
     lines = []
     for err in exc.errors():
-        key = ".".join(str(part) for part in ([prefix] if prefix else []) + list(err["loc"])) or whole
+        key = ".".join(_key_parts(list(err["loc"]), data, [prefix] if prefix else [])) or whole
         got = f" (got {err.get('input')!r})" if show_input else ""
         lines.append(f"{key}: {err['msg'].removeprefix('Value error, ')}{got}")
     return lines
+
+
+def _key_parts(loc: list, data: Any, parts: list[str]) -> list[str]:
+    for part in loc:
+        data = data[part] if isinstance(data, (dict, list)) and _has(data, part) else None
+        named = isinstance(part, int) and isinstance(data, dict) and data.get("id") is not None
+        parts.append(f"{part} (id {data['id']!r})" if named else str(part))
+    return parts
+
+
+def _has(container: dict | list, part: Any) -> bool:
+    if isinstance(container, list):
+        return isinstance(part, int) and -len(container) <= part < len(container)
+    return part in container
 
 
 def stable_hash(*parts: Any, length: int = 16) -> str:
