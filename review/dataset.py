@@ -44,8 +44,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.contract import RecordError, check_record, validator_summary
-from pipeline.records import InputError, iter_jsonl, stable_hash
+from pipeline.contract import RecordError, read_records, validator_summary
+from pipeline.records import InputError, stable_hash
 from review.guidelines import RECORD_QUESTIONS, record_guidelines
 
 VERDICT, QUALITY, CORRECTION = "verdict", "quality", "corrected_answer"
@@ -59,11 +59,11 @@ class ReviewInputError(InputError):
 
 # ---------------------------------------------------------------------- inputs
 def load_candidates(
-    patterns: list[str], check: Callable[[Any, str], Any] = check_record, option: str = "--input",
+    patterns: list[str], read: Callable[[str], list[dict[str, Any]]] = read_records, option: str = "--input",
 ) -> dict[str, list[dict[str, Any]]]:
-    """Records from JSONL files (globs allowed), grouped by pipeline, each passed to
-    `check` (the record contract; review.pairs.check_pair for pairs). `option` names
-    the command-line option in errors."""
+    """Records from JSONL files (globs allowed), grouped by pipeline, each read through
+    the contract by `read` (read_records; read_pairs for pairs). `option` names the
+    command-line option in errors."""
     paths = []
     for pattern in patterns:
         matched = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
@@ -75,12 +75,12 @@ def load_candidates(
     for path in paths:
         if not Path(path).is_file():
             raise ReviewInputError(f"{option} {path}: no such file")
-        for number, record in enumerate(iter_jsonl(path), 1):
+        try:
+            records = read(path)
+        except RecordError as exc:
+            raise ReviewInputError(str(exc)) from None
+        for number, record in enumerate(records, 1):
             where = f"{path}:{number}"
-            try:
-                check(record, where)
-            except RecordError as exc:
-                raise ReviewInputError(str(exc)) from None
             if record["id"] in seen:
                 raise ReviewInputError(f"{where}: record id {record['id']!r} already read at {seen[record['id']]}")
             seen[record["id"]] = where

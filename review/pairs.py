@@ -20,7 +20,8 @@ they swap: chosen and rejected are exchanged and meta.review says who swapped
 (`swapped_by`, the first by user id) and how many (`swaps`); else accepted. The rest
 of `meta` stays as prefs wrote it, so chosen_id, rejected_id and rejected_reason
 describe the code's ranking, before any swap. Every text field is escaped for the UI
-as SFT records' are (review/dataset.py); guidelines: review/guidelines.py.
+as SFT records' are (review/dataset.py); guidelines: review/guidelines.py. What a pair
+holds is typed in pipeline.contract (Pair).
 """
 
 from __future__ import annotations
@@ -30,63 +31,11 @@ import html
 from collections import Counter
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
-from pipeline.contract import Message, Review
-from pipeline.records import validation_problems
-from review.dataset import VERDICT, ReviewInputError, Shortened, json_block, render_conversation
+from pipeline.contract import check_pair
+from review.dataset import VERDICT, Shortened, json_block, render_conversation
 from review.guidelines import PAIR_QUESTIONS, pair_guidelines
 
 SWAP = "swap"
-
-
-# ---------------------------------------------------------------- the pair shape
-class PairReview(Review):
-    swapped_by: str | None = None  # the reviewer whose swap exchanged chosen and rejected
-    swaps: int | None = None  # reviewers who said the rejected response is better
-
-
-class PairMeta(BaseModel):
-    model_config = ConfigDict(extra="allow")  # seed_id, chosen_id, rejected_reason, checks, ...
-
-    review: PairReview | None = None
-
-
-class Pair(BaseModel):
-    """A pair as prefs writes it (TRL's conversational preference format + id, meta)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    id: str = Field(min_length=1)
-    pipeline: str = Field(min_length=1)
-    prompt: list[Message] = Field(min_length=1)
-    chosen: list[Message] = Field(min_length=1, max_length=1)
-    rejected: list[Message] = Field(min_length=1, max_length=1)
-    tools: list[dict[str, Any]] | None = None
-    meta: PairMeta
-    reject_reason: str | None = None  # human_reject, on review pull's rejected pairs
-
-    @field_validator("chosen", "rejected")
-    @classmethod
-    def _one_answer(cls, turns: list[Message]) -> list[Message]:
-        if turns[0].role != "assistant":
-            raise ValueError("not the assistant's turn")
-        return turns
-
-
-def check_pair(pair: Any, where: str) -> dict[str, Any]:
-    """The pair itself if it has the shape above, else ReviewInputError naming every problem."""
-    if not isinstance(pair, dict):
-        raise ReviewInputError(f"{where}: not a JSON object")
-    if "messages" in pair and "chosen" not in pair:
-        raise ReviewInputError(f"{where}: record {pair.get('id', '?')!r} is an SFT record, not a preference"
-                               " pair (review records with --input, pairs with --pairs)")
-    try:
-        Pair.model_validate(pair)
-    except ValidationError as exc:
-        problems = "; ".join(validation_problems(exc, whole="pair", show_input=False))
-        raise ReviewInputError(f"{where}: pair {pair.get('id', '?')!r}: {problems}") from None
-    return pair
 
 
 def dataset_name(prefix: str, pipeline: str) -> str:

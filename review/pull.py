@@ -40,9 +40,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.contract import check_record
+from pipeline.contract import ReviewStats, check_record, read_pairs, write_pairs, write_records, write_report
 from pipeline.recipe import load_recipe
-from pipeline.records import write_json, write_jsonl
 from review import pairs
 from review.agreement import fleiss_by_question
 from review.dataset import CORRECTION, QUALITY, VERDICT, dataset_name, load_candidates, sample_for_review
@@ -56,12 +55,12 @@ def main(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     cfg = recipe.review
     if getattr(args, "pairs", None):  # namespaces built by hand (tests, bench) review records
-        candidates = load_candidates(args.pairs, pairs.check_pair, "--pairs")
-        name, judge, apply = pairs.dataset_name, pairs.human_decision, pairs.apply_decision
+        candidates = load_candidates(args.pairs, read_pairs, "--pairs")
+        name, judge, apply, write = pairs.dataset_name, pairs.human_decision, pairs.apply_decision, write_pairs
         questions, out = (VERDICT, pairs.SWAP), Path(args.out or "data/prefs/review")
     else:
         candidates = load_candidates(args.input)
-        name, judge, apply = dataset_name, human_decision, apply_decision
+        name, judge, apply, write = dataset_name, human_decision, apply_decision, write_records
         questions, out = (VERDICT, QUALITY), Path(args.out or "data/review")
     conn, note = reachable_server(cfg.mode)
     reviews: dict[str, dict[str, dict[str, dict]]] = {}
@@ -75,11 +74,11 @@ def main(args) -> int:
                       for pipeline in sorted(candidates)}
     stats.update(mode=cfg.mode, server=conn.api_url if conn else None, note=note,
                  pulled_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    write_jsonl(out / "reviewed.jsonl", buckets["accepted"] + buckets["corrected"])
-    write_jsonl(out / "rejected.jsonl", buckets["rejected"])
-    write_jsonl(out / "disputed.jsonl", buckets["disputed"])
-    write_jsonl(out / "pending.jsonl", buckets["pending"])
-    write_json(out / "review_stats.json", stats)
+    write(out / "reviewed.jsonl", buckets["accepted"] + buckets["corrected"])
+    write(out / "rejected.jsonl", buckets["rejected"])
+    write(out / "disputed.jsonl", buckets["disputed"])
+    write(out / "pending.jsonl", buckets["pending"])
+    write_report(out / "review_stats.json", ReviewStats, stats)
     print(note)
     print("  ".join(f"{b}: {stats[b]}" for b in BUCKETS) + f"  -> {out}")
     for pipeline, by_question in stats["kappa"].items():

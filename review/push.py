@@ -24,6 +24,7 @@ import time
 import warnings
 from typing import Any
 
+from pipeline.contract import read_pairs
 from pipeline.recipe import load_recipe
 from review import pairs
 from review.dataset import (
@@ -40,7 +41,7 @@ def main(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     cfg = recipe.review
     if getattr(args, "pairs", None):  # namespaces built by hand (tests, bench) review records
-        candidates = load_candidates(args.pairs, pairs.check_pair, "--pairs")
+        candidates = load_candidates(args.pairs, read_pairs, "--pairs")
         name, settings, convert, what = pairs.dataset_name, pairs.pair_settings, pairs.pair_item, "pairs"
     else:
         candidates = load_candidates(args.input)
