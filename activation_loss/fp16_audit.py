@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from activation_loss.sites import SITE_KINDS, Site, SiteRecorder
+from pipeline.contract import Fp16Audit, read_conversations, write_report
 from pipeline.recipe import Recipe, RecipeError, add_recipe_arguments, check_paths, load_recipe
-from pipeline.records import read_jsonl, write_json
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def audit_batches(recipe: Recipe, tokenizer) -> list[dict[str, torch.Tensor]]:
     check_paths(recipe, ["audit.data", "data.eval", "data.train"])
     if not files:
         raise RecipeError(f"recipe {recipe.path}: audit: no data (audit.data, data.eval or data.train)")
-    records = [r for f in files for r in read_jsonl(f)][: section.num_batches * section.batch_size]
+    records = [r for f in files for r in read_conversations(f)][: section.num_batches * section.batch_size]
     texts = [tokenizer.apply_chat_template(r["messages"], tools=r.get("tools"), tokenize=False)
              for r in records]
     batches = []
@@ -196,7 +196,7 @@ def audit(recipe: Recipe, model_path: str | None, out_dir: Path) -> dict[str, An
         "tokens": int(sum(b["attention_mask"].sum() for b in batches)),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "fp16_audit.json", report)  # an inf max_abs is written as null
+    write_report(out_dir / "fp16_audit.json", Fp16Audit, report)  # an inf max_abs is written as null
     plot(per_layer, limit, out_dir / "fp16_audit.png", title=f"{source}: "
          + ("fp16-safe" if report["fp16_safe"] else "NOT fp16-safe"))
     log.info("audit: %s, max |activation| %.4g, %d offending sites; wrote %s",

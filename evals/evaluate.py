@@ -41,7 +41,7 @@ from evals import forgetting, heldout_loss
 from pipeline.chat_template import prompt_text
 from pipeline.engines import CachedEngine, Sampling
 from pipeline.recipe import Recipe, RecipeError, add_recipe_arguments, load_recipe
-from pipeline.records import read_jsonl, write_json
+from pipeline.contract import EvalScores, SuiteItems, read_conversations, write_report
 
 log = logging.getLogger(__name__)
 
@@ -203,11 +203,11 @@ def evaluate(recipe: Recipe, model_spec: str, out: Path, split: str = "test") ->
     scores: dict[str, Any] = {}
     started = time.monotonic()
     files = [f for f in section.heldout_files if Path(f).is_file()]
-    records = [r for f in files for r in read_jsonl(f)][: section.heldout_max_records]
+    records = [r for f in files for r in read_conversations(f)][: section.heldout_max_records]
     if records:
         result = heldout_loss.evaluate(model, tokenizer, records, recipe.mix, section.heldout_max_length)
         scores[heldout_loss.NAME] = result["metrics"]
-        write_json(out / f"{heldout_loss.NAME}.json", {**result, "chance": uniform_chance(model, result)})
+        write_report(out / f"{heldout_loss.NAME}.json", SuiteItems, {**result, "chance": uniform_chance(model, result)})
     else:
         log.warning("held-out loss: no records in %s; skipped", section.heldout_files)
     timings[heldout_loss.NAME] = round(time.monotonic() - started, 1)
@@ -218,7 +218,7 @@ def evaluate(recipe: Recipe, model_spec: str, out: Path, split: str = "test") ->
         started = time.monotonic()
         result = forgetting.evaluate(model, tokenizer, probe[1])
         scores[forgetting.NAME] = result["metrics"]
-        write_json(out / f"{forgetting.NAME}.json", {**result, "chance": uniform_chance(model, result)})
+        write_report(out / f"{forgetting.NAME}.json", SuiteItems, {**result, "chance": uniform_chance(model, result)})
         timings[forgetting.NAME] = round(time.monotonic() - started, 1)
 
     # ------------------------------------------------- items of every suite
@@ -256,8 +256,9 @@ def evaluate(recipe: Recipe, model_spec: str, out: Path, split: str = "test") ->
             # The chance level: what an empty answer scores on the same items. The gate
             # calls a suite uninformative when the base does no better.
             chance = module.score(items[name], [""] * len(items[name]), cfg)
-            write_json(out / f"{name}.json", {"metrics": result["metrics"], "items": per_item,
-                                              "chance": {"metrics": chance["metrics"], "items": chance["items"]}})
+            write_report(out / f"{name}.json", SuiteItems, {
+                "metrics": result["metrics"], "items": per_item,
+                "chance": {"metrics": chance["metrics"], "items": chance["items"]}})
             timings[name] = round(time.monotonic() - started, 1)
     finally:
         if engine is not None and hasattr(engine, "close"):
@@ -276,6 +277,6 @@ def evaluate(recipe: Recipe, model_spec: str, out: Path, split: str = "test") ->
         "cache": {"hits": getattr(engine, "hits", 0), "generated": getattr(engine, "misses", 0)},
         "seconds": timings,
     }
-    write_json(out / "scores.json", report)
+    write_report(out / "scores.json", EvalScores, report)
     log.info("eval: %s on %s; wrote %s", source, kind, out / "scores.json")
     return report

@@ -46,13 +46,21 @@ from pathlib import Path
 from typing import Any, Callable
 
 from evals.paired import adjust, compare, detectable_drop
+from pipeline.contract import (
+    SUITE_FILES,
+    EvalReport,
+    EvalScores,
+    Fp16Audit,
+    GateReport,
+    SuiteItems,
+    read_report,
+    write_report,
+)
 from pipeline.recipe import add_recipe_arguments, load_recipe
-from pipeline.records import InputError, read_json, write_json
+from pipeline.records import InputError, write_json
 
 log = logging.getLogger(__name__)
 
-# Suites whose per-item answers the eval writes next to scores.json as <suite>.json.
-SUITES = ("retention", "ifeval", "tool_calls", "heldout_loss", "forgetting")
 # The gated checks: name pattern -> the recipe field holding its margin.
 GATED = {
     "fp16_safe": None,
@@ -79,14 +87,12 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     before, after = read_scores(Path(args.before)), read_scores(Path(args.after))
-    audit = read_json(args.audit) if Path(args.audit).is_file() else None
-    if audit is not None and not isinstance(audit, dict):
-        raise InputError(f"{args.audit}: not a posttrain audit report (expected an object)")
+    audit = read_report(args.audit, Fp16Audit) if Path(args.audit).is_file() else None
     report = eval_report(before, after, recipe)
     gate = run_checks(report, audit, recipe.gate)
-    write_json(args.report, report)
+    write_report(args.report, EvalReport, report)
     write_plots(report, Path(args.plots) if args.plots else Path(args.report).parent / "plots")
-    write_json(Path(args.out) / "gate_report.json", gate)
+    write_report(Path(args.out) / "gate_report.json", GateReport, gate)
     if not gate["passed"] and recipe.gate.enforce:
         print(gate["message"], file=sys.stderr)
         return 1
@@ -97,17 +103,12 @@ def main(args) -> int:
 # ------------------------------------------------------------------------ inputs
 def read_scores(path: Path) -> dict[str, Any]:
     """scores.json plus every suite's per-item file beside it ({suite: {items, chance}})."""
-    scores = read_json(path)
-    if not isinstance(scores, dict) or not isinstance(scores.get("scores"), dict):
-        raise InputError(f"{path}: not a posttrain eval scores.json (expected an object with `scores`)")
+    scores = read_report(path, EvalScores)
     scores["per_item"] = {}
-    for suite in SUITES:
+    for suite in SUITE_FILES:  # per-item answers beside scores.json, as <suite>.json
         file = path.parent / f"{suite}.json"
         if suite in scores["scores"] and file.is_file():
-            data = read_json(file)
-            if not isinstance(data, dict) or not isinstance(data.get("items"), list):
-                raise InputError(f"{file}: not a posttrain per-item eval file (expected an object with `items`)")
-            scores["per_item"][suite] = data
+            scores["per_item"][suite] = read_report(file, SuiteItems)
     return scores
 
 

@@ -55,7 +55,8 @@ from evals import standard_error
 from pipeline import sources
 from pipeline.chat_template import prompt_text
 from pipeline.recipe import Section
-from pipeline.records import iter_jsonl, stable_hash
+from pipeline.contract import read_records
+from pipeline.records import stable_hash
 
 NAME = "retention"
 log = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ def needle_strings(data_root: str | Path | None) -> NeedleStrings:
         if not path.is_file():
             found.missing.append(str(path))
             continue
-        for record in iter_jsonl(path):
+        for record in read_records(path):
             meta = record["meta"]
             found.records += 1
             for needle in meta["needles"]:

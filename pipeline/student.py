@@ -83,8 +83,9 @@ def resolve_model_folder(path: str | os.PathLike, flag: str = "--model"):
     """The model or adapter folder `path` stands for: itself, or, for a pointer folder
     (POINTER_FILE inside), the folder the pointer names (followed once more if that is
     a pointer too). A relative target is read from the working directory, as written."""
-    import json
     from pathlib import Path
+
+    from pipeline.contract import ModelPointer, read_report
 
     path = Path(path)
     for _ in range(8):  # a chain of pointers is allowed; a cycle is an error
@@ -92,10 +93,9 @@ def resolve_model_folder(path: str | os.PathLike, flag: str = "--model"):
         if not pointer.is_file():
             return path
         try:
-            target = json.loads(pointer.read_text())["model"]
-        except (ValueError, KeyError, TypeError):
-            raise InputError(f"{flag} {path}: {POINTER_FILE} does not name a model folder "
-                             '(expected {"model": "<folder>"})') from None
+            target = read_report(pointer, ModelPointer)["model"]
+        except InputError as exc:
+            raise InputError(f"{flag} {path}: {exc}") from None
         path = Path(target)
     raise InputError(f"{flag} {path}: {POINTER_FILE} pointers form a cycle")
 

@@ -39,8 +39,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.contract import DpoMetrics, ModelPointer, read_pairs, write_report
 from pipeline.recipe import Recipe, RecipeError, add_recipe_arguments, load_recipe
-from pipeline.records import InputError, read_jsonl, write_json
+from pipeline.records import InputError, write_json
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +97,9 @@ def write_pointer(sft_dir: Path, output_dir: Path) -> None:
     final = output_dir / "final"
     if final.exists():
         shutil.rmtree(final)
-    write_json(final / POINTER_FILE, {"model": str(target), "why": "dpo.enabled is false",
-                                      "sha256": folder_digest(target)})
-    write_json(output_dir / "dpo_metrics.json", {"enabled": False, "model": str(target)})
+    write_report(final / POINTER_FILE, ModelPointer, {"model": str(target), "why": "dpo.enabled is false",
+                                                      "sha256": folder_digest(target)})
+    write_report(output_dir / "dpo_metrics.json", DpoMetrics, {"enabled": False, "model": str(target)})
     write_json(output_dir / "dpo_curve.json", [])
     write_json(output_dir / "lora_coverage.json", {"lora": False})
     plot_curve([], output_dir / "dpo_curve.png", note="DPO is off (dpo.enabled: false)")
@@ -115,11 +116,9 @@ def load_pairs(path: Path):
     if not path.is_file():
         raise InputError(f"--pairs {path}: no such file (run posttrain prefs first)")
     rows = []
-    for number, pair in enumerate(read_jsonl(path), 1):
-        if not all(isinstance(pair.get(k), list) and pair[k] for k in ("prompt", "chosen", "rejected")):
-            raise InputError(f"--pairs {path}:{number}: a pair needs prompt, chosen and rejected turns")
+    for pair in read_pairs(path):
         tools = pair.get("tools")
-        rows.append({"id": pair.get("id") or f"{path}:{number}",
+        rows.append({"id": pair["id"],
                      "prompt": [clean_turn(t) for t in pair["prompt"]],
                      "chosen": [clean_turn(t) for t in pair["chosen"]],
                      "rejected": [clean_turn(t) for t in pair["rejected"]],
@@ -305,7 +304,7 @@ def train(recipe: Recipe, sft_dir: Path, pairs, output_dir: Path) -> dict[str, A
         if penalty is not None:
             metrics["activation_loss"] = penalty.summary()
         write_json(output_dir / "lora_coverage.json", coverage or {"lora": False})
-        write_json(output_dir / "dpo_metrics.json", metrics)
+        write_report(output_dir / "dpo_metrics.json", DpoMetrics, metrics)
         log.info("DPO %d steps on %d pairs, margin %s -> %s, accuracy %s -> %s; saved %s",
                  metrics["global_step"], metrics["pairs"], metrics["margin_first"], metrics["margin_last"],
                  metrics["accuracy_first"], metrics["accuracy_last"], final_dir)

@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
+from pipeline.contract import ExportReport, write_report
 from pipeline.recipe import RecipeError, add_recipe_arguments, load_recipe
-from pipeline.records import write_json
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def main(args) -> int:
     model_dir = resolve_model_folder(model_dir)  # the dpo stage's pointer when DPO is off
     report = export(recipe, model_dir, out)
     if args.report:
-        write_json(args.report, report)
+        write_report(args.report, ExportReport, report)
     failed = {p: r for p, r in report["profiles"].items() if r.get("passed") is False}
     if failed:
         log.error("export failed: %s; see %s", ", ".join(
@@ -184,7 +184,7 @@ def export(recipe, model_dir: Path, out: Path) -> dict[str, Any]:
             del model
             reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=recipe.model.dtype)
             record("merged", path, max_diff(reference, logits_of(reloaded, inputs)))
-        write_json(out / "export_report.json", report)
+        write_report(out / "export_report.json", ExportReport, report)
         return report
 
     # ------------------------------------------------------------ LoRA adapter
@@ -248,7 +248,7 @@ def export(recipe, model_dir: Path, out: Path) -> dict[str, Any]:
             log.warning("export merged: %s", rule["note"])
         record("merged", path, diff, share_of_adapter_effect=diff / effect if effect else None, **rule)
 
-    write_json(out / "export_report.json", report)
+    write_report(out / "export_report.json", ExportReport, report)
     return report
 
 

@@ -20,8 +20,7 @@ from pathlib import Path
 
 from pipeline.categories import category_of
 from pipeline.recipe import add_recipe_arguments, load_recipe
-from pipeline.contract import read_records
-from pipeline.records import write_json, write_jsonl
+from pipeline.contract import MixStats, read_records, write_records, write_report
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +73,9 @@ def build_mix(records: list[dict], cfg, out: Path) -> dict:
         n_eval = max(1, n_eval)
     eval_set, train_set = chosen[:n_eval], chosen[n_eval:]
     out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out / "train.jsonl", train_set)
-    write_jsonl(out / "eval.jsonl", eval_set)
-    write_jsonl(out / "unused.jsonl", unused)
+    write_records(out / "train.jsonl", train_set)
+    write_records(out / "eval.jsonl", eval_set)
+    write_records(out / "unused.jsonl", unused)
 
     stats = {
         "input": len(records),
@@ -96,5 +95,5 @@ def build_mix(records: list[dict], cfg, out: Path) -> dict:
     }
     if stats["train"] + stats["eval"] + stats["unused"] != stats["input"]:
         raise AssertionError(f"mix lost records: {stats}")
-    write_json(out / "mix_stats.json", stats)
+    write_report(out / "mix_stats.json", MixStats, stats)
     return stats

@@ -21,8 +21,15 @@ from typing import Any
 
 import torch
 
+from pipeline.contract import (
+    ActivationStats,
+    LossCurve,
+    TrainMetrics,
+    read_conversations,
+    write_report,
+)
 from pipeline.recipe import Recipe, RecipeError, add_recipe_arguments, check_paths, load_recipe
-from pipeline.records import InputError, iter_jsonl, write_json
+from pipeline.records import InputError, write_json
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +63,7 @@ def check_recipe(recipe: Recipe) -> None:
         raise RecipeError(f"recipe {recipe.path}: sft.deepspeed: {deepspeed}: no such file")
     for key in ("train", "eval"):
         empty = [f for f in getattr(recipe.data, key) if not f.endswith(".parquet")
-                 and next(iter_jsonl(f), None) is None]
+                 and not Path(f).read_text(encoding="utf-8").strip()]
         if empty:
             raise InputError(f"data.{key}: {', '.join(empty)}: no records (empty file)")
         bad = bad_records(getattr(recipe.data, key))
@@ -95,39 +102,18 @@ def check_recipe(recipe: Recipe) -> None:
             )
 
 
-def record_problem(record: dict) -> str | None:
-    """Why a record cannot train with assistant-only loss, or None."""
-    messages = record.get("messages")
-    if not isinstance(messages, list) or not messages:
-        return "no `messages` list"
-    for turn in messages:
-        if not isinstance(turn, dict) or turn.get("role") not in ("system", "user", "assistant", "tool"):
-            return "a turn without a role of system/user/assistant/tool"
-        content = turn.get("content")
-        if content is not None and not isinstance(content, str):
-            return f"a {turn['role']} turn whose content is not text"
-    if messages[-1]["role"] != "assistant":
-        return "does not end with an assistant turn (nothing to learn)"
-    if record.get("tools") is not None and not isinstance(record["tools"], list):
-        return "`tools` is not a list"
-    return None
-
-
 def bad_records(files: list[str]) -> list[tuple[str, str, int]]:
-    """(where, problem, index in the loaded dataset) for every record that cannot
-    train; `where` names the file, line and record id. Parquet files are checked by
-    `datasets` itself."""
+    """(where, problem, index in the loaded dataset) for every record that cannot train
+    (the contract's Conversation); `where` names the file, line and record id. Parquet
+    files are checked by `datasets` itself."""
     bad, index = [], 0
     for name in files:
         if name.endswith(".parquet"):
             continue
-        with open(name, encoding="utf-8") as handle:
-            lines = [n for n, line in enumerate(handle, 1) if line.strip()]
-        for number, record in zip(lines, iter_jsonl(name)):
-            problem = record_problem(record)
-            if problem:
-                bad.append((f"{name}:{number} (id {record.get('id', '?')})", problem, index))
-            index += 1
+        found: list[tuple[str, str, int]] = []
+        good = read_conversations(name, bad=found)
+        bad += [(where, problem, index + i) for where, problem, i in found]
+        index += len(good) + len(found)
     return bad
 
 
@@ -299,7 +285,7 @@ def train(recipe: Recipe, output_dir: Path, resume: str | None = None) -> dict[s
     if trainer.is_world_process_zero():
         penalty = trainer.activation_loss
         history = [r for r in trainer.state.log_history if "loss" in r]
-        write_json(output_dir / "loss_curve.json", [
+        write_report(output_dir / "loss_curve.json", LossCurve, [
             {"step": r["step"], "loss": r["loss"], **{k: v for k, v in r.items() if k.startswith("activation")}}
             for r in history
         ])
@@ -330,8 +316,8 @@ def train(recipe: Recipe, output_dir: Path, resume: str | None = None) -> dict[s
         write_json(output_dir / "lora_coverage.json", coverage or {"lora": False})
         if penalty is not None:
             metrics["activation_loss"] = penalty.summary()
-        write_json(output_dir / "activation_stats.json", penalty.layer_stats() if penalty else {})
-        write_json(output_dir / "train_metrics.json", metrics)
+        write_report(output_dir / "activation_stats.json", ActivationStats, penalty.layer_stats() if penalty else {})
+        write_report(output_dir / "train_metrics.json", TrainMetrics, metrics)
         log.info("trained %d steps, loss %s -> %s; saved %s", metrics["global_step"],
                  metrics["first_loss"], metrics["final_loss"], final_dir)
     finish(trainer)

@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from pipeline.recipe import RecipeError, add_recipe_arguments, load_recipe
-from pipeline.contract import read_records
-from pipeline.records import write_json, write_jsonl
+from pipeline.contract import DedupStats, read_records, write_records, write_report
 
 # LSH bands of 4 MinHash rows (16 bands at 64 permutations) propose a pair at Jaccard
 # 0.8 with probability 0.9998 (0.64 at 0.5); each proposal is then checked on the exact
@@ -220,8 +219,8 @@ def main(args) -> int:
     stats["heldout_items"] = len(items)
     out = Path(args.out)
     for name, records in kept.items():
-        write_jsonl(out / "accepted" / f"{name}.jsonl", records)
-    write_jsonl(out / "removed.jsonl", removed)
-    write_json(out / "dedup_stats.json", stats)
+        write_records(out / "accepted" / f"{name}.jsonl", records)
+    write_records(out / "removed.jsonl", removed)
+    write_report(out / "dedup_stats.json", DedupStats, stats)
     print(json.dumps({k: stats[k] for k in ("input", "kept", "removed")}))
     return 0

@@ -54,8 +54,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from pipeline.recipe import RecipeError
-from pipeline.contract import make_record
-from pipeline.records import conservation_stats, validation_problems, write_json, write_jsonl
+from pipeline.contract import GenerateStats, make_record, write_records, write_report
+from pipeline.records import conservation_stats, validation_problems
 
 # name -> module path; imported only when that pipeline runs.
 PIPELINES: dict[str, str] = {
@@ -190,8 +190,8 @@ def run(module: ModuleType, cfg: Any, engine: Any, out_dir: Path) -> dict[str, A
     stats["config"] = cfg.model_dump()
     stats["elapsed_s"] = round(time.monotonic() - started, 2)
     out_dir = Path(out_dir)
-    write_jsonl(out_dir / "accepted.jsonl", accepted)
-    write_jsonl(out_dir / "rejected.jsonl", rejected)
-    write_json(out_dir / "stats.json", stats)
+    write_records(out_dir / "accepted.jsonl", accepted)
+    write_records(out_dir / "rejected.jsonl", rejected)
+    write_report(out_dir / "stats.json", GenerateStats, stats)
     return stats
 

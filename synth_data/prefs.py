@@ -32,9 +32,9 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from pipeline.contract import read_records
+from pipeline.contract import PrefsStats, read_records, write_pairs, write_report
 from pipeline.recipe import RecipeError, add_recipe_arguments, load_recipe
-from pipeline.records import stable_hash, write_json, write_jsonl
+from pipeline.records import stable_hash
 from synth_data.dedup import Decontaminator, heldout_reference, record_text
 
 log = logging.getLogger(__name__)
@@ -79,10 +79,10 @@ def main(args) -> int:
         pairs += made
         stats["pipelines"][name] = counts
     out = Path(args.out)
-    write_jsonl(out / "pairs.jsonl", pairs)
+    write_pairs(out / "pairs.jsonl", pairs)
     stats["pairs"] = len(pairs)
     stats["prompts"] = sum(c["prompts"] for c in stats["pipelines"].values())
-    write_json(out / "prefs_stats.json", stats)
+    write_report(out / "prefs_stats.json", PrefsStats, stats)
     print(json.dumps({name: {"prompts": c["prompts"], "pairs": c["pairs"], "no_pair": c["no_pair"]}
                       for name, c in stats["pipelines"].items()}))
     return 0
