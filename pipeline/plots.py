@@ -12,7 +12,8 @@ import glob
 import logging
 from pathlib import Path
 
-from pipeline.records import read_json, write_json
+from pipeline.contract import ActivationStats, GenerateStats, LossCurve, read_report
+from pipeline.records import write_json
 
 log = logging.getLogger(__name__)
 FP16_MAX = 65504.0
@@ -34,15 +35,15 @@ def main(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     written = []
     if Path(args.loss).is_file():
-        written.append(plot_loss(read_json(args.loss), out / "loss.png"))
+        written.append(plot_loss(read_report(args.loss, LossCurve), out / "loss.png"))
     if Path(args.activations).is_file():
-        maxima = read_json(args.activations)
+        maxima = read_report(args.activations, ActivationStats)
         write_json(out / "activation_maxima.json", [
             {"site": f"{kind}/{key}", "max_abs": value}
             for kind, layers in maxima.items() for key, value in layers.items()
         ])
         written.append(plot_activations(maxima, out / "activation_maxima.png"))
-    stats = {Path(p).parent.name: read_json(p) for g in args.acceptance for p in sorted(glob.glob(g))}
+    stats = {Path(p).parent.name: read_report(p, GenerateStats) for g in args.acceptance for p in sorted(glob.glob(g))}
     if stats:
         write_json(out / "acceptance.json", [
             {"pipeline": name, "acceptance_rate": s.get("acceptance_rate"),

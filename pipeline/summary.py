@@ -6,14 +6,18 @@ reason; dedup, review buckets and the mix; training loss first -> last, the reco
 max_length truncated or cut to no answer, and max |activation| per site kind;
 preference pairs and DPO; the FP16 verdict; the export check; eval and gate results
 when those stages have run; where the data, model and plots are. A missing report
-prints "not run". Not a DVC stage: it only reads. `make run` ends with it.
+prints "not run"; a report that breaks the contract (pipeline.contract, which reads
+every one) prints the contract's error on its section's line. Not a DVC stage: it only
+reads. `make run` ends with it.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from pipeline.contract import ARTIFACTS, GenerateStats, read_report
+from pipeline.records import InputError
 
 GENERATE = "data/synth/*/stats.json"
 REPORTS = {
@@ -48,12 +52,27 @@ def main(args) -> int:
     return 0
 
 
+class Reports(dict):
+    """Report name -> the report as read through the contract (None: not written yet),
+    read when a section first asks, so a broken report fails only its own section."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, name: str) -> Any:
+        self[name] = _read(self.root / REPORTS[name], ARTIFACTS[REPORTS[name]].model)
+        return self[name]
+
+
 def summary(root: Path) -> list[str]:
-    reports = {name: _read(root / path) for name, path in REPORTS.items()}
+    reports = Reports(root)
     lines = [f"posttrain summary of {root.resolve()}"]
     for section in (generation, dedup, review, mix, train, preferences, audit, export, evaluation, gate):
         try:
             lines += section(root, reports)
+        except InputError as exc:
+            lines.append(_row(section.__name__, str(exc)))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             # A stage changed its report's shape: say so and keep going.
             lines.append(_row(section.__name__, f"unexpected report shape ({exc!r})"))
@@ -68,7 +87,7 @@ def generation(root: Path, _reports) -> list[str]:
         return [_row("generate", f"not run (no {GENERATE})")]
     lines = [_row("generate", "accepted / generated, top reject reason")]
     for path in stats:
-        s = _read(path) or {}
+        s = _read(path, GenerateStats) or {}
         reasons = s.get("reject_reasons") or {}
         top = max(reasons.items(), key=lambda kv: kv[1]) if reasons else None
         lines.append((f"  {path.parent.name:<14}{s.get('accepted', '?'):>5} / {s.get('generated', '?'):<5}"
@@ -249,11 +268,9 @@ def where(root: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------- helpers
-def _read(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+def _read(path: Path, model) -> Any:
+    """The report through the contract, or None when the stage has not written it."""
+    return read_report(path, model) if path.is_file() else None
 
 
 def _row(label: str, text: str) -> str:
