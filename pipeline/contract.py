@@ -583,6 +583,7 @@ def _report(model: type[BaseModel]) -> Artifact:
 
 
 SUITE_FILES = ("retention", "ifeval", "tool_calls", "heldout_loss", "forgetting")
+EVAL_SIDES = ("base", "sft", "after")
 
 # Every file that crosses a stage boundary, by its dvc.yaml path (a glob), and the
 # model, reader and writer the stages use for it (tests/test_contract.py checks that
@@ -611,8 +612,9 @@ ARTIFACTS: dict[str, Artifact] = {
     "outputs/dpo/final/posttrain_model.json": _report(ModelPointer),
     "outputs/dpo/dpo_metrics.json": _report(DpoMetrics),
     "outputs/audit/fp16_audit.json": _report(Fp16Audit),
-    "outputs/eval/*/scores.json": _report(EvalScores),
-    **{f"outputs/eval/*/{suite}.json": _report(SuiteItems) for suite in SUITE_FILES},
+    # eval_base, eval_sft and eval write one folder each
+    **{f"outputs/eval/{side}/scores.json": _report(EvalScores) for side in EVAL_SIDES},
+    **{f"outputs/eval/{side}/{suite}.json": _report(SuiteItems) for side in EVAL_SIDES for suite in SUITE_FILES},
     "outputs/eval/eval_report.json": _report(EvalReport),
     "outputs/eval/dpo_effect.json": _report(EvalReport),
     "outputs/gate/gate_report.json": _report(GateReport),
