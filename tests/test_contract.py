@@ -1,0 +1,403 @@
+"""The contract owns every file that crosses a stage boundary.
+
+Walking dvc.yaml: every output that a later stage, the summary or the plots read has
+an entry in pipeline.contract.ARTIFACTS (a model, one reader, one writer); the stage
+that writes it calls that writer and every stage that reads it calls that reader,
+and no stage reads a JSON file of its own accord. A planted fault in each kind of
+artifact (a corrupted line, a missing key) stops the reader with one line naming
+the file, the line or key, the id where there is one, and the problem; the same
+file read around the contract goes through unnoticed.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import fnmatch
+import json
+from pathlib import Path
+
+import pytest
+from test_dvc_deps import ROOT, closure, entry_modules, module_file
+
+from pipeline import contract
+from pipeline.contract import ARTIFACTS
+from pipeline.records import InputError, read_json, read_jsonl
+
+# Outputs a later stage depends on without reading them as data.
+ORDER_ONLY = {
+    ("generate", "models/teacher.json"): "generate takes the teacher from the recipe; the manifest "
+                                         "only reruns generation when the teacher changes",
+    ("export", "outputs/gate/gate_report.json"): "export only waits for the gate (which exits 1 to "
+                                                 "stop the DAG); it reads nothing from the report",
+}
+# Folders of weights: transformers and PEFT read them, the contract does not type them.
+MODEL_FOLDERS = {"outputs/sft/final", "outputs/export/profiles"}
+# JSON I/O around the contract that stays: files no stage writes for another.
+RAW_READS = {
+    ("pipeline.bfcl", "read_jsonl"): "BFCL's own data files (the benchmark, not a stage output)",
+    ("pipeline.ifeval_data", "read_jsonl"): "IFEval's own data file",
+}
+RAW_WRITES = {
+    ("evals.gate", "retention.json"): "the retention plot's data (outputs/eval/plots/), read by DVC only; "
+                                      "the eval's per-item file of that name is another",
+}
+RAW_READERS = {"read_json", "read_jsonl", "iter_jsonl", "load"}  # load: json.load
+RAW_WRITERS = {"write_json", "write_jsonl", "append_jsonl", "dump"}  # dump: json.dump
+
+
+# ------------------------------------------------------------------- the DAG
+def dvc_stages() -> list[tuple[str, str, list[str], list[str]]]:
+    """(name, cmd, deps, outs) of every stage; outs include metrics and plots."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:
+        return [(s.addressing, s.cmd, [d.def_path for d in s.deps if not isinstance(d, ParamsDependency)],
+                 [o.def_path for o in s.outs]) for s in repo.index.stages]
+
+
+STAGES = dvc_stages()
+
+
+def matches(path: str, pattern: str) -> bool:
+    """Glob match part by part: `*` stays within one folder name."""
+    parts, wanted = path.split("/"), pattern.split("/")
+    return len(parts) == len(wanted) and all(fnmatch.fnmatchcase(a, b) for a, b in zip(parts, wanted))
+
+
+def artifact_of(path: str) -> list[str]:
+    """The table's patterns for a file, or for the files right inside a folder."""
+    return [p for p in ARTIFACTS if matches(path, p) or matches(f"{path}/{Path(p).name}", p)]
+
+
+def stage_code(cmd: str, deps: list[str]) -> set[str]:
+    """The modules a stage runs: its command's imports, and the code dvc.yaml lists
+    (evaluate loads its suites by name, which no import shows)."""
+    listed = set()
+    for dep in deps:
+        path = ROOT / dep
+        files = [path] if path.suffix == ".py" else sorted(path.rglob("*.py")) if path.is_dir() else []
+        listed |= {".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__") for f in files}
+    return closure(entry_modules(cmd) | {m for m in listed if module_file(m) is not None})
+
+
+def under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def consumers(out: str, producer: str) -> list[str]:
+    """Stages whose deps take this output (the file, a folder above it, or one inside it)."""
+    return [name for name, _, deps, _ in STAGES if name != producer
+            and any(under(out, d) or under(d, out) for d in deps)]
+
+
+def names_in(modules: set[str]) -> set[str]:
+    """Every name the modules use (Name ids, attribute names), the contract itself excluded."""
+    found: set[str] = set()
+    for module in modules - {"pipeline.contract", "pipeline.records"}:
+        for node in ast.walk(ast.parse(module_file(module).read_text())):
+            if isinstance(node, ast.Name):
+                found.add(node.id)
+            elif isinstance(node, ast.Attribute):
+                found.add(node.attr)
+    return found
+
+
+def uses(artifact: contract.Artifact, how: str, names: set[str]) -> bool:
+    """The stage calls the artifact's reader or writer, and names its model where the
+    function serves several (read_report, write_report)."""
+    function = getattr(artifact, how).__name__
+    return function in names and (function not in ("read_report", "write_report")
+                                  or artifact.model.__name__ in names)
+
+
+# ---------------------------------------------------------------- the table
+def test_every_output_another_stage_the_summary_or_the_plots_read_is_in_the_contract():
+    from pipeline.summary import GENERATE, REPORTS
+
+    missing = []
+    for name, _, _, outs in STAGES:
+        for out in outs:
+            readers = [c for c in consumers(out, name) if (c.split("@")[0], out) not in ORDER_ONLY]
+            if readers and out not in MODEL_FOLDERS and not artifact_of(out):
+                missing.append(f"{out} (written by {name}, read by {', '.join(readers)})")
+    assert not missing, f"outputs crossing a stage boundary with no contract entry: {missing}"
+    for path in [GENERATE, *REPORTS.values()]:  # the summary's reports
+        assert path in ARTIFACTS, path
+
+
+def test_every_contract_entry_is_a_dvc_output():
+    outs = [out for *_, stage_outs in STAGES for out in stage_outs]
+    for pattern in ARTIFACTS:
+        assert any(pattern in artifact_of(out) for out in outs), pattern
+
+
+def test_every_record_the_mix_writes_is_a_conversation_sft_reads(tmp_path):
+    from stage_outputs import needle_records
+
+    for record in needle_records(tmp_path, 2, (512,)):
+        contract.Record.model_validate(record)
+        contract.Conversation.model_validate(record)
+
+
+@pytest.mark.parametrize("name, cmd, deps, outs", STAGES, ids=[s[0] for s in STAGES])
+def test_each_stage_writes_and_reads_its_artifacts_through_the_contract(name, cmd, deps, outs):
+    names = names_in(stage_code(cmd, deps))
+    problems = []
+    for out in outs:
+        for pattern in artifact_of(out):
+            if not uses(ARTIFACTS[pattern], "write", names):
+                problems.append(f"writes {pattern} without {ARTIFACTS[pattern].write.__name__}")
+    produced = {out: producer for producer, _, _, stage_outs in STAGES for out in stage_outs}
+    for dep in deps:
+        crossing = [out for out, producer in produced.items() if producer != name and (under(out, dep) or under(dep, out))
+                    and (name.split("@")[0], out) not in ORDER_ONLY and out not in MODEL_FOLDERS]
+        patterns = {p for out in crossing for p in artifact_of(out)}
+        # A folder dep is read through at least one artifact in it (dedup reads the
+        # synthetic records under data/synth, the plots its stats).
+        if patterns and not any(uses(ARTIFACTS[p], "read", names) for p in patterns):
+            problems.append(f"reads {dep} without the contract's reader ({sorted(patterns)})")
+    assert not problems, f"stage {name}: {problems}"
+
+
+# ------------------------------------------------------------- no way around
+def raw_io(module: str, source: str) -> list[str]:
+    """JSON reads that bypass the contract, and raw writes of a file the contract owns."""
+    owned = {Path(p).name for p in ARTIFACTS}
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", None)
+        if func == "load" and not (isinstance(node.func, ast.Attribute)
+                                   and getattr(node.func.value, "id", None) == "json"):
+            continue  # only json.load
+        if func in RAW_READERS and (module, func) not in RAW_READS:
+            found.append(f"{module}:{node.lineno} {func}")
+        if func in RAW_WRITERS:
+            strings = [n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+            hits = [s for s in strings for o in owned if fnmatch.fnmatchcase(Path(s).name, o)
+                    and (module, Path(s).name) not in RAW_WRITES]
+            if hits:
+                found.append(f"{module}:{node.lineno} {func} {hits[0]}")
+    return found
+
+
+def stage_modules() -> set[str]:
+    modules = set().union(*(stage_code(cmd, deps) for _, cmd, deps, _ in STAGES))
+    return (modules | {"pipeline.summary", "pipeline.plots"}) - {"pipeline.contract", "pipeline.records"}
+
+
+def test_no_stage_reads_json_around_the_contract_or_writes_an_owned_file_raw():
+    found = [hit for m in sorted(stage_modules()) for hit in raw_io(m, module_file(m).read_text())]
+    assert not found, found
+
+
+def test_the_bypass_check_finds_a_planted_bypass():
+    planted = ('import json\nfrom pipeline.records import read_json, write_json\n'
+               'gate = read_json("outputs/gate/gate_report.json")\n'
+               'write_json(out / "train_metrics.json", metrics)\n'
+               'scores = json.load(open("scores.json"))\n')
+    assert [hit.split(" ", 1)[1] for hit in raw_io("evals.gate", planted)] == [
+        "read_json", "write_json train_metrics.json", "load"]
+
+
+# ---------------------------------------------------------- planted faults
+@pytest.fixture(scope="module")
+def specimens(tmp_path_factory) -> dict[str, Path]:
+    """One file of each artifact kind: the records and stats the needle chain really
+    writes (generate, dedup, review pull, mix) and the DPO-off pointer; the kinds only
+    a trained model or a teacher makes here are the smallest data their model takes."""
+    import argparse
+
+    from review import pull
+    from sft import dpo, mix
+    from stage_outputs import needle_records
+    from synth_data import dedup
+
+    root = tmp_path_factory.mktemp("specimens")
+    records = needle_records(root / "synth" / "needle", 3, (512,))
+    recipe = root / "recipe.yaml"
+    recipe.write_text("dedup:\n  bfcl_heldout: false\nreview:\n  mode: off\nmix:\n  eval_fraction: 0.34\n")
+    ns = lambda **kw: argparse.Namespace(recipe=str(recipe), overrides=[], **kw)  # noqa: E731
+    assert dedup.main(ns(input=str(root / "synth"), out=str(root / "dedup"))) == 0
+    assert pull.main(ns(input=[str(root / "dedup/accepted/needle.jsonl")], pairs=None, out=str(root / "review"))) == 0
+    assert mix.main(ns(input=[str(root / "review/reviewed.jsonl")], out=str(root / "mix"))) == 0
+    model = root / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    dpo.write_pointer(model, root / "dpo")
+
+    made = {
+        "records": root / "dedup/accepted/needle.jsonl",
+        "conversations": root / "mix/train.jsonl",
+        "stats": root / "synth/needle/stats.json",
+        "dedup_stats": root / "dedup/dedup_stats.json",
+        "review_stats": root / "review/review_stats.json",
+        "mix_stats": root / "mix/mix_stats.json",
+        "pointer": root / "dpo/final/posttrain_model.json",
+        "dpo_metrics": root / "dpo/dpo_metrics.json",
+    }
+    # A pair of a real record's turns: chosen its answer, rejected another.
+    prompt, answer = records[0]["messages"][:-1], records[0]["messages"][-1]
+    pair = {"id": "p1", "pipeline": "needle", "prompt": prompt, "chosen": [answer],
+            "rejected": [{"role": "assistant", "content": "no idea"}], "meta": {"seed_id": "s1"}}
+    contract.write_pairs(root / "pairs.jsonl", [pair, {**pair, "id": "p2"}])
+    made["pairs"] = root / "pairs.jsonl"
+    comparison = {"before": 50.0, "after": 40.0, "delta": -10.0, "low": -20.0, "high": 0.0, "p": 0.04,
+                  "items": 20, "lower_is_better": False}
+    minimal = {
+        "train_metrics": (contract.TrainMetrics, {"mode": "lora", "global_step": 2, "first_loss": 9.1,
+                                                  "final_loss": 8.7}),
+        "activation_stats": (contract.ActivationStats, {"mamba": {"0": 12.5, "1": None}}),
+        "loss_curve": (contract.LossCurve, [{"step": 1, "loss": 9.1}, {"step": 2, "loss": 8.7}]),
+        "prefs_stats": (contract.PrefsStats, {"pairs": 1, "prompts": 2, "pipelines": {
+            "steerability": {"prompts": 2, "pairs": 1, "no_pair": {"all_passed": 1}}}}),
+        "fp16_audit": (contract.Fp16Audit, {"fp16_safe": True, "max_abs": 812.0, "offending": []}),
+        "scores": (contract.EvalScores, {"model": "base", "engine": "transformers",
+                                         "scores": {"ifeval": {"prompt_strict": 40.0}}}),
+        "suite_items": (contract.SuiteItems, {"items": [{"id": "ifeval/1", "passed": True},
+                                                        {"id": "ifeval/2", "passed": False}]}),
+        "eval_report": (contract.EvalReport, {"suites": {}, "comparisons": {"ifeval.prompt_strict": comparison}}),
+        "gate_report": (contract.GateReport, {"passed": True, "enforce": True, "off": [], "uninformative": [],
+                                              "message": "gate: passed 1 of 1 checks", "checks": [
+                                                  {"name": "fp16_safe", "status": "passed", "passed": True,
+                                                   "detail": "max |activation| 812"}]}),
+        "export_report": (contract.ExportReport, {"kind": "lora", "profiles": {"merged": {"passed": True}}}),
+    }
+    for kind, (model_class, data) in minimal.items():
+        contract.write_report(root / f"{kind}.json", model_class, data)
+        made[kind] = root / f"{kind}.json"
+    return made
+
+
+JSONL_FAULTS = {  # kind -> (reader, the key a planted fault removes)
+    "records": (contract.read_records, "messages"),
+    "conversations": (contract.read_conversations, "messages"),
+    "pairs": (contract.read_pairs, "chosen"),
+}
+REPORT_FAULTS = {  # kind -> (model, the path of the key a planted fault removes)
+    # activation_stats has no fixed keys: its fault is a layer's maximum that is text.
+    "stats": (contract.GenerateStats, ("accepted",)),
+    "dedup_stats": (contract.DedupStats, ("kept",)),
+    "review_stats": (contract.ReviewStats, ("pending",)),
+    "mix_stats": (contract.MixStats, ("train",)),
+    "pointer": (contract.ModelPointer, ("model",)),
+    "dpo_metrics": (contract.DpoMetrics, ("enabled",)),
+    "train_metrics": (contract.TrainMetrics, ("global_step",)),
+    "activation_stats": (contract.ActivationStats, ("mamba", "0")),
+    "loss_curve": (contract.LossCurve, ("1", "step")),
+    "prefs_stats": (contract.PrefsStats, ("pipelines", "steerability", "pairs")),
+    "fp16_audit": (contract.Fp16Audit, ("fp16_safe",)),
+    "scores": (contract.EvalScores, ("scores",)),
+    "suite_items": (contract.SuiteItems, ("items",)),
+    "eval_report": (contract.EvalReport, ("comparisons", "ifeval.prompt_strict", "p")),
+    "gate_report": (contract.GateReport, ("checks", "0", "passed")),
+    "export_report": (contract.ExportReport, ("profiles",)),
+}
+
+
+def test_every_artifact_kind_has_a_planted_fault_case():
+    covered = {reader for reader, _ in JSONL_FAULTS.values()} | {model for model, _ in REPORT_FAULTS.values()}
+    for pattern, artifact in ARTIFACTS.items():
+        assert (artifact.model if artifact.read is contract.read_report else artifact.read) in covered, pattern
+
+
+def one_line(exc: pytest.ExceptionInfo) -> str:
+    message = str(exc.value)
+    assert "\n" not in message
+    return message
+
+
+def plant(data, path: tuple):
+    """A copy of the data without the key at `path` (numbers index lists), or, for
+    activation stats, with text in its place; and the problem the reader must name."""
+    data = copy.deepcopy(data)
+    holder = data
+    for part in path[:-1]:
+        holder = holder[int(part)] if isinstance(holder, list) else holder[part]
+    dotted = ".".join(path)
+    if path == REPORT_FAULTS["activation_stats"][1]:
+        holder[path[-1]] = "huge"
+        return data, f"{dotted}: Input should be a valid number"
+    del holder[path[-1]]
+    return data, f"{dotted}: Field required"
+
+
+@pytest.mark.parametrize("kind", sorted(JSONL_FAULTS))
+def test_a_corrupted_line_is_named_by_file_and_line(specimens, kind, tmp_path):
+    read, _ = JSONL_FAULTS[kind]
+    lines = specimens[kind].read_text().splitlines()
+    bad = tmp_path / specimens[kind].name
+    bad.write_text("\n".join([lines[0], lines[1][: len(lines[1]) // 2], *lines[2:]]) + "\n")
+    with pytest.raises(InputError) as exc:
+        read(bad)
+    assert f"{bad}:2: not valid JSON" in one_line(exc)
+
+
+@pytest.mark.parametrize("kind", sorted(JSONL_FAULTS))
+def test_a_missing_key_is_named_by_file_line_id_and_key_and_passes_unseen_around_the_reader(
+        specimens, kind, tmp_path):
+    read, key = JSONL_FAULTS[kind]
+    rows = read_jsonl(specimens[kind])
+    del rows[1][key]
+    bad = tmp_path / specimens[kind].name
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(InputError) as exc:
+        read(bad)
+    assert one_line(exc).startswith(f"{bad}:2: ")
+    assert repr(rows[1]["id"]) in str(exc.value) and f"{key}: Field required" in str(exc.value)
+    assert len(read_jsonl(bad)) == len(rows)  # around the contract: no error, a record without it
+
+
+@pytest.mark.parametrize("kind", sorted(REPORT_FAULTS))
+def test_a_corrupted_report_is_named_by_file_and_line(specimens, kind, tmp_path):
+    model, _ = REPORT_FAULTS[kind]
+    text = specimens[kind].read_text()
+    bad = tmp_path / specimens[kind].name
+    bad.write_text(text[: len(text) // 2])
+    with pytest.raises(InputError) as exc:
+        contract.read_report(bad, model)
+    assert f"{bad}:" in one_line(exc) and "not valid JSON" in str(exc.value)
+
+
+@pytest.mark.parametrize("kind", sorted(REPORT_FAULTS))
+def test_a_missing_key_in_a_report_is_named_and_passes_unseen_around_the_reader(specimens, kind, tmp_path):
+    model, path = REPORT_FAULTS[kind]
+    planted, problem = plant(read_json(specimens[kind]), path)
+    bad = tmp_path / specimens[kind].name
+    bad.write_text(json.dumps(planted))
+    with pytest.raises(InputError) as exc:
+        contract.read_report(bad, model)
+    message = one_line(exc)
+    assert message.startswith(f"{bad}: not a valid ") and problem in message, message
+    assert read_json(bad) == planted  # around the contract: read as if nothing were wrong
+
+
+def test_a_list_entry_is_named_by_its_id(specimens, tmp_path):
+    items = read_json(specimens["suite_items"])
+    items["items"][1]["id"] = 7  # ids are text: the gate pairs items by them
+    bad = tmp_path / "ifeval.json"
+    bad.write_text(json.dumps(items))
+    with pytest.raises(InputError, match=r"items\.1 \(id 7\)\.id: Input should be a valid string"):
+        contract.read_report(bad, contract.SuiteItems)
+
+
+def test_a_writer_refuses_a_report_that_breaks_the_contract(tmp_path):
+    with pytest.raises(InputError, match=r"gate_report.json \(writing\): not a valid gate report file: passed"):
+        contract.write_report(tmp_path / "gate_report.json", contract.GateReport, {"checks": []})
+    assert not (tmp_path / "gate_report.json").exists()
+
+
+def test_the_summary_names_a_broken_report_on_its_own_line(specimens, tmp_path):
+    from pipeline.summary import summary
+
+    gate = read_json(specimens["gate_report"])
+    del gate["passed"]
+    (tmp_path / "outputs/gate").mkdir(parents=True)
+    (tmp_path / "outputs/gate/gate_report.json").write_text(json.dumps(gate))
+    lines = summary(tmp_path)
+    [line] = [line for line in lines if line.startswith("gate")]
+    assert "outputs/gate/gate_report.json: not a valid gate report file: passed: Field required" in line
+    assert any(line.startswith("dedup") and "not run" in line for line in lines)  # the rest goes on
