@@ -165,14 +165,15 @@ def parameter_counts(recipe: Recipe, config, refused: list[str]) -> dict[str, An
 
 
 def lora_reaches_experts(recipe: Recipe, config, refused: list[str]) -> bool:
-    """An MoE student whose LoRA names the MLP projections but not the experts: in
-    transformers 5 the routed experts are fused 3-D weights that module names never
-    reach (sft/lora.py), so the adapter would silently skip most of the model."""
+    """An MoE student whose LoRA names the MLP projections (as 4.x model cards do, meaning
+    every expert's) but not the experts: in transformers 5 the routed experts are fused
+    3-D weights that module names never reach (sft/lora.py), so the adapter would
+    silently skip most of the model. The `mlp` group means the dense layers only."""
     if int(getattr(config, "num_experts", 1) or 1) <= 1:
         return True
     targets = recipe.lora.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else list(targets)
-    mlp_names = {"mlp", "gate_proj", "up_proj", "down_proj", "all-linear"}
+    mlp_names = {"gate_proj", "up_proj", "down_proj", "all-linear"}
     if mlp_names & set(targets) and "experts" not in targets and not recipe.lora.get("target_parameters"):
         refused.append(
             f"lora.target_modules: {', '.join(sorted(mlp_names & set(targets)))} reach the dense MLP "
