@@ -153,7 +153,8 @@ def parameter_counts(recipe: Recipe, config, refused: list[str]) -> dict[str, An
             "experts": int(getattr(config, "num_experts", 1) or 1),
             "adapter": None,
         }
-        if recipe.lora is not None and lora_reaches_experts(recipe, config, refused):
+        if recipe.lora is not None:
+            check_lora_experts(recipe, config, refused)
             from peft import get_peft_model
 
             from sft.lora import build_lora_config
@@ -164,13 +165,13 @@ def parameter_counts(recipe: Recipe, config, refused: list[str]) -> dict[str, An
     return counts
 
 
-def lora_reaches_experts(recipe: Recipe, config, refused: list[str]) -> bool:
+def check_lora_experts(recipe: Recipe, config, refused: list[str]) -> None:
     """An MoE student whose LoRA names the MLP projections (as 4.x model cards do, meaning
     every expert's) but not the experts: in transformers 5 the routed experts are fused
     3-D weights that module names never reach (sft/lora.py), so the adapter would
     silently skip most of the model. The `mlp` group means the dense layers only."""
     if int(getattr(config, "num_experts", 1) or 1) <= 1:
-        return True
+        return
     targets = recipe.lora.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else list(targets)
     mlp_names = {"gate_proj", "up_proj", "down_proj", "all-linear"}
@@ -179,8 +180,6 @@ def lora_reaches_experts(recipe: Recipe, config, refused: list[str]) -> bool:
             f"lora.target_modules: {', '.join(sorted(mlp_names & set(targets)))} reach the dense MLP "
             f"layers only; the {config.num_experts} routed experts are fused weights that LoRA reaches "
             "only through target_parameters: add the `experts` group")
-        return False
-    return True
 
 
 # --------------------------------------------------------------- generation
@@ -364,10 +363,10 @@ def memory_plan(recipe: Recipe, config, counts: dict[str, Any], training: dict[s
     if stage == 3:
         _, states, _ = estimate_zero3_model_states_mem_needs(
             trainable, counts["largest_layer"], per_node, nodes, offload_optimizer, offload_params)
-        what = f"ZeRO-3 over {gpus} GPUs"
+        what = f"ZeRO-3 over {gpus} GPU(s)"
     elif stage in (1, 2):
         _, states = estimate_zero2_model_states_mem_needs(trainable, per_node, nodes, offload_optimizer)
-        what = f"ZeRO-{stage} over {gpus} GPUs"
+        what = f"ZeRO-{stage} over {gpus} GPU(s)"
     else:  # no ZeRO: every GPU holds all of it, as ZeRO-2 on one GPU does
         _, states = estimate_zero2_model_states_mem_needs(trainable, 1, 1, False)
         what = "no ZeRO (every GPU holds everything)"
@@ -479,5 +478,5 @@ def render(p: dict[str, Any]) -> str:
     lines.append("time       " + ", ".join(
         f"{k[:-2]} {'?' if v is None else f'~{v:g} h'}" for k, v in times.items())
         + ("  (? = no figure in plan:)" if None in times.values() else ""))
-    lines.append("refused    " + ("; ".join(p["refused"]) if p["refused"] else "nothing"))
+    lines.append("refused    " + (f"{len(p['refused'])}, one line each below" if p["refused"] else "nothing"))
     return "\n".join(lines)
