@@ -143,3 +143,17 @@ def test_jamba_mini_lora_plan_fits_one_node(capsys):
     # The base's bf16 weights sharded over 8 GPUs: the recipe's "~104 GB" / 8.
     assert 12 < result["memory"]["frozen_base_gb"] < 14
     assert all(row["prompts"] >= 1000 for row in result["generate"].values())
+
+
+def test_gpu_check_imports_and_skips_in_one_line_without_cuda():
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine runs the checks themselves: make gpu-check")
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py")], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines() == ["gpu-check: skipped: no CUDA GPU on this machine"]
