@@ -8,7 +8,7 @@ RECIPE ?= recipes/tiny-cpu.yaml
 export PYTHONUNBUFFERED := 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup run proof test test-fast docs argilla argilla-stop clean
+.PHONY: setup run proof test test-fast gpu-check docs argilla argilla-stop clean
 
 setup: $(VENV)/.installed
 	review/install_server.sh
@@ -66,6 +66,11 @@ test: setup $(VENV)/.chat-tokenizers
 
 test-fast: setup $(VENV)/.chat-tokenizers
 	$(VENV)/bin/pytest -m "not slow and not proof"
+
+# Everything that needs a GPU, one line per check with its numbers, ~10 minutes on one
+# H100 (bench/gpu_check.py); says so and exits 0 on a machine without CUDA.
+gpu-check: $(VENV)/.installed
+	$(PY) bench/gpu_check.py
 
 # The documentation site (docs/, mkdocs.yml) built into site/. Strict: a broken link or
 # anchor, or a page missing from the nav, fails. While editing: $(VENV)/bin/mkdocs serve

@@ -27,7 +27,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "gate": ("evals.gate", "before vs after report; block export if the model got worse or overflows FP16"),
     "export": ("sft.export", "export adapter / merged / vllm profiles, verified by reload"),
     "plots": ("pipeline.plots", "PNG plots: loss curve, activation maxima, acceptance per pipeline"),
-    # Not a stage: reads the reports above and prints what a person checks first.
+    # Not stages: plan sizes a recipe before anything runs; summary reads the reports
+    # above and prints what a person checks first.
+    "plan": ("plan.dry_run", "dry run: validate a whole recipe and size it (counts, steps, memory, time), offline"),
     "summary": ("pipeline.summary", "print the last run's numbers in ~30 lines and where its files are"),
 }
 

@@ -302,6 +302,20 @@ class PrefsSection(Section):
     )
 
 
+# ---------------------------------------------------------------------------- plan
+class PlanSection(Section):
+    """The hardware `posttrain plan` sizes the run for, and the throughput figures its
+    time estimate uses. No DVC stage reads this section. Each figure should carry a
+    comment in the recipe saying where it comes from; None = no time for that part."""
+
+    gpus: int = Field(1, ge=1)  # GPUs that train (--gpus overrides)
+    gpus_per_node: int = Field(8, ge=1)
+    gpu_memory_gb: float = Field(80.0, gt=0)  # per GPU (--gpu-memory overrides)
+    train_tokens_per_s_per_gpu: float | None = Field(None, gt=0)
+    teacher_tokens_per_s: float | None = Field(None, gt=0)  # new tokens/s, the whole teacher endpoint
+    eval_tokens_per_s: float | None = Field(None, gt=0)  # prompt + answer tokens/s, one eval engine
+
+
 SECTIONS: dict[str, type[Section]] = {
     "model": ModelSection,
     "data": DataSection,
@@ -316,6 +330,7 @@ SECTIONS: dict[str, type[Section]] = {
     "eval": EvalSection,
     "gate": GateSection,
     "prefs": PrefsSection,
+    "plan": PlanSection,
 }
 LIBRARY_SECTIONS = ("sft", "lora", "dpo")
 
