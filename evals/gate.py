@@ -245,7 +245,10 @@ def paired(metric: Metric, other: dict[str, dict], cfg, *, as_after: bool = True
                      clusters=clusters if any(r.get("cluster") for r in metric.rows) else None,
                      resamples=cfg.resamples,
                      strata=[metric.stratum(r) for r in metric.rows] if metric.stratum else None)
-    return result.as_dict()
+    out = result.as_dict()
+    if metric.lower_is_better:  # compare counts rises and falls; a loss that falls is better
+        out["better"], out["worse"] = out["worse"], out["better"]
+    return out
 
 
 # ------------------------------------------------------------------------ report
