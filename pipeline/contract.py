@@ -190,28 +190,36 @@ def make_record(
 def read_records(path: str | Path, trainable: bool = False) -> list[dict[str, Any]]:
     """Records from a JSONL file, each checked. `trainable`: every record must be one
     review pull put in reviewed.jsonl (decision accepted or corrected)."""
-    records = []
-    for number, record in enumerate(iter_jsonl(path), 1):
-        where = f"{path}:{number}"
-        check_record(record, where)
-        if trainable:
-            review = record["meta"].get("review")
-            decision = review.get("decision") if review else None
-            if decision not in TRAINABLE:
-                raise RecordError(
-                    f"{where}: record {record['id']!r}: meta.review.decision is {decision!r}; only"
-                    f" {' or '.join(TRAINABLE)} records (review pull's reviewed.jsonl) may train"
-                )
-        records.append(record)
-    return records
+    return _read_checked(path, check_record, "record", trainable)
 
 
 def write_records(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
     """Check every record, then write them atomically as JSONL; returns the count."""
-    records = list(records)
-    for number, record in enumerate(records, 1):
-        check_record(record, f"{path}:{number} (writing)")
-    return write_jsonl(path, records)
+    return _write_checked(path, check_record, records)
+
+
+def _read_checked(path: str | Path, check, kind: str, trainable: bool) -> list[dict[str, Any]]:
+    """Rows of a JSONL file of records or pairs, each through `check`; `trainable`: only
+    the rows review pull let through (accepted or corrected) may train."""
+    rows = []
+    for number, row in enumerate(iter_jsonl(path), 1):
+        where = f"{path}:{number}"
+        check(row, where)
+        if trainable:
+            decision = (row["meta"].get("review") or {}).get("decision")
+            if decision not in TRAINABLE:
+                raise RecordError(
+                    f"{where}: {kind} {row['id']!r}: meta.review.decision is {decision!r}; only"
+                    f" {' or '.join(TRAINABLE)} {kind}s (review pull's reviewed.jsonl) may train")
+        rows.append(row)
+    return rows
+
+
+def _write_checked(path: str | Path, check, rows: Iterable[dict[str, Any]]) -> int:
+    rows = list(rows)
+    for number, row in enumerate(rows, 1):
+        check(row, f"{path}:{number} (writing)")
+    return write_jsonl(path, rows)
 
 
 def validator_summary(validators: dict[str, dict[str, Any]]) -> tuple[str, float | None, list[str]]:
@@ -280,26 +288,12 @@ def check_pair(pair: Any, where: str = "pair") -> dict[str, Any]:
 def read_pairs(path: str | Path, trainable: bool = False) -> list[dict[str, Any]]:
     """Pairs from a JSONL file, each checked. `trainable`: every pair must be one review
     pull put in reviewed.jsonl (accepted, or corrected: swapped by reviewers)."""
-    pairs = []
-    for number, pair in enumerate(iter_jsonl(path), 1):
-        where = f"{path}:{number}"
-        check_pair(pair, where)
-        if trainable:
-            decision = (pair["meta"].get("review") or {}).get("decision")
-            if decision not in TRAINABLE:
-                raise RecordError(
-                    f"{where}: pair {pair['id']!r}: meta.review.decision is {decision!r}; only"
-                    f" {' or '.join(TRAINABLE)} pairs (review pull's reviewed.jsonl) may train")
-        pairs.append(pair)
-    return pairs
+    return _read_checked(path, check_pair, "pair", trainable)
 
 
 def write_pairs(path: str | Path, pairs: Iterable[dict[str, Any]]) -> int:
     """Check every pair, then write them atomically as JSONL; returns the count."""
-    pairs = list(pairs)
-    for number, pair in enumerate(pairs, 1):
-        check_pair(pair, f"{path}:{number} (writing)")
-    return write_jsonl(path, pairs)
+    return _write_checked(path, check_pair, pairs)
 
 
 # -------------------------------------------------------- what SFT trains on
