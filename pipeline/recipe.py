@@ -300,6 +300,10 @@ class PrefsSection(Section):
     pipelines: list[Literal["steerability", "tool_use"]] = Field(
         default_factory=lambda: ["steerability", "tool_use"], min_length=1
     )
+    # tool_use prompts with no failing sample (answers built by code: one per prompt)
+    # get a rejected answer built by code and failed by the pipeline's own validator:
+    # a call where no function fits, else the calls missing one argument.
+    code_rejected: bool = False
 
 
 # ---------------------------------------------------------------------------- plan

@@ -18,6 +18,13 @@ pair with the project's own validators; `meta.rejected_reason` is the rejected
 response's reason code. Pairs whose text shares an n-gram with a held-out eval item
 are dropped, as dedup drops records.
 
+With `code_rejected` (tool_use only), a prompt whose samples all passed (with answers
+built by code there is one sample per prompt, so no pair otherwise) gets its rejected
+answer built by code: the two faults measured on a trained student. Where no function
+fits (irrelevance), a call of an offered function; else the calls with one argument
+left out (no call, if no argument can be). The pipeline's own validator must fail it, and its
+reason becomes `rejected_reason`; `meta.rejected_source` is "code" (else "sample").
+
 Every prompt ends in exactly one place: a pair, or `prefs_stats.json`'s
 `no_pair` count under its reason (all_passed, all_failed, prompt_rejected,
 chosen_removed, contaminated, single_sample). Writes OUT/pairs.jsonl and
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -36,6 +44,8 @@ from pipeline.contract import PrefsStats, read_records, write_pairs, write_repor
 from pipeline.recipe import RecipeError, add_recipe_arguments, load_recipe
 from pipeline.records import stable_hash
 from synth_data.dedup import Decontaminator, heldout_reference, record_text
+from synth_data.four_steps import verdict
+from synth_data.tool_use import code_answer, match_calls
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +85,8 @@ def main(args) -> int:
         accepted = read_records(synth / name / "accepted.jsonl")
         rejected = read_records(synth / name / "rejected.jsonl")
         survivors = {r["id"] for r in read_records(kept / f"{name}.jsonl")}
-        made, counts = build_pairs(name, accepted, rejected, survivors, decontaminator)
+        made, counts = build_pairs(name, accepted, rejected, survivors, decontaminator,
+                                   code_rejected=cfg.code_rejected and name == "tool_use")
         pairs += made
         stats["pipelines"][name] = counts
     out = Path(args.out)
@@ -115,6 +126,7 @@ def checks_of(pipeline: str, record: dict[str, Any]) -> dict[str, Any]:
 
 def build_pairs(
     pipeline: str, accepted: list[dict], rejected: list[dict], survivors: set[str], decontaminator,
+    code_rejected: bool = False,
 ) -> tuple[list[dict], dict[str, Any]]:
     by_prompt: dict[str, dict[str, list[dict]]] = defaultdict(lambda: {"pass": [], "fail": [], "other": []})
     for record in accepted:
@@ -129,7 +141,14 @@ def build_pairs(
     for seed_id, group in sorted(by_prompt.items()):
         samples = len(group["pass"]) + len(group["fail"]) + len(group["other"])
         passing = sorted((r for r in group["pass"] if r["id"] in survivors), key=rank)
-        if samples < 2:
+        built = code_rejected and passing and not group["fail"] and rejected_by_code(passing[0])
+        if built:
+            pair = make_pair(pipeline, seed_id, passing[0], built)
+            if decontaminator is not None and decontaminator.match(pair_text(pair)):
+                no_pair["contaminated"] += 1
+            else:
+                pairs.append(pair)
+        elif samples < 2:
             no_pair["single_sample"] += 1
         elif not group["pass"] and not group["fail"]:
             no_pair["prompt_rejected"] += 1
@@ -148,6 +167,7 @@ def build_pairs(
             else:
                 pairs.append(pair)
     counts = {"prompts": len(by_prompt), "pairs": len(pairs),
+              "code_rejected": sum(p["meta"]["rejected_source"] == "code" for p in pairs),
               "no_pair": {reason: no_pair[reason] for reason in NO_PAIR_REASONS if no_pair[reason]}}
     if counts["pairs"] + sum(counts["no_pair"].values()) != counts["prompts"]:
         raise AssertionError(f"prefs: counts not conserved for {pipeline}: {counts}")
@@ -170,6 +190,7 @@ def make_pair(pipeline: str, seed_id: str, chosen: dict, loser: dict) -> dict[st
         "chosen_id": chosen["id"],
         "rejected_id": loser["id"],
         "rejected_reason": loser["reject_reason"],
+        "rejected_source": loser["meta"].get("rejected_source", "sample"),
         "rejected_failed": sorted(n for n, v in loser["meta"]["validators"].items() if not v["passed"]),
         "checks": checks_of(pipeline, chosen),
         "teacher": chosen["meta"].get("teacher"),
@@ -180,3 +201,66 @@ def make_pair(pipeline: str, seed_id: str, chosen: dict, loser: dict) -> dict[st
 def pair_text(pair: dict[str, Any]) -> str:
     turns = pair["prompt"] + pair["chosen"] + pair["rejected"]
     return record_text({"messages": turns})
+
+
+# ------------------------------------------------------------ rejected by code
+# The rejected answer when no argument can be left out.
+REFUSAL = "None of the available functions can do that."
+
+
+def rejected_by_code(chosen: dict[str, Any]) -> dict[str, Any] | None:
+    """A failing answer to a tool_use record's request, built by code and failed by the
+    pipeline's validator (`match_calls`), as a rejected sample; None if none fails."""
+    expected = json.loads(chosen["meta"]["expected_calls"])
+    tools, request = chosen["tools"], chosen["messages"][-2]["content"]
+    rng = random.Random(chosen["id"])
+    if not expected:  # irrelevance: the call a model makes anyway
+        options = [[{"name": t["function"]["name"], "arguments": made_up_arguments(t["function"], request, rng)}]
+                   for t in rng.sample(tools, len(tools))]
+    else:
+        dropped = [[*expected[:i], {**call, "arguments": {k: v for k, v in call["arguments"].items() if k != key}},
+                    *expected[i + 1:]]
+                   for i, call in enumerate(expected) for key in sorted(call["arguments"])]
+        # Not "no call" first: no answer of a trained student lacked a call where one
+        # fitted, and pairs that reward calling would teach calling where none fits.
+        options = [*rng.sample(dropped, len(dropped)), []]
+    for calls in options:
+        reason = match_calls(code_answer(calls) if calls else REFUSAL, expected, tools)
+        if reason is not None:
+            break
+    else:
+        return None
+    if calls:
+        turn = {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}}
+            for c in calls]}
+    else:
+        turn = {"role": "assistant", "content": REFUSAL}
+    return {"id": stable_hash("prefs-code-rejected", chosen["id"], turn), "messages": [*chosen["messages"][:-1], turn],
+            "reject_reason": reason,
+            "meta": {"rejected_source": "code", "validators": {"calls": verdict(reason)}}}
+
+
+def made_up_arguments(function: dict[str, Any], request: str, rng: random.Random) -> dict[str, Any]:
+    """A value of the schema's type for every required parameter (free strings: the
+    request's first words, as a model that calls anyway fills them)."""
+    params = function.get("parameters", {})
+    return {name: made_up_value(params.get("properties", {}).get(name, {}), request, rng)
+            for name in params.get("required", [])}
+
+
+def made_up_value(spec: dict[str, Any], request: str, rng: random.Random) -> Any:
+    if spec.get("enum"):
+        return rng.choice(spec["enum"])
+    kind = spec.get("type")
+    if kind == "integer":
+        return rng.randint(1, 100)
+    if kind == "number":
+        return round(rng.uniform(1, 100), 1)
+    if kind == "boolean":
+        return rng.choice([True, False])
+    if kind == "array":
+        return [made_up_value(spec.get("items") or {"type": "string"}, request, rng)]
+    if kind == "object":
+        return {}
+    return " ".join(request.split()[:4])

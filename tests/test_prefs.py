@@ -2,7 +2,9 @@
 pipeline run on the packaged teacher, then the real dedup stage, then `posttrain prefs`):
 counts are conserved, every chosen response passes and every rejected one fails when
 re-checked by the project's own validators, and a prompt whose samples all pass or all
-fail yields no pair, with its reason counted."""
+fail yields no pair, with its reason counted; with `code_rejected`, every such tool_use
+prompt gets a rejected answer built by code that the validator fails for its stated
+reason."""
 
 import json
 import shutil
@@ -14,7 +16,7 @@ from pipeline.cli import main as posttrain
 from pipeline.contract import read_records
 from pipeline.records import read_json, read_jsonl
 from synth_data import constraints, tool_use
-from synth_data.prefs import is_response_failure
+from synth_data.prefs import is_response_failure, rejected_by_code
 
 pytestmark = pytest.mark.slow
 RECIPE_TEXT = """
@@ -96,3 +98,48 @@ def test_prompts_whose_samples_all_pass_or_all_fail_give_no_pair(prefs_run):
         no_pair = stats["pipelines"][name]["no_pair"]
         assert no_pair.get("all_failed", 0) == len(all_failed)
         assert no_pair.get("all_passed", 0) == len(all_passed)
+
+
+@pytest.fixture(scope="module")
+def code_rejected_run(prefs_run):
+    """The same dedup output through prefs with rejected answers built by code."""
+    assert posttrain(["prefs", str(prefs_run / "recipe.yaml"), "--set", "prefs.code_rejected=true",
+                      "--synth", str(prefs_run / "synth"), "--dedup", str(prefs_run / "dedup" / "accepted"),
+                      "--out", str(prefs_run / "prefs-code")]) == 0
+    return prefs_run / "prefs-code"
+
+
+def test_code_built_rejected_answers_fail_the_validator_for_their_stated_reason(prefs_run, code_rejected_run):
+    plain = {p["meta"]["seed_id"]: p for p in read_jsonl(prefs_run / "prefs" / "pairs.jsonl")}
+    pairs = read_jsonl(code_rejected_run / "pairs.jsonl")
+    stats = read_json(code_rejected_run / "prefs_stats.json")["pipelines"]
+    built = [p for p in pairs if p["meta"]["rejected_source"] == "code"]
+    assert built and stats["tool_use"]["code_rejected"] == len(built)
+    assert all(p["pipeline"] == "tool_use" for p in built)  # steerability never
+    for pair in built:
+        assert pair["meta"]["seed_id"] not in plain  # only where the samples made no pair
+        expected = pair["meta"]["checks"]["expected_calls"]
+        assert passes(pair, pair["chosen"][0])
+        reason = tool_use.match_calls(as_text(pair["rejected"][0]), expected, pair["tools"])
+        assert reason == pair["meta"]["rejected_reason"]
+        assert reason == ("call_when_irrelevant" if not expected else "wrong_arguments") or reason == "no_call"
+    # A prompt whose samples all passed is no longer left without a pair.
+    assert "all_passed" not in stats["tool_use"]["no_pair"], stats["tool_use"]
+    for seed, pair in plain.items():  # the sampled pairs are unchanged
+        assert pair in pairs
+
+
+def test_a_rejected_answer_is_built_for_every_accepted_tool_use_record(prefs_run):
+    """Call records too (here their teacher samples made the pairs): each answer built
+    fails the validator for its stated reason, and differs from the accepted one."""
+    records = read_records(prefs_run / "synth" / "tool_use" / "accepted.jsonl")
+    kinds = set()
+    for record in records:
+        built = rejected_by_code(record)
+        expected = json.loads(record["meta"]["expected_calls"])
+        kinds.add(bool(expected))
+        reason = tool_use.match_calls(as_text(built["messages"][-1]), expected, record["tools"])
+        assert reason is not None and reason == built["reject_reason"], record["id"]
+        assert reason in (("wrong_arguments", "no_call") if expected else ("call_when_irrelevant",))
+        assert built["messages"][:-1] == record["messages"][:-1]
+    assert kinds == {True, False}, "the session's output lacks call or irrelevance records"
