@@ -45,7 +45,7 @@ from pipeline.recipe import RecipeError, add_recipe_arguments, load_recipe
 from pipeline.records import stable_hash
 from synth_data.dedup import Decontaminator, heldout_reference, record_text
 from synth_data.four_steps import verdict
-from synth_data.tool_use import code_answer, match_calls
+from synth_data.tool_use import code_answer, match_calls, sample_value
 
 log = logging.getLogger(__name__)
 
@@ -250,17 +250,10 @@ def made_up_arguments(function: dict[str, Any], request: str, rng: random.Random
 
 
 def made_up_value(spec: dict[str, Any], request: str, rng: random.Random) -> Any:
-    if spec.get("enum"):
-        return rng.choice(spec["enum"])
     kind = spec.get("type")
-    if kind == "integer":
-        return rng.randint(1, 100)
-    if kind == "number":
-        return round(rng.uniform(1, 100), 1)
-    if kind == "boolean":
-        return rng.choice([True, False])
-    if kind == "array":
-        return [made_up_value(spec.get("items") or {"type": "string"}, request, rng)]
-    if kind == "object":
-        return {}
-    return " ".join(request.split()[:4])
+    # The generator's sampler speaks BFCL's type names.
+    value = sample_value({**spec, "type": {"number": "float"}.get(kind, kind)}, [], rng)
+    if value is not None:
+        return value
+    phrase = " ".join(request.split()[:4])
+    return {"object": {}, "array": [phrase]}.get(kind, phrase)
