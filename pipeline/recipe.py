@@ -301,9 +301,10 @@ class PrefsSection(Section):
         default_factory=lambda: ["steerability", "tool_use"], min_length=1
     )
     # tool_use prompts with no failing sample (answers built by code: one per prompt)
-    # get a rejected answer built by code and failed by the pipeline's own validator:
-    # a call where no function fits, else the calls missing one argument.
-    code_rejected: bool = False
+    # get a rejected answer built by code and failed by the pipeline's own validator,
+    # for the faults named: call_when_irrelevant (a call where no function fits),
+    # wrong_arguments (the calls missing one argument; no call if none can be left out).
+    code_rejected: list[Literal["call_when_irrelevant", "wrong_arguments"]] = Field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------- plan

@@ -20,9 +20,10 @@ are dropped, as dedup drops records.
 
 With `code_rejected` (tool_use only), a prompt whose samples all passed (with answers
 built by code there is one sample per prompt, so no pair otherwise) gets its rejected
-answer built by code: the two faults measured on a trained student. Where no function
-fits (irrelevance), a call of an offered function; else the calls with one argument
-left out (no call, if no argument can be). The pipeline's own validator must fail it, and its
+answer built by code, for the faults the recipe names (both measured on a trained
+student): `call_when_irrelevant`, a call of an offered function where none fits;
+`wrong_arguments`, the right calls with one argument left out (no call, if no argument
+can be). The pipeline's own validator must fail it, and its
 reason becomes `rejected_reason`; `meta.rejected_source` is "code" (else "sample").
 
 Every prompt ends in exactly one place: a pair, or `prefs_stats.json`'s
@@ -38,7 +39,7 @@ import logging
 import random
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from pipeline.contract import PrefsStats, read_records, write_pairs, write_report
 from pipeline.recipe import RecipeError, add_recipe_arguments, load_recipe
@@ -86,7 +87,7 @@ def main(args) -> int:
         rejected = read_records(synth / name / "rejected.jsonl")
         survivors = {r["id"] for r in read_records(kept / f"{name}.jsonl")}
         made, counts = build_pairs(name, accepted, rejected, survivors, decontaminator,
-                                   code_rejected=cfg.code_rejected and name == "tool_use")
+                                   code_rejected=cfg.code_rejected if name == "tool_use" else [])
         pairs += made
         stats["pipelines"][name] = counts
     out = Path(args.out)
@@ -126,7 +127,7 @@ def checks_of(pipeline: str, record: dict[str, Any]) -> dict[str, Any]:
 
 def build_pairs(
     pipeline: str, accepted: list[dict], rejected: list[dict], survivors: set[str], decontaminator,
-    code_rejected: bool = False,
+    code_rejected: Sequence[str] = (),
 ) -> tuple[list[dict], dict[str, Any]]:
     by_prompt: dict[str, dict[str, list[dict]]] = defaultdict(lambda: {"pass": [], "fail": [], "other": []})
     for record in accepted:
@@ -141,7 +142,7 @@ def build_pairs(
     for seed_id, group in sorted(by_prompt.items()):
         samples = len(group["pass"]) + len(group["fail"]) + len(group["other"])
         passing = sorted((r for r in group["pass"] if r["id"] in survivors), key=rank)
-        built = code_rejected and passing and not group["fail"] and rejected_by_code(passing[0])
+        built = code_rejected and passing and not group["fail"] and rejected_by_code(passing[0], code_rejected)
         if built:
             pair = make_pair(pipeline, seed_id, passing[0], built)
             if decontaminator is not None and decontaminator.match(pair_text(pair)):
@@ -208,10 +209,13 @@ def pair_text(pair: dict[str, Any]) -> str:
 REFUSAL = "None of the available functions can do that."
 
 
-def rejected_by_code(chosen: dict[str, Any]) -> dict[str, Any] | None:
-    """A failing answer to a tool_use record's request, built by code and failed by the
-    pipeline's validator (`match_calls`), as a rejected sample; None if none fails."""
+def rejected_by_code(chosen: dict[str, Any], faults: Sequence[str]) -> dict[str, Any] | None:
+    """A failing answer to a tool_use record's request with one of `faults`, built by
+    code and failed by the pipeline's validator (`match_calls`), as a rejected sample;
+    None if the record's kind has no fault named, or no answer fails."""
     expected = json.loads(chosen["meta"]["expected_calls"])
+    if ("wrong_arguments" if expected else "call_when_irrelevant") not in faults:
+        return None
     tools, request = chosen["tools"], chosen["messages"][-2]["content"]
     rng = random.Random(chosen["id"])
     if not expected:  # irrelevance: the call a model makes anyway

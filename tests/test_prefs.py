@@ -100,10 +100,13 @@ def test_prompts_whose_samples_all_pass_or_all_fail_give_no_pair(prefs_run):
         assert no_pair.get("all_passed", 0) == len(all_passed)
 
 
+FAULTS = ("call_when_irrelevant", "wrong_arguments")
+
+
 @pytest.fixture(scope="module")
 def code_rejected_run(prefs_run):
     """The same dedup output through prefs with rejected answers built by code."""
-    assert posttrain(["prefs", str(prefs_run / "recipe.yaml"), "--set", "prefs.code_rejected=true",
+    assert posttrain(["prefs", str(prefs_run / "recipe.yaml"), "--set", f"prefs.code_rejected=[{','.join(FAULTS)}]",
                       "--synth", str(prefs_run / "synth"), "--dedup", str(prefs_run / "dedup" / "accepted"),
                       "--out", str(prefs_run / "prefs-code")]) == 0
     return prefs_run / "prefs-code"
@@ -135,7 +138,7 @@ def test_a_rejected_answer_is_built_for_every_accepted_tool_use_record(prefs_run
     records = read_records(prefs_run / "synth" / "tool_use" / "accepted.jsonl")
     kinds = set()
     for record in records:
-        built = rejected_by_code(record)
+        built = rejected_by_code(record, FAULTS)
         expected = json.loads(record["meta"]["expected_calls"])
         kinds.add(bool(expected))
         reason = tool_use.match_calls(as_text(built["messages"][-1]), expected, record["tools"])
@@ -143,3 +146,6 @@ def test_a_rejected_answer_is_built_for_every_accepted_tool_use_record(prefs_run
         assert reason in (("wrong_arguments", "no_call") if expected else ("call_when_irrelevant",))
         assert built["messages"][:-1] == record["messages"][:-1]
     assert kinds == {True, False}, "the session's output lacks call or irrelevance records"
+    # Only the faults named are built.
+    assert all((rejected_by_code(r, ["call_when_irrelevant"]) is None) == bool(json.loads(r["meta"]["expected_calls"]))
+               for r in records)
