@@ -46,7 +46,7 @@ from pipeline.recipe import RecipeError, add_recipe_arguments, load_recipe
 from pipeline.records import stable_hash
 from synth_data.dedup import Decontaminator, heldout_reference, record_text
 from synth_data.four_steps import verdict
-from synth_data.tool_use import code_answer, match_calls, sample_value
+from synth_data.tool_use import calls_turn, code_answer, match_calls, sample_value
 
 log = logging.getLogger(__name__)
 
@@ -234,12 +234,7 @@ def rejected_by_code(chosen: dict[str, Any], faults: Sequence[str]) -> dict[str,
             break
     else:
         return None
-    if calls:
-        turn = {"role": "assistant", "content": "", "tool_calls": [
-            {"type": "function", "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}}
-            for c in calls]}
-    else:
-        turn = {"role": "assistant", "content": REFUSAL}
+    turn = calls_turn(calls) if calls else {"role": "assistant", "content": REFUSAL}
     return {"id": stable_hash("prefs-code-rejected", chosen["id"], turn), "messages": [*chosen["messages"][:-1], turn],
             "reject_reason": reason,
             "meta": {"rejected_source": "code", "validators": {"calls": verdict(reason)}}}

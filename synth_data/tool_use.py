@@ -576,15 +576,20 @@ def validate(candidates: list[dict[str, Any]], cfg: Config) -> list[dict[str, An
 
 
 # ----------------------------------------------------------------------- (iv)
+def calls_turn(calls: list[dict[str, Any]]) -> dict[str, Any]:
+    """Calls as the assistant turn the record contract holds: structured `tool_calls`."""
+    return {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": call["name"],
+                                          "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
+        for call in calls]}
+
+
 def post_edit(c: dict[str, Any], cfg: Config) -> dict[str, Any]:
     meta = {**c["meta"], "scores": c["scores"], "validators": c["validators"]}
     user = c["messages"][0]
     if c["expected"]:
         # The sampled calls, schema-typed, replace the teacher's text (they matched it).
-        answer = {"role": "assistant", "content": "", "tool_calls": [
-            {"type": "function", "function": {"name": call["name"],
-                                              "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
-            for call in c["expected"]]}
+        answer = calls_turn(c["expected"])
         meta["post_edit"] = ["structured_tool_calls", "schema_typed_arguments"]
     else:
         answer = {"role": "assistant", "content": c["messages"][-1]["content"].strip()}
