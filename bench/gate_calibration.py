@@ -35,7 +35,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from evals.gate import is_gated, eval_report, run_checks  # noqa: E402
+from evals.gate import Scores, is_gated, eval_report, run_checks  # noqa: E402
+from pipeline.contract import EvalScores, Fp16Audit, GateReport, SuiteItems  # noqa: E402
 from pipeline.recipe import Recipe, load_recipe  # noqa: E402
 
 # Per-item outcome distributions of SmolLM2-135M-Instruct's base, measured with the
@@ -205,14 +206,15 @@ def _expected(suite: str, row: dict) -> float:
 
 
 # ----------------------------------------------------------------------- the gate
-def gate(s: Setting, before: dict[str, list[dict]], after: dict[str, list[dict]]) -> dict[str, Any]:
+def gate(s: Setting, before: dict[str, list[dict]], after: dict[str, list[dict]]) -> GateReport:
     def scores(rows):
         present = {k: v for k, v in rows.items() if v}
-        return {"scores": {k: {} for k in present}, "per_item": {k: {"items": v} for k, v in present.items()}}
+        return Scores(EvalScores(model="simulated", engine="simulated", scores={k: {} for k in present}),
+                      {k: SuiteItems(items=v) for k, v in present.items()})
 
     # Only the gated metrics: the others are reported, never decide.
     report = eval_report(scores(before), scores(after), s.recipe, only=is_gated)
-    return run_checks(report, {"fp16_safe": True, "offending": []}, s.recipe.gate)
+    return run_checks(report, Fp16Audit(fp16_safe=True, max_abs=None, offending=[]), s.recipe.gate)
 
 
 def block_rate(s: Setting, runs: int, redraw: float, seed: int,
@@ -223,14 +225,14 @@ def block_rate(s: Setting, runs: int, redraw: float, seed: int,
     for _ in range(runs):
         before = base_rows(s, rng)
         report = gate(s, before, after_rows(before, rng, redraw, drop))
-        failed = [c["name"] for c in report["checks"] if not c["passed"]]
+        failed = [c.name for c in report.checks if not c.passed]
         blocked += bool(failed)
         by.update(failed)
     return blocked / runs, dict(by)
 
 
-def stated(report: dict[str, Any], check: str) -> float:
-    return next(c["detectable"] for c in report["checks"] if c["name"] == check)
+def stated(report: GateReport, check: str) -> float:
+    return next(c.detectable for c in report.checks if c.name == check)
 
 
 def power(s: Setting, check: str, runs: int, seed: int) -> tuple[float, dict[str, int], float]:
@@ -248,7 +250,7 @@ def power(s: Setting, check: str, runs: int, seed: int) -> tuple[float, dict[str
         size = stated(gate(s, before, rerun), check)
         sizes.append(size)
         report = gate(s, before, with_drop(rerun, rng, {check: size}))
-        failed = [c["name"] for c in report["checks"] if not c["passed"]]
+        failed = [c.name for c in report.checks if not c.passed]
         blocked += bool(failed)
         by.update(failed)
     return blocked / runs, dict(by), statistics.median(sizes)
