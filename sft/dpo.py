@@ -97,9 +97,9 @@ def write_pointer(sft_dir: Path, output_dir: Path) -> None:
     final = output_dir / "final"
     if final.exists():
         shutil.rmtree(final)
-    write_report(final / POINTER_FILE, ModelPointer, {"model": str(target), "why": "dpo.enabled is false",
-                                                      "sha256": folder_digest(target)})
-    write_report(output_dir / "dpo_metrics.json", DpoMetrics, {"enabled": False, "model": str(target)})
+    write_report(final / POINTER_FILE, ModelPointer(model=str(target), why="dpo.enabled is false",
+                                                    sha256=folder_digest(target)))
+    write_report(output_dir / "dpo_metrics.json", DpoMetrics(enabled=False, model=str(target)))
     write_json(output_dir / "dpo_curve.json", [])
     write_json(output_dir / "lora_coverage.json", {"lora": False})
     plot_curve([], output_dir / "dpo_curve.png", note="DPO is off (dpo.enabled: false)")
