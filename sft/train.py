@@ -259,6 +259,14 @@ def train(recipe: Recipe, output_dir: Path, resume: str | None = None) -> dict[s
     if len(train_set) == 0:
         raise InputError(f"data.train: every record is longer than sft.max_length {args.max_length} "
                          f"({cut['skipped'][0]['reason']}); raise sft.max_length")
+    if eval_set is not None and len(eval_set) == 0:
+        # Every eval record was cut away (counted in the truncation report). TRL cannot
+        # prepare an empty split, and there is nothing to evaluate on.
+        reason = f"every record is longer than sft.max_length {args.max_length} ({eval_cut['skipped'][0]['reason']})"
+        if args.eval_strategy != "no":
+            raise InputError(f"data.eval: {reason}; raise sft.max_length or set sft.eval_strategy: no")
+        log.warning("data.eval: %s: no eval split", reason)
+        eval_set = None
 
     # ------------------------------------------------------------------ LoRA
     peft_config, coverage = None, None

@@ -238,3 +238,26 @@ def test_records_max_length_cuts_are_counted_and_none_trains_empty(tmp_path, lon
     partly = truncated - answer_cut  # answer_cut records are skipped whatever the setting
     assert f"{len(partly)} record(s) longer than max_length {limit}" in err
     assert "data.on_truncated" in err and all(i in err for i in partly)
+
+
+@pytest.mark.slow
+def test_an_eval_split_cut_away_entirely_is_counted_not_a_crash(tmp_path, long_data, capsys):
+    """An eval split whose every record max_length cuts to no answer (a reduced DAG's
+    one tool-use eval record, say) leaves nothing to evaluate on: without evaluation
+    the run trains and counts them; with evaluation it stops with one line."""
+    folder, limit, _, answer_cut, _ = long_data
+    from pipeline.records import write_jsonl
+
+    write_jsonl(tmp_path / "eval.jsonl", [r for r in read_jsonl(folder / "train.jsonl") if r["id"] in answer_cut])
+    sft = {"max_length": limit, "max_steps": 1, "packing": True, "per_device_train_batch_size": 1}
+    recipe = tiny_recipe(folder, tmp_path / "out", sft=sft)
+    recipe["data"]["eval"] = [str(tmp_path / "eval.jsonl")]
+    assert cli(["train", str(write_recipe(tmp_path / "no-eval.yaml", recipe))]) == 0
+    cut = read_json(tmp_path / "out" / "train_metrics.json")["truncation"]["eval"]
+    assert cut == {"truncated": len(answer_cut), "answer_cut": len(answer_cut), "skipped": len(answer_cut)}
+
+    capsys.readouterr()
+    recipe["sft"].update(eval_strategy="steps", eval_steps=1, output_dir=str(tmp_path / "evaluating"))
+    assert cli(["train", str(write_recipe(tmp_path / "eval.yaml", recipe))]) == 2
+    err = capsys.readouterr().err
+    assert f"data.eval: every record is longer than sft.max_length {limit}" in err and "Traceback" not in err
