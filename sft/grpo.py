@@ -184,6 +184,7 @@ def train(recipe: Recipe, model_dir: Path, rows: list[dict[str, Any]], output_di
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    wait_for_a_policy_gradient(trainer)
     started = time.perf_counter()
     try:
         result = trainer.train()
@@ -234,6 +235,22 @@ def train(recipe: Recipe, model_dir: Path, rows: list[dict[str, Any]], output_di
                  metrics["activation_loss_share_mean"], final_dir)
     finish(trainer)
     return metrics
+
+
+def wait_for_a_policy_gradient(trainer) -> None:
+    """Where every answer to each prompt scored the same, the advantages are 0 and the
+    GRPO loss gives no adapter a gradient: the first-step LoRA check (sft/lora.py)
+    would call that a dead module. It waits for a step with some reward spread (TRL's
+    frac_reward_zero_std for the step's generation batch, below 1)."""
+    from sft.lora import GradientCoverageCallback
+
+    def spread() -> bool:
+        shares = trainer._metrics["train"].get("frac_reward_zero_std") or [1.0]
+        return shares[-1] < 1.0
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, GradientCoverageCallback):
+            callback.ready = spread
 
 
 def save_policy(trainer, tokenizer, folder: Path, save) -> None:
