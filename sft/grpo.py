@@ -113,8 +113,9 @@ def check_batch(recipe: Recipe) -> None:
 
 def load_prompts(path: Path, recipe: Recipe):
     """prompts.jsonl (pipeline.contract.GrpoPrompt) -> the rows the trainer reads: id,
-    pipeline, prompt (turns), tools and verifier as JSON text (their shapes differ per
-    pipeline; one Arrow type cannot hold them all)."""
+    pipeline, prompt (turns), tools and verifier (+ the tools, which tool_calls checks
+    against) as JSON text (their shapes differ per pipeline; one Arrow type cannot hold
+    them all)."""
     if not path.is_file():
         raise InputError(f"--prompts {path}: no such file (run posttrain grpo-prompts first)")
     rows = read_grpo_prompts(path)

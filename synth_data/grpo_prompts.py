@@ -7,7 +7,7 @@ generation, so RL prompts are new ones), and code turns each into chat turns plu
 what its validator needs (synth_data/rewards.py):
 
   tool_use      the request stated by code from the sampled calls (tool_use.stated_request),
-                the tools in context; verifier: the expected calls and the tools.
+                the tools in context; verifier: the expected calls.
                 Irrelevance prompts keep their BFCL request and expect no call.
   steerability  the drafting request with its instructions (the system variant: the
                 shared instruction as the system turn and the first request); verifier:
@@ -78,7 +78,7 @@ def as_grpo_prompt(pipeline: str, p: dict[str, Any]) -> dict[str, Any]:
         request = p["request"] if p["kind"] == "irrelevance" else stated_request(p["calls"], p["tools"])
         turns = [{"role": "user", "content": request}]
         tools = p["tools"]
-        verifier = {"calls": p["calls"], "tools": p["tools"]}
+        verifier = {"calls": p["calls"]}  # the tools ride in the prompt's own `tools`
         meta = {"seed_id": p["id"], "kind": p["kind"], "source": p["source"]}
     elif pipeline == "steerability":
         from synth_data.steerability import _system_turn, _user_turn

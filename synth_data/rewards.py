@@ -13,7 +13,7 @@ and the reward together).
 A reward scores only the prompts of its pipeline and returns None for the others (TRL
 leaves None out of the group's mean); well_formed scores every prompt. Each prompt
 carries what its verifier needs (`verifier`, written by `posttrain grpo-prompts`):
-expected calls and tools, constraints, or the computed answer.
+expected calls (checked against the prompt's tools), constraints, or the computed answer.
 
 TRL calls a reward as fn(prompts, completions, completion_ids, **dataset columns,
 log_metric, ...). A validator that raises on a sample stops training with
