@@ -173,7 +173,10 @@ def train(recipe: Recipe, model_dir: Path, rows: list[dict[str, Any]], output_di
     tokenizer = load_tokenizer(recipe.model)
     policy, _, peft_config, coverage, mode = load_policy(recipe, model_dir, tokenizer, reference=False)
     prompts = rendered(rows, tokenizer)
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    # The tokens generation stops at (TRL's list: the tokenizer's and the model's).
+    stops = getattr(getattr(policy, "generation_config", None), "eos_token_id", None)
+    stops = [] if stops is None else [stops] if isinstance(stops, int) else list(stops)
+    eos = sorted({tokenizer.eos_token_id, *stops} - {None})
     rewards = reward_functions(recipe.grpo_own.rewards, max_completion_length=args.max_completion_length,
                                eos_ids=eos, partial_credit=recipe.grpo_own.partial_credit)
 
