@@ -15,9 +15,10 @@ The simulation:
 - a harmless run answers a share `redraw` of the items afresh: a new draw from the
   same per-item distribution, so the expected score does not change (losses: every
   record's loss moves by a zero-mean amount growing with `redraw`);
-- a harmful run is a harmless run at redraw 0.5 whose target check loses `size`:
-  pass/score items fall to 0 at the rate that takes `size` points off its expected
-  score, losses rise by `size` on every record.
+- a harmful run is a harmless run at redraw 0.5 whose target check loses the size the
+  gate states it can detect on that base and rerun (the report's `detectable`, as a
+  user reads it): pass/score items fall to 0 at the rate that takes that many points
+  off their expected score, losses rise by it on every record.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from evals.gate import is_gated, eval_report, run_checks  # noqa: E402
+from evals.gate import Scores, is_gated, eval_report, run_checks  # noqa: E402
+from pipeline.contract import EvalScores, Fp16Audit, GateReport, SuiteItems  # noqa: E402
 from pipeline.recipe import Recipe, load_recipe  # noqa: E402
 
 # Per-item outcome distributions of SmolLM2-135M-Instruct's base, measured with the
@@ -156,27 +158,43 @@ def _targets(check: str, suite: str, row: dict) -> bool:
 
 def after_rows(base: dict[str, list[dict]], rng: random.Random, redraw: float,
                drop: dict[str, float] | None = None) -> dict[str, list[dict]]:
-    drop = drop or {}
+    return with_drop(harmless_rows(base, rng, redraw), rng, drop or {})
+
+
+def harmless_rows(base: dict[str, list[dict]], rng: random.Random, redraw: float) -> dict[str, list[dict]]:
+    """A rerun with no real change: a share `redraw` of the items answered afresh,
+    losses moved by zero-mean noise."""
     out: dict[str, list[dict]] = {}
     for suite, rows in base.items():
         if suite in ("heldout_loss", "forgetting"):
             noise = BASE[suite]["noise"] * redraw
-            shift = sum(size for check, size in drop.items() if check.startswith(suite))
-            out[suite] = [{**r, "loss": max(0.01, r["loss"] + rng.gauss(0, noise) + shift)} for r in rows]
-            continue
-        new = [_fresh(suite, r, rng) if rng.random() < redraw else dict(r) for r in rows]
-        for check, size in drop.items():
-            hit = [r for r in new if _targets(check, suite, r)]
-            # Expected after-score of the targeted items, then the zeroing rate that
-            # takes `size` points off it.
-            expected = statistics.fmean(_expected(suite, r) for r in hit) if hit else 0.0
+            out[suite] = [{**r, "loss": max(0.01, r["loss"] + rng.gauss(0, noise))} for r in rows]
+        else:
+            out[suite] = [_fresh(suite, r, rng) if rng.random() < redraw else dict(r) for r in rows]
+    return out
+
+
+def with_drop(rows: dict[str, list[dict]], rng: random.Random, drop: dict[str, float]) -> dict[str, list[dict]]:
+    """`rows` with a true drop of `size` in each named check: losses rise by `size` on
+    every record; pass/score items fall to 0 at the rate that takes `size` points off
+    the targeted items' expected score."""
+    out = {suite: [dict(r) for r in items] for suite, items in rows.items()}
+    for check, size in drop.items():
+        for suite, items in out.items():
+            hit = [r for r in items if _targets(check, suite, r)]
+            if not hit:
+                continue
+            if suite in ("heldout_loss", "forgetting"):
+                for r in hit:
+                    r["loss"] += size
+                continue
+            expected = statistics.fmean(_expected(suite, r) for r in hit)
             rate = min(1.0, size / expected) if expected else 0.0
             for r in hit:
                 if rng.random() < rate:
                     r.update(score=0.0, passed=False)
                     if suite == "ifeval":
                         r.update(loose_passed=False, loose_score=0.0)
-        out[suite] = new
     return out
 
 
@@ -188,14 +206,15 @@ def _expected(suite: str, row: dict) -> float:
 
 
 # ----------------------------------------------------------------------- the gate
-def gate(s: Setting, before: dict[str, list[dict]], after: dict[str, list[dict]]) -> dict[str, Any]:
+def gate(s: Setting, before: dict[str, list[dict]], after: dict[str, list[dict]]) -> GateReport:
     def scores(rows):
         present = {k: v for k, v in rows.items() if v}
-        return {"scores": {k: {} for k in present}, "per_item": {k: {"items": v} for k, v in present.items()}}
+        return Scores(EvalScores(model="simulated", engine="simulated", scores={k: {} for k in present}),
+                      {k: SuiteItems(items=v) for k, v in present.items()})
 
     # Only the gated metrics: the others are reported, never decide.
     report = eval_report(scores(before), scores(after), s.recipe, only=is_gated)
-    return run_checks(report, {"fp16_safe": True, "offending": []}, s.recipe.gate)
+    return run_checks(report, Fp16Audit(fp16_safe=True, max_abs=None, offending=[]), s.recipe.gate)
 
 
 def block_rate(s: Setting, runs: int, redraw: float, seed: int,
@@ -206,22 +225,35 @@ def block_rate(s: Setting, runs: int, redraw: float, seed: int,
     for _ in range(runs):
         before = base_rows(s, rng)
         report = gate(s, before, after_rows(before, rng, redraw, drop))
-        failed = [c["name"] for c in report["checks"] if not c["passed"]]
+        failed = [c.name for c in report.checks if not c.passed]
         blocked += bool(failed)
         by.update(failed)
     return blocked / runs, dict(by)
 
 
-def detectable(s: Setting, check: str, runs: int = 9, seed: int = 7) -> float:
-    """The detectable drop the gate states for `check` on harmless runs (redraw 0.5):
-    the median over a few runs, as a user reads it off one report."""
+def stated(report: GateReport, check: str) -> float:
+    return next(c.detectable for c in report.checks if c.name == check)
+
+
+def power(s: Setting, check: str, runs: int, seed: int) -> tuple[float, dict[str, int], float]:
+    """(share of runs blocked, {check: runs it failed}, median drop size) for runs whose
+    true drop in `check` is the size the gate states it can detect on that base.
+
+    Each run draws a base and a harmless rerun of it (redraw 0.5); the gate's report on
+    that pair states the detectable drop, as a user would read it for this base and
+    this noise; the run then loses exactly that much on top of the same rerun."""
     rng = random.Random(seed)
-    sizes = []
+    blocked, by, sizes = 0, Counter(), []
     for _ in range(runs):
         before = base_rows(s, rng)
-        report = gate(s, before, after_rows(before, rng, 0.5))
-        sizes.append(next(c["detectable"] for c in report["checks"] if c["name"] == check))
-    return statistics.median(sizes)
+        rerun = harmless_rows(before, rng, 0.5)
+        size = stated(gate(s, before, rerun), check)
+        sizes.append(size)
+        report = gate(s, before, with_drop(rerun, rng, {check: size}))
+        failed = [c.name for c in report.checks if not c.passed]
+        blocked += bool(failed)
+        by.update(failed)
+    return blocked / runs, dict(by), statistics.median(sizes)
 
 
 def main() -> None:
@@ -240,9 +272,8 @@ def main() -> None:
         rate, by = block_rate(s, args.runs, redraw, seed=1)
         print(f"harmless, redraw {redraw}: {rate:.1%} blocked {by}")
     for check in args.checks:
-        size = detectable(s, check)
-        rate, by = block_rate(s, args.runs, 0.5, seed=2, drop={check: size})
-        print(f"true drop of {size:.3g} in {check}: {rate:.1%} blocked {by}")
+        rate, by, size = power(s, check, args.runs, seed=2)
+        print(f"true drop of the stated size (median {size:.3g}) in {check}: {rate:.1%} blocked {by}")
 
 
 if __name__ == "__main__":

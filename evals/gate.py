@@ -48,9 +48,13 @@ from typing import Any, Callable
 from evals.paired import adjust, compare, detectable_drop
 from pipeline.contract import (
     SUITE_FILES,
+    ChanceComparison,
+    Comparison,
+    EvalItem,
     EvalReport,
     EvalScores,
     Fp16Audit,
+    GateCheck,
     GateReport,
     SuiteItems,
     read_report,
@@ -90,31 +94,38 @@ def main(args) -> int:
     audit = read_report(args.audit, Fp16Audit) if Path(args.audit).is_file() else None
     report = eval_report(before, after, recipe)
     gate = run_checks(report, audit, recipe.gate)
-    write_report(args.report, EvalReport, report)
+    write_report(args.report, report)
     write_plots(report, Path(args.plots) if args.plots else Path(args.report).parent / "plots")
-    write_report(Path(args.out) / "gate_report.json", GateReport, gate)
-    if not gate["passed"] and recipe.gate.enforce:
-        print(gate["message"], file=sys.stderr)
+    write_report(Path(args.out) / "gate_report.json", gate)
+    if not gate.passed and recipe.gate.enforce:
+        print(gate.message, file=sys.stderr)
         return 1
-    print(gate["message"])
+    print(gate.message)
     return 0
 
 
 # ------------------------------------------------------------------------ inputs
-def read_scores(path: Path) -> dict[str, Any]:
-    """scores.json plus every suite's per-item file beside it ({suite: {items, chance}})."""
-    scores = read_report(path, EvalScores)
-    scores["per_item"] = {}
+@dataclasses.dataclass
+class Scores:
+    """One eval: its scores.json and the per-item file of each suite beside it."""
+
+    report: EvalScores
+    per_item: dict[str, SuiteItems]
+
+
+def read_scores(path: Path) -> Scores:
+    """scores.json plus every suite's per-item file beside it."""
+    scores = Scores(read_report(path, EvalScores), {})
     for suite in SUITE_FILES:  # per-item answers beside scores.json, as <suite>.json
         file = path.parent / f"{suite}.json"
-        if suite in scores["scores"] and file.is_file():
-            scores["per_item"][suite] = read_report(file, SuiteItems)
+        if suite in scores.report.scores and file.is_file():
+            scores.per_item[suite] = read_report(file, SuiteItems)
     return scores
 
 
-def check_same_items(suite: str, before: list[dict], after: list[dict]) -> None:
+def check_same_items(suite: str, before: list[EvalItem], after: list[EvalItem]) -> None:
     """Refuse a comparison of two different item sets: a paired test needs pairs."""
-    ids_before, ids_after = [r.get("id") for r in before], [r.get("id") for r in after]
+    ids_before, ids_after = [r.id for r in before], [r.id for r in after]
     for side, ids in (("before", ids_before), ("after", ids_after)):
         if None in ids or len(set(ids)) != len(ids):
             raise InputError(f"gate: the {side} eval's {suite} items lack ids or repeat one")
@@ -133,22 +144,22 @@ class Metric:
     """One metric of one suite as a weighted mean of per-item values."""
 
     name: str
-    rows: list[dict]  # the before items it averages
+    rows: list[EvalItem]  # the before items it averages
     weights: list[float]
-    value: Callable[[dict], float]
+    value: Callable[[EvalItem], float]
     binary: bool = False
     lower_is_better: bool = False
     unit: str = "points"
     # Cells averaged as fixed parts (a length's tasks): their standard errors come
     # from the spread within each cell, since a task's level is not noise.
-    stratum: Callable[[dict], Any] | None = None
+    stratum: Callable[[EvalItem], Any] | None = None
 
 
-def _percent(flag: str) -> Callable[[dict], float]:
-    return lambda row: 100.0 if row.get(flag) else 0.0
+def _percent(flag: str) -> Callable[[EvalItem], float]:
+    return lambda row: 100.0 if getattr(row, flag) else 0.0
 
 
-def nested_weights(rows: list[dict], levels: list[Callable[[dict], Any]]) -> list[float]:
+def nested_weights(rows: list[EvalItem], levels: list[Callable[[EvalItem], Any]]) -> list[float]:
     """Weights that make a weighted item mean equal a mean of cell means, level by
     level (e.g. tool calls: the mean of categories, each the mean of its languages)."""
     def weigh(group: list[int], depth: int, share: float, out: dict[int, float]) -> None:
@@ -167,24 +178,24 @@ def nested_weights(rows: list[dict], levels: list[Callable[[dict], Any]]) -> lis
     return [out[i] for i in range(len(rows))]
 
 
-def _retention_cell(row: dict) -> tuple[str, int]:
-    if "task" in row and "length" in row:
-        return row["task"], int(row["length"])
-    task, length, _ = row["id"].split("/")  # ids are task/length/index
+def _retention_cell(row: EvalItem) -> tuple[str, int]:
+    if {"task", "length"} <= row.model_fields_set:
+        return row.task, int(row.length)
+    task, length, _ = row.id.split("/")  # ids are task/length/index
     return task, int(length)
 
 
-def suite_metrics(suite: str, rows: list[dict]) -> list[Metric]:
+def suite_metrics(suite: str, rows: list[EvalItem]) -> list[Metric]:
     """Every reported metric of a suite, built from its per-item rows."""
     metrics: list[Metric] = []
     if suite == "retention":
-        by_length: dict[int, list[dict]] = defaultdict(list)
-        cells: dict[tuple[str, int], list[dict]] = defaultdict(list)
+        by_length: dict[int, list[EvalItem]] = defaultdict(list)
+        cells: dict[tuple[str, int], list[EvalItem]] = defaultdict(list)
         for row in rows:
             task, length = _retention_cell(row)
             by_length[length].append(row)
             cells[(task, length)].append(row)
-        score = lambda row: float(row["score"])  # noqa: E731
+        score = lambda row: float(row.score)  # noqa: E731
         for length, members in sorted(by_length.items()):
             metrics.append(Metric(f"retention.average.{length}", members,
                                   nested_weights(members, [lambda r: _retention_cell(r)[0]]), score,
@@ -192,19 +203,19 @@ def suite_metrics(suite: str, rows: list[dict]) -> list[Metric]:
         for (task, length), members in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0])):
             metrics.append(Metric(f"retention.{task}.{length}", members, [1.0] * len(members), score))
     elif suite == "tool_calls":
-        language = lambda row: row.get("language")  # noqa: E731
-        category = lambda row: row["category"]  # noqa: E731
-        present = sorted({row["category"] for row in rows})
+        language = lambda row: row.language  # noqa: E731
+        category = lambda row: row.category  # noqa: E731
+        present = sorted({row.category for row in rows})
         for name in present:
-            members = [r for r in rows if r["category"] == name]
+            members = [r for r in rows if r.category == name]
             metrics.append(Metric(f"tool_calls.{name}", members, nested_weights(members, [language]),
                                   _percent("passed"), binary=True))
-            spoken = sorted({r["language"] for r in members if r.get("language")})
+            spoken = sorted({r.language for r in members if r.language})
             for lang in spoken if len(spoken) > 1 else []:  # BFCL's simple_python, simple_java, ...
-                cell = [r for r in members if r.get("language") == lang]
+                cell = [r for r in members if r.language == lang]
                 metrics.append(Metric(f"tool_calls.{name}_{lang}", cell, [1.0] * len(cell), _percent("passed"),
                                       binary=True))
-        ast = [r for r in rows if r["category"] in AST_CATEGORIES]
+        ast = [r for r in rows if r.category in AST_CATEGORIES]
         if ast:
             metrics.append(Metric("tool_calls.non_live_ast", ast, nested_weights(ast, [category, language]),
                                   _percent("passed"), binary=True))
@@ -212,37 +223,38 @@ def suite_metrics(suite: str, rows: list[dict]) -> list[Metric]:
                               _percent("passed"), binary=True))
     elif suite == "ifeval":
         ones = [1.0] * len(rows)
-        instructions = [float(r.get("instructions", 1)) for r in rows]
+        # An item without an instruction count counts once.
+        instructions = [float(r.instructions if "instructions" in r.model_fields_set else 1) for r in rows]
         metrics += [
             Metric("ifeval.prompt_strict", rows, ones, _percent("passed"), binary=True),
             Metric("ifeval.prompt_loose", rows, ones, _percent("loose_passed"), binary=True),
-            Metric("ifeval.instruction_strict", rows, instructions, lambda r: float(r["score"])),
+            Metric("ifeval.instruction_strict", rows, instructions, lambda r: float(r.score)),
         ]
-        if all("loose_score" in r for r in rows):
+        if all("loose_score" in r.model_fields_set for r in rows):
             metrics.append(Metric("ifeval.instruction_loose", rows, instructions,
-                                  lambda r: float(r["loose_score"])))
+                                  lambda r: float(r.loose_score)))
     elif suite in ("heldout_loss", "forgetting"):
-        scored = [r for r in rows if r.get("loss") is not None and r.get("tokens")]
-        loss = lambda row: float(row["loss"])  # noqa: E731
+        scored = [r for r in rows if r.loss is not None and r.tokens]
+        loss = lambda row: float(row.loss)  # noqa: E731
         if scored:
-            metrics.append(Metric(f"{suite}.overall", scored, [float(r["tokens"]) for r in scored], loss,
+            metrics.append(Metric(f"{suite}.overall", scored, [float(r.tokens) for r in scored], loss,
                                   lower_is_better=True, unit="nats/token"))
-        for name in sorted({r["category"] for r in scored if r.get("category")}):
-            members = [r for r in scored if r.get("category") == name]
-            metrics.append(Metric(f"{suite}.{name}", members, [float(r["tokens"]) for r in members], loss,
+        for name in sorted({r.category for r in scored if r.category}):
+            members = [r for r in scored if r.category == name]
+            metrics.append(Metric(f"{suite}.{name}", members, [float(r.tokens) for r in members], loss,
                                   lower_is_better=True, unit="nats/token"))
     return metrics
 
 
-def paired(metric: Metric, other: dict[str, dict], cfg, *, as_after: bool = True) -> dict[str, Any]:
+def paired(metric: Metric, other: dict[str, EvalItem], cfg, *, as_after: bool = True) -> dict[str, Any]:
     """The metric's change from its rows (before) to the same items in `other` (after),
     or, with as_after=False, from `other` (the chance rows) to its rows."""
     mine = [metric.value(r) for r in metric.rows]
-    theirs = [metric.value(other[r["id"]]) for r in metric.rows]
-    clusters = [str(r.get("cluster") or r["id"]) for r in metric.rows]
+    theirs = [metric.value(other[r.id]) for r in metric.rows]
+    clusters = [str(r.cluster or r.id) for r in metric.rows]
     first, second = (mine, theirs) if as_after else (theirs, mine)
     result = compare(first, second, weights=metric.weights, binary=metric.binary, seed=cfg.seed,
-                     clusters=clusters if any(r.get("cluster") for r in metric.rows) else None,
+                     clusters=clusters if any(r.cluster for r in metric.rows) else None,
                      resamples=cfg.resamples,
                      strata=[metric.stratum(r) for r in metric.rows] if metric.stratum else None)
     out = result.as_dict()
@@ -266,47 +278,55 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def eval_report(before: dict, after: dict, recipe, only: Callable[[str], bool] | None = None) -> dict[str, Any]:
+def eval_report(before: Scores, after: Scores, recipe, only: Callable[[str], bool] | None = None) -> EvalReport:
     """Before, after and delta of every suite's metrics, and the paired comparison of
     each metric (`only`: of the metrics it accepts)."""
-    b, a = before.get("scores", {}), after.get("scores", {})
+    b, a = before.report.scores, after.report.scores
     suites = sorted(set(b) | set(a))
     cfg = recipe.gate
-    report: dict[str, Any] = {
-        "models": {"before": before.get("model"), "after": after.get("model")},
-        "engine": {"before": before.get("engine"), "after": after.get("engine")},
-        "counts": after.get("counts", {}),
-        "suites": {s: {"before": b.get(s), "after": a.get(s), "delta": delta(b.get(s), a.get(s))}
-                   for s in suites},
-        "comparisons": {},
-        "notes": {},
-    }
+    comparisons: dict[str, Comparison] = {}
+    notes: dict[str, list[str]] = {}
     for suite in suites:
-        items_b = (before["per_item"].get(suite) or {}).get("items")
-        items_a = (after["per_item"].get(suite) or {}).get("items")
+        items_b = suite_items(before, suite)
+        items_a = suite_items(after, suite)
         for side in (b.get(suite), a.get(suite)):  # e.g. an IFEval budget below the benchmark's
             if isinstance(side, dict) and side.get("notes"):
-                report["notes"][suite] = sorted(set(report["notes"].get(suite, [])) | set(side["notes"]))
+                notes[suite] = sorted(set(notes.get(suite, [])) | set(side["notes"]))
         if not items_b or not items_a:
             continue
         check_same_items(suite, items_b, items_a)
-        after_rows = {r["id"]: r for r in items_a}
-        chance_rows = {r["id"]: r for r in ((before["per_item"][suite].get("chance") or {}).get("items") or [])}
+        after_rows = {r.id: r for r in items_a}
+        chance = before.per_item[suite].chance
+        chance_rows = {r.id: r for r in (chance.items if chance is not None and chance.items else [])}
         for metric in suite_metrics(suite, items_b):
             if only is not None and not only(metric.name):
                 continue
             row = {"unit": metric.unit, "lower_is_better": metric.lower_is_better,
                    **paired(metric, after_rows, cfg)}
-            if all(r["id"] in chance_rows for r in metric.rows):
+            if all(r.id in chance_rows for r in metric.rows):
                 vs_chance = paired(metric, chance_rows, cfg, as_after=False)
-                row["chance"] = {"score": vs_chance["before"], "base_minus_chance": vs_chance["delta"],
-                                 "p": vs_chance["p"]}
-            report["comparisons"][metric.name] = row
+                row["chance"] = ChanceComparison(score=vs_chance["before"], base_minus_chance=vs_chance["delta"],
+                                                 p=vs_chance["p"])
+            comparisons[metric.name] = Comparison(**row)
+    report = EvalReport(
+        models={"before": before.report.model, "after": after.report.model},
+        engine={"before": before.report.engine, "after": after.report.engine},
+        counts=after.report.counts if "counts" in after.report.model_fields_set else {},
+        suites={s: {"before": b.get(s), "after": a.get(s), "delta": delta(b.get(s), a.get(s))} for s in suites},
+        comparisons=comparisons,
+        notes=notes,
+    )
     if recipe.model.tiny is not None:
-        report["note"] = ("The student is model.tiny: random weights before training and a few "
-                          "steps after, so its scores are at chance. The numbers mean something "
-                          "on real weights.")
+        report.note = ("The student is model.tiny: random weights before training and a few "
+                       "steps after, so its scores are at chance. The numbers mean something "
+                       "on real weights.")
     return report
+
+
+def suite_items(scores: Scores, suite: str) -> list[EvalItem] | None:
+    """A suite's per-item verdicts in one eval (None: no per-item file)."""
+    items = scores.per_item.get(suite)
+    return items.items if items is not None else None
 
 
 def get_path(tree: Any, dotted: str) -> Any:
@@ -338,23 +358,23 @@ def is_off(name: str, cfg) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in cfg.off)
 
 
-def run_checks(report: dict, audit: dict | None, cfg) -> dict[str, Any]:
-    comparisons = report.get("comparisons") or {}
-    checks: list[dict[str, Any]] = []
+def run_checks(report: EvalReport, audit: Fp16Audit | None, cfg) -> GateReport:
+    comparisons = report.comparisons
+    checks: list[GateCheck] = []
     off: list[str] = []
 
     # fp16_safe
     if is_off("fp16_safe", cfg):
         off.append("fp16_safe")
     elif audit is None:
-        checks.append({"name": "fp16_safe", "status": "not measured", "passed": False,
-                       "detail": "not measured: no FP16 audit report"})
+        checks.append(GateCheck(name="fp16_safe", status="not measured", passed=False,
+                                detail="not measured: no FP16 audit report"))
     else:
-        sites = [o["site"] for o in audit.get("offending", [])]
-        safe = bool(audit.get("fp16_safe", False))
-        checks.append({"name": "fp16_safe", "status": "passed" if safe else "failed", "passed": safe,
-                       "detail": f"max |activation| {audit.get('max_abs')}, offending sites: {sites or 'none'}",
-                       "max_abs": audit.get("max_abs"), "offending": sites})
+        sites = [o.site for o in audit.offending]
+        safe = audit.fp16_safe
+        checks.append(GateCheck(name="fp16_safe", status="passed" if safe else "failed", passed=safe,
+                                detail=f"max |activation| {audit.max_abs}, offending sites: {sites or 'none'}",
+                                max_abs=audit.max_abs, offending=sites))
 
     # The paired checks: every gated name the data has, and each gated family it lacks.
     names = [n for n in comparisons if n != "fp16_safe" and is_gated(n)]
@@ -365,30 +385,30 @@ def run_checks(report: dict, audit: dict | None, cfg) -> dict[str, Any]:
         if is_off(name, cfg) or is_off(pattern, cfg):
             off.append(pattern)
         else:
-            checks.append({"name": name, "status": "not measured", "passed": False,
-                           "detail": f"not measured: no {name} items in both evals"})
+            checks.append(GateCheck(name=name, status="not measured", passed=False,
+                                    detail=f"not measured: no {name} items in both evals"))
     off += [n for n in names if is_off(n, cfg)]
     names = [n for n in names if not is_off(n, cfg)]
-    adjusted = dict(zip(names, adjust([comparisons[n]["p"] for n in names])))
+    adjusted = dict(zip(names, adjust([comparisons[n].p for n in names])))
     for name in names:
         checks.append(paired_check(name, comparisons[name], adjusted[name], len(names), cfg))
 
     for dotted, floor in sorted(cfg.min_scores.items()):
-        a = get_path(report["suites"], _side(dotted, "after"))
+        a = get_path(report.suites, _side(dotted, "after"))
         ok = _number(a) and a >= floor
-        checks.append({"name": f"min_score {dotted}", "status": "passed" if ok else "failed", "passed": ok,
-                       "detail": f"after {a} (minimum {floor:g})", "after": a, "minimum": floor})
+        checks.append(GateCheck(name=f"min_score {dotted}", status="passed" if ok else "failed", passed=ok,
+                                detail=f"after {a} (minimum {floor:g})", after=a, minimum=floor))
     for dotted, gain in sorted(cfg.min_gain.items()):
-        d = get_path(report["suites"], _side(dotted, "delta"))
+        d = get_path(report.suites, _side(dotted, "delta"))
         ok = _number(d) and d >= gain
-        checks.append({"name": f"min_gain {dotted}", "status": "passed" if ok else "failed", "passed": ok,
-                       "detail": f"gain {d} (minimum {gain:g})", "delta": d, "minimum": gain})
+        checks.append(GateCheck(name=f"min_gain {dotted}", status="passed" if ok else "failed", passed=ok,
+                                detail=f"gain {d} (minimum {gain:g})", delta=d, minimum=gain))
 
-    failed = [c for c in checks if not c["passed"]]
-    uninformative = [c["name"] for c in checks if c["status"] == "uninformative"]
+    failed = [c for c in checks if not c.passed]
+    uninformative = [c.name for c in checks if c.status == "uninformative"]
     if failed:
         message = f"gate: FAILED {len(failed)} of {len(checks)} checks: " + "; ".join(
-            f"{c['name']}: {c['detail']}" for c in failed)
+            f"{c.name}: {c.detail}" for c in failed)
         if not cfg.enforce:
             message += " (gate.enforce is false: export not blocked)"
     else:
@@ -399,44 +419,44 @@ def run_checks(report: dict, audit: dict | None, cfg) -> dict[str, Any]:
                         f"empty answer): {', '.join(uninformative)}")
     if off:
         message += f"; off: {', '.join(off)}"
-    return {"passed": not failed, "enforce": cfg.enforce, "rule": RULE, "alpha": cfg.alpha,
-            "power": cfg.power, "paired_checks": len(names), "off": off, "uninformative": uninformative,
-            "checks": checks, "message": message}
+    return GateReport(passed=not failed, enforce=cfg.enforce, rule=RULE, alpha=cfg.alpha, power=cfg.power,
+                      paired_checks=len(names), off=off, uninformative=uninformative, checks=checks,
+                      message=message)
 
 
 def is_gated(name: str) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in GATED if p != "fp16_safe")
 
 
-def paired_check(name: str, c: dict, p_adjusted: float, family: int, cfg) -> dict[str, Any]:
+def paired_check(name: str, c: Comparison, p_adjusted: float, family: int, cfg) -> GateCheck:
     margin = float(getattr(cfg, margin_field(name)))
-    sign = 1.0 if c["lower_is_better"] else -1.0  # harm is a rise for losses, a drop otherwise
-    harm = sign * c["delta"]
+    sign = 1.0 if c.lower_is_better else -1.0  # harm is a rise for losses, a drop otherwise
+    harm = sign * c.delta
     failed = harm > margin and p_adjusted < cfg.alpha
     # The larger of the observed SE and the base's own: a rerun with identical answers
     # (SE 0) says nothing about what a later run can detect. Losses always move.
     # The bootstrap's standard error divides by n, the base's (evals/standard_error) by
     # n - 1: the bootstrap's is scaled to match before the two are compared.
-    units = c["clusters"]
-    change_se = c["se"] * math.sqrt(units / (units - 1)) if units > 1 else c["se"]
-    se = change_se if c["lower_is_better"] else max(change_se, c["se_before"])
+    units = c.clusters
+    change_se = c.se * math.sqrt(units / (units - 1)) if units > 1 else c.se
+    se = change_se if c.lower_is_better else max(change_se, c.se_before)
     detectable = detectable_drop(se, margin, cfg.alpha, cfg.power, family, units=units,
-                                 scale=0.0 if c["lower_is_better"] else 100.0)
-    chance = c.get("chance")
-    informative = chance is None or (-sign * chance["base_minus_chance"] > 0 and chance["p"] < cfg.alpha)
+                                 scale=0.0 if c.lower_is_better else 100.0)
+    chance = c.chance
+    informative = chance is None or (-sign * chance.base_minus_chance > 0 and chance.p < cfg.alpha)
     status = "failed" if failed else ("passed" if informative else "uninformative")
-    unit = "nats/token" if c["lower_is_better"] else "points"
-    verb = "rise" if c["lower_is_better"] else "drop"
-    detail = (f"{_fmt(c['before'])} -> {_fmt(c['after'])} (change {c['delta']:+.4g} {unit}, 95% CI "
-              f"[{_fmt(c['low'])}, {_fmt(c['high'])}], p {c['p']:.3g}, adjusted {p_adjusted:.3g}, "
-              f"{c['items']} items; margin {margin:g}, detectable {verb} {detectable:.3g})")
+    unit = "nats/token" if c.lower_is_better else "points"
+    verb = "rise" if c.lower_is_better else "drop"
+    detail = (f"{_fmt(c.before)} -> {_fmt(c.after)} (change {c.delta:+.4g} {unit}, 95% CI "
+              f"[{_fmt(c.low)}, {_fmt(c.high)}], p {c.p:.3g}, adjusted {p_adjusted:.3g}, "
+              f"{c.items} items; margin {margin:g}, detectable {verb} {detectable:.3g})")
     if status == "uninformative":
-        detail += f"; base {_fmt(c['before'])} vs empty answer {_fmt(chance['score'])}: uninformative"
-    return {"name": name, "status": status, "passed": not failed, "detail": detail,
-            "before": c["before"], "after": c["after"], "delta": c["delta"], "ci": [c["low"], c["high"]],
-            "p": c["p"], "p_adjusted": round(p_adjusted, 6), "items": c["items"], "margin": margin,
-            "detectable": round(detectable, 4), "unit": unit,
-            "chance": chance["score"] if chance else None}
+        detail += f"; base {_fmt(c.before)} vs empty answer {_fmt(chance.score)}: uninformative"
+    return GateCheck(name=name, status=status, passed=not failed, detail=detail,
+                     before=c.before, after=c.after, delta=c.delta, ci=[c.low, c.high],
+                     p=c.p, p_adjusted=round(p_adjusted, 6), items=c.items, margin=margin,
+                     detectable=round(detectable, 4), unit=unit,
+                     chance=chance.score if chance else None)
 
 
 def _fmt(value: float) -> str:
@@ -450,7 +470,7 @@ def _side(dotted: str, side: str) -> str:
 
 
 # ------------------------------------------------------------------------- plots
-def write_plots(report: dict, out: Path) -> None:
+def write_plots(report: EvalReport, out: Path) -> None:
     """DVC plot data (JSON rows) and PNGs, every number with its 95 % error bar:
     retention vs length, skill scores before and after, and each change with its
     interval."""
@@ -460,18 +480,19 @@ def write_plots(report: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    comparisons = report.get("comparisons") or {}
+    comparisons = report.comparisons
     z = 1.96
 
-    def bars(c: dict) -> dict[str, float]:
-        return {"before": c["before"], "after": c["after"], "before_err": z * c["se_before"],
-                "after_err": z * c.get("se_after", 0.0), "delta": c["delta"], "low": c["low"], "high": c["high"]}
+    def bars(c: Comparison) -> dict[str, float]:
+        se_after = c.se_after if "se_after" in c.model_fields_set else 0.0
+        return {"before": c.before, "after": c.after, "before_err": z * c.se_before,
+                "after_err": z * se_after, "delta": c.delta, "low": c.low, "high": c.high}
 
     retention = [{"length": int(n.rsplit(".", 1)[1]), **bars(c)} for n, c in comparisons.items()
                  if n.startswith("retention.average.")]
     retention.sort(key=lambda r: r["length"])
     skills = [{"metric": n, **bars(c)} for n, c in comparisons.items()
-              if not n.startswith("retention.") and not c["lower_is_better"]]
+              if not n.startswith("retention.") and not c.lower_is_better]
     deltas = [{"metric": n, **bars(c)} for n, c in comparisons.items() if is_gated(n)]
     write_json(out / "retention.json", retention)
     write_json(out / "skills.json", skills)

@@ -34,25 +34,33 @@ them):
                        generation, dedup, review, mix, prefs stats; train, dpo, audit,
                        eval, gate and export reports; the DPO-off pointer
 
-Readers hand stages the data as written (plain dicts and lists), checked: a stage
-indexes what the model guarantees, and a report keeps its layout and key order.
-Reports allow keys beyond their model (a stage may add one); the model types what
-some later stage, the summary or the plots read.
+Records, pairs and conversations reach stages as written (plain dicts and lists),
+checked: a stage indexes what the model guarantees. A report reaches them as its
+model, validated: a stage reads its fields as attributes, and a writer hands
+write_report the model (or a dict it validates). Reports allow keys beyond their
+model (a stage may add one); the model types every key some later stage, the summary
+or the plots read. A report keeps its layout when it goes through a model: keys in
+the order given, a key left out stays out, and a number keeps its type (`Number`),
+so a report read and written again is the same file.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Iterable, Literal, NamedTuple
+from typing import Annotated, Any, Iterable, Literal, NamedTuple
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainSerializer,
+    PrivateAttr,
     RootModel,
     ValidationError,
+    WrapValidator,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -393,9 +401,38 @@ def _line_of(path: str | Path, index: int) -> int:
 
 
 # --------------------------------------------------------------------- reports
+def _keep_int(value: Any, handler) -> Any:
+    return value if type(value) is int else handler(value)
+
+
+# A number as written: 9 stays 9 and 9.0 stays 9.0 (a plain `float` field turns 9
+# into 9.0, and the report would read and write other than it was written); anything
+# else is checked as a float, with a float's error.
+Number = Annotated[float, WrapValidator(_keep_int), PlainSerializer(lambda value: value)]
+
+
 class Report(BaseModel):
-    # A stage may add keys to its report; the fields typed here are what others read.
+    """A report file's model. A stage may add keys to its report (they are kept, in
+    model_extra); the fields typed here are what others read."""
+
     model_config = ConfigDict(extra="allow")
+
+    # The keys in the order the data gave them: the written layout, which a model's
+    # field order (typed fields first, then the rest) would otherwise change.
+    _keys: list[str] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _remember_key_order(cls, data: Any, handler) -> Any:
+        report = handler(data)
+        if isinstance(data, dict):
+            report._keys = list(data)
+        return report
+
+    @model_serializer(mode="wrap")
+    def _in_key_order(self, handler) -> dict[str, Any]:
+        out = handler(self)
+        return {**{k: out[k] for k in self._keys if k in out}, **out}
 
 
 class GenerateStats(Report):
@@ -404,7 +441,7 @@ class GenerateStats(Report):
     generated: int
     accepted: int
     rejected: int
-    acceptance_rate: float
+    acceptance_rate: Number
     reject_reasons: dict[str, int]
 
 
@@ -416,7 +453,7 @@ class DedupStats(Report):
 
 class KappaCell(Report):
     records: int
-    kappa: float | None = None
+    kappa: Number | None = None
 
 
 class ReviewStats(Report):
@@ -457,24 +494,47 @@ class PrefsStats(Report):
     pipelines: dict[str, PrefsCounts]
 
 
+class TruncationCounts(Report):
+    truncated: int
+    answer_cut: int
+    skipped: int
+
+
+class Truncation(Report):
+    """Records longer than max_length: counts per split (SFT: train, eval), or of the
+    one split (DPO's pairs: the counts at the top)."""
+
+    max_length: int | None = None
+    truncated: int | None = None
+    answer_cut: int | None = None
+    skipped: int | None = None
+    train: TruncationCounts | None = None
+    eval: TruncationCounts | None = None
+
+
+class ActivationLossSummary(Report):
+    alpha: Number | None = None
+    max_abs: dict[str, Number | None] | None = None  # site kind -> max |activation| in training
+
+
 class TrainMetrics(Report):
     """outputs/sft/train_metrics.json: the summary's training line."""
 
     mode: str
     global_step: int
-    first_loss: float | None
-    final_loss: float | None
-    truncation: dict[str, Any] | None = None
-    activation_loss: dict[str, Any] | None = None
+    first_loss: Number | None
+    final_loss: Number | None
+    truncation: Truncation | None = None
+    activation_loss: ActivationLossSummary | None = None
 
 
-class ActivationStats(RootModel[dict[str, dict[str, float | None]]]):
+class ActivationStats(RootModel[dict[str, dict[str, Number | None]]]):
     """outputs/sft/activation_stats.json: site kind -> layer -> max |activation| ({} when off)."""
 
 
 class LossPoint(Report):
     step: int
-    loss: float | None
+    loss: Number | None
 
 
 class LossCurve(RootModel[list[LossPoint]]):
@@ -487,6 +547,11 @@ class DpoMetrics(Report):
     enabled: bool
     global_step: int | None = None
     pairs: int | None = None
+    margin_first: Number | None = None  # reward margin at the first and last logging step
+    margin_last: Number | None = None
+    accuracy_first: Number | None = None
+    accuracy_last: Number | None = None
+    truncation: Truncation | None = None
 
 
 class GrpoPromptCounts(Report):
@@ -508,6 +573,9 @@ class GrpoMetrics(Report):
     enabled: bool
     global_step: int | None = None
     prompts: int | None = None
+    reward_first: Number | None = None
+    reward_last: Number | None = None
+    activation_loss_share_mean: Number | None = None
 
 
 class ModelPointer(Report):
@@ -521,14 +589,18 @@ class OffendingSite(Report):
     site: str
 
 
+class LogitCheck(Report):
+    max_abs_diff: Number | None = None  # FP16 vs FP32 logits
+
+
 class Fp16Audit(Report):
     """outputs/audit/fp16_audit.json: read by the gate (fp16_safe) and the summary."""
 
     fp16_safe: bool
-    max_abs: float | None  # null: some activation was not finite
+    max_abs: Number | None  # null: some activation was not finite
     offending: list[OffendingSite]
-    max_abs_by_kind: dict[str, float | None] | None = None
-    logits: dict[str, Any] | None = None
+    max_abs_by_kind: dict[str, Number | None] | None = None
+    logits: LogitCheck | None = None
 
 
 class EvalScores(Report):
@@ -541,7 +613,29 @@ class EvalScores(Report):
 
 
 class EvalItem(Report):
+    """One item's verdict; which fields a suite fills is its own (the gate's metrics
+    read them: evals/gate.suite_metrics)."""
+
     id: str | None = None  # the gate pairs items by id, and refuses items without one
+    passed: bool | None = None  # pass/fail suites: retention, IFEval (strict), tool calls
+    score: Number | None = None
+    loose_passed: bool | None = None  # IFEval
+    loose_score: Number | None = None
+    instructions: int | None = None
+    task: str | None = None  # retention
+    length: int | None = None
+    category: str | None = None  # tool calls, held-out loss
+    language: str | None = None  # tool calls
+    loss: Number | None = None  # held-out loss, forgetting (nats/token)
+    tokens: int | None = None
+    cluster: str | None = None  # items that share a source (not independent)
+
+
+class ChanceItems(Report):
+    """What an empty answer scores on the same items."""
+
+    items: list[EvalItem] | None = None
+    metrics: dict[str, Any] | None = None
 
 
 class SuiteItems(Report):
@@ -550,24 +644,41 @@ class SuiteItems(Report):
 
     items: list[EvalItem]
     metrics: dict[str, Any] | None = None
-    chance: dict[str, Any] | None = None
+    chance: ChanceItems | None = None
+
+
+class ChanceComparison(Report):
+    score: Number | None
+    base_minus_chance: Number | None
+    p: Number | None
 
 
 class Comparison(Report):
-    before: float | None
-    after: float | None
-    delta: float | None
-    low: float | None
-    high: float | None
-    p: float | None
+    """One metric, paired item by item: evals/paired.Comparison and what the gate adds."""
+
+    before: Number | None
+    after: Number | None
+    delta: Number | None
+    low: Number | None
+    high: Number | None
+    p: Number | None
     items: int
     lower_is_better: bool
+    unit: str | None = None
+    se: Number | None = None  # of the change
+    se_before: Number | None = None
+    se_after: Number | None = None
+    clusters: int | None = None  # independent units the items form
+    better: int | None = None
+    worse: int | None = None
+    chance: ChanceComparison | None = None  # the base against an empty answer
 
 
 class EvalReport(Report):
     """outputs/eval/eval_report.json (and dpo_effect.json): before, after and the paired
     change of every metric."""
 
+    # suite -> {before, after, delta}: each the suite's own metric tree (EvalScores.scores)
     suites: dict[str, Any]
     comparisons: dict[str, Comparison]
 
@@ -577,6 +688,7 @@ class GateCheck(Report):
     status: str
     passed: bool
     detail: str
+    detectable: Number | None = None  # the smallest drop a paired check can detect
 
 
 class GateReport(Report):
@@ -590,22 +702,32 @@ class GateReport(Report):
     message: str
 
 
+class ExportProfile(Report):
+    """One profile's reload check, or why it was skipped."""
+
+    passed: bool | None = None
+    max_abs_logit_diff: Number | None = None
+    tolerance: Number | None = None
+    skipped: str | None = None
+
+
 class ExportReport(Report):
     """export_report.json: each profile's reload check (or why it was skipped)."""
 
     kind: str | None = None
-    profiles: dict[str, dict[str, Any]]
+    tolerance: Number | None = None
+    profiles: dict[str, ExportProfile]
+    adapter_effect_max_abs_logit_diff: Number | None = None
 
 
 def check_report(data: Any, model: type[BaseModel], where: str) -> Any:
-    """The report itself if it fits `model`, else InputError naming the file, each key
+    """The report as its model if it fits, else InputError naming the file, each key
     (and a list entry's id) and its problem."""
     try:
-        model.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(validation_problems(exc, whole="report", show_input=False, data=data))
         raise InputError(f"{where}: not a valid {_words(model.__name__)} file: {problems}") from None
-    return data
 
 
 def _words(name: str) -> str:
@@ -614,15 +736,23 @@ def _words(name: str) -> str:
 
 
 def read_report(path: str | Path, model: type[BaseModel]) -> Any:
-    """A JSON report, checked against its model; a missing, broken or misshapen file
+    """A JSON report as its model, validated; a missing, broken or misshapen file
     raises InputError naming it."""
     return check_report(read_json(path), model, str(path))
 
 
-def write_report(path: str | Path, model: type[BaseModel], data: Any) -> None:
-    """Check a report against its model (as JSON will hold it: non-finite floats null),
-    then write it atomically."""
-    write_json(path, check_report(json_safe(data), model, f"{path} (writing)"))
+def write_report(path: str | Path, report: BaseModel | type[BaseModel], data: Any = None) -> None:
+    """Write a report atomically: `report` a model instance, or a model class and the
+    `data` (a dict or list) it checks. Either way the file is checked as JSON will hold
+    it (non-finite floats null) before it is written; keys keep the order they were
+    given, and a key never given is not written."""
+    if isinstance(report, BaseModel):
+        model, data = type(report), report.model_dump(exclude_unset=True)
+    else:
+        model = report
+    data = json_safe(data)
+    check_report(data, model, f"{path} (writing)")
+    write_json(path, data)
 
 
 # ------------------------------------------------------------- the artifacts

@@ -12,7 +12,7 @@ import glob
 import logging
 from pathlib import Path
 
-from pipeline.contract import ActivationStats, GenerateStats, LossCurve, read_report
+from pipeline.contract import ActivationStats, GenerateStats, LossCurve, LossPoint, read_report
 from pipeline.records import write_json
 
 log = logging.getLogger(__name__)
@@ -35,9 +35,9 @@ def main(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     written = []
     if Path(args.loss).is_file():
-        written.append(plot_loss(read_report(args.loss, LossCurve), out / "loss.png"))
+        written.append(plot_loss(read_report(args.loss, LossCurve).root, out / "loss.png"))
     if Path(args.activations).is_file():
-        maxima = read_report(args.activations, ActivationStats)
+        maxima = read_report(args.activations, ActivationStats).root
         write_json(out / "activation_maxima.json", [
             {"site": f"{kind}/{key}", "max_abs": value}
             for kind, layers in maxima.items() for key, value in layers.items()
@@ -46,8 +46,7 @@ def main(args) -> int:
     stats = {Path(p).parent.name: read_report(p, GenerateStats) for g in args.acceptance for p in sorted(glob.glob(g))}
     if stats:
         write_json(out / "acceptance.json", [
-            {"pipeline": name, "acceptance_rate": s.get("acceptance_rate"),
-             "accepted": s.get("accepted"), "rejected": s.get("rejected")}
+            {"pipeline": name, "acceptance_rate": s.acceptance_rate, "accepted": s.accepted, "rejected": s.rejected}
             for name, s in sorted(stats.items())
         ])
         written.append(plot_acceptance(stats, out / "acceptance.png"))
@@ -58,11 +57,11 @@ def main(args) -> int:
     return 0
 
 
-def plot_loss(rows: list[dict], path: Path) -> Path:
+def plot_loss(rows: list[LossPoint], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker="o", ms=3)
+    ax.plot([r.step for r in rows], [r.loss for r in rows], marker="o", ms=3)
     ax.set(xlabel="step", ylabel="training loss", title="SFT loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -94,17 +93,17 @@ def plot_activations(stats: dict[str, dict[str, float | None]], path: Path) -> P
     return path
 
 
-def plot_acceptance(stats: dict[str, dict], path: Path) -> Path:
+def plot_acceptance(stats: dict[str, GenerateStats], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     names = sorted(stats)
-    accepted = [stats[n].get("accepted", 0) for n in names]
-    rejected = [stats[n].get("rejected", 0) for n in names]
+    accepted = [stats[n].accepted for n in names]
+    rejected = [stats[n].rejected for n in names]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar(names, accepted, label="accepted", color="tab:green")
     ax.bar(names, rejected, bottom=accepted, label="rejected", color="tab:gray")
     for i, n in enumerate(names):
-        rate = stats[n].get("acceptance_rate")
+        rate = stats[n].acceptance_rate
         if rate is not None:
             ax.text(i, accepted[i] + rejected[i], f"{rate:.0%}", ha="center", va="bottom", fontsize=8)
     ax.set(ylabel="records", title="synthetic data: acceptance per pipeline")

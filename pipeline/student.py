@@ -93,7 +93,7 @@ def resolve_model_folder(path: str | os.PathLike, flag: str = "--model"):
         if not pointer.is_file():
             return path
         try:
-            target = read_report(pointer, ModelPointer)["model"]
+            target = read_report(pointer, ModelPointer).model
         except InputError as exc:
             raise InputError(f"{flag} {path}: {exc}") from None
         path = Path(target)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.contract import ARTIFACTS, GenerateStats, read_report
+from pipeline.contract import ARTIFACTS, GenerateStats, Report, ReviewStats, Truncation, read_report
 from pipeline.records import InputError
 
 GENERATE = "data/synth/*/stats.json"
@@ -88,10 +88,9 @@ def generation(root: Path, _reports) -> list[str]:
         return [_row("generate", f"not run (no {GENERATE})")]
     lines = [_row("generate", "accepted / generated, top reject reason")]
     for path in stats:
-        s = _read(path, GenerateStats) or {}
-        reasons = s.get("reject_reasons") or {}
-        top = max(reasons.items(), key=lambda kv: kv[1]) if reasons else None
-        lines.append((f"  {path.parent.name:<14}{s.get('accepted', '?'):>5} / {s.get('generated', '?'):<5}"
+        s = read_report(path, GenerateStats)
+        top = max(s.reject_reasons.items(), key=lambda kv: kv[1]) if s.reject_reasons else None
+        lines.append((f"  {path.parent.name:<14}{s.accepted:>5} / {s.generated:<5}"
                       + (f" {top[0]} ({top[1]})" if top else "")).rstrip())
     return lines
 
@@ -100,8 +99,8 @@ def dedup(_root, reports) -> list[str]:
     d = reports["dedup"]
     if d is None:
         return [_missing("dedup")]
-    removed = ", ".join(f"{k} {v}" for k, v in (d.get("removed") or {}).items()) or "none"
-    return [_row("dedup", f"{d['input']} in, {d['kept']} kept; removed: {removed}")]
+    removed = ", ".join(f"{k} {v}" for k, v in d.removed.items()) or "none"
+    return [_row("dedup", f"{d.input} in, {d.kept} kept; removed: {removed}")]
 
 
 REVIEW_BUCKETS = ("accepted", "corrected", "rejected", "disputed", "pending")
@@ -111,20 +110,23 @@ def review(_root, reports) -> list[str]:
     r = reports["review"]
     if r is None:
         return [_missing("review")]
-    buckets = ", ".join(f"{b} {r[b]}" for b in REVIEW_BUCKETS if b in r)
-    how = f" (mode {r['mode']}" + (f", server {r['server']})" if r.get("server") else ", no server)") \
-        if "mode" in r else ""
-    return [_row("review", f"{r['total']} in: {buckets}{how}")] + _kappa_lines(r)
+    how = f" (mode {r.mode}" + (f", server {r.server})" if r.server else ", no server)") \
+        if "mode" in r.model_fields_set else ""
+    return [_row("review", f"{r.total} in: {_buckets(r)}{how}")] + _kappa_lines(r)
 
 
-def _kappa_lines(r: dict) -> list[str]:
+def _buckets(r: ReviewStats) -> str:
+    return ", ".join(f"{b} {getattr(r, b)}" for b in REVIEW_BUCKETS)
+
+
+def _kappa_lines(r: ReviewStats) -> list[str]:
     """Reviewer agreement (Fleiss' kappa) where several reviewers answered records."""
     parts = []
-    for pipeline, by_question in (r.get("kappa") or {}).items():
+    for pipeline, by_question in (r.kappa or {}).items():
         for question, k in by_question.items():
-            if k.get("records"):
-                kappa = "n/a" if k.get("kappa") is None else f"{k['kappa']:.2f}"
-                parts.append(f"{pipeline} {question} {kappa} (n={k['records']})")
+            if k.records:
+                kappa = "n/a" if k.kappa is None else f"{k.kappa:.2f}"
+                parts.append(f"{pipeline} {question} {kappa} (n={k.records})")
     return [_row("", "agreement (kappa): " + ", ".join(parts))] if parts else []
 
 
@@ -132,8 +134,8 @@ def mix(_root, reports) -> list[str]:
     m = reports["mix"]
     if m is None:
         return [_missing("mix")]
-    per = ", ".join(f"{c} {v['in_mix']}" for c, v in (m.get("per_category") or {}).items())
-    return [_row("mix", f"train {m['train']}, eval {m['eval']}, unused {m['unused']}"
+    per = ", ".join(f"{c} {v.in_mix}" for c, v in (m.per_category or {}).items())
+    return [_row("mix", f"train {m.train}, eval {m.eval}, unused {m.unused}"
                  + (f"; by category {per}" if per else ""))]
 
 
@@ -141,14 +143,15 @@ def train(_root, reports) -> list[str]:
     t = reports["train"]
     if t is None:
         return [_missing("train")]
-    lines = [_row("train", f"{t.get('mode', '?')}, {t.get('global_step', '?')} steps, "
-                  f"loss {_num(t.get('first_loss'))} -> {_num(t.get('final_loss'))}"
-                  + _truncation(t.get("truncation"), "train"))]
-    by_kind = (t.get("activation_loss") or {}).get("max_abs") or {
+    lines = [_row("train", f"{t.mode}, {t.global_step} steps, "
+                  f"loss {_num(t.first_loss)} -> {_num(t.final_loss)}"
+                  + _truncation(t.truncation, "train"))]
+    maxima = reports["activations"]
+    by_kind = (t.activation_loss and t.activation_loss.max_abs) or {
         kind: max((v for v in layers.values() if v is not None), default=None)
-        for kind, layers in (reports["activations"] or {}).items()}
+        for kind, layers in (maxima.root if maxima is not None else {}).items()}
     if by_kind:
-        alpha = (t.get("activation_loss") or {}).get("alpha")
+        alpha = t.activation_loss.alpha if t.activation_loss else None
         lines.append(_row("activation", "max |activation| in training: "
                           + ", ".join(f"{k} {_num(v)}" for k, v in by_kind.items())
                           + (f" (alpha {alpha:g})" if alpha is not None else "")))
@@ -161,21 +164,20 @@ def preferences(_root, reports) -> list[str]:
     p, r, d = reports["prefs"], reports["pair_review"], reports["dpo"]
     if p is None:
         return [_missing("prefs")]
-    per = ", ".join(f"{name} {c['pairs']}/{c['prompts']}" for name, c in p["pipelines"].items())
-    lines = [_row("prefs", f"{p['pairs']} pairs (pairs / prompts: {per})")]
+    per = ", ".join(f"{name} {c.pairs}/{c.prompts}" for name, c in p.pipelines.items())
+    lines = [_row("prefs", f"{p.pairs} pairs (pairs / prompts: {per})")]
     if r is not None:
-        buckets = ", ".join(f"{b} {r[b]}" for b in REVIEW_BUCKETS if b in r)
-        lines.append(_row("", f"pair review: {buckets}"))
+        lines.append(_row("", f"pair review: {_buckets(r)}"))
         lines += _kappa_lines(r)
     if d is None:
         lines.append(_missing("dpo"))
-    elif not d.get("enabled"):
+    elif not d.enabled:
         lines.append(_row("dpo", "off (dpo.enabled: false): audit, eval and export use the SFT model"))
     else:
-        lines.append(_row("dpo", f"{d.get('global_step', '?')} steps on {d.get('pairs', '?')} pairs, reward "
-                          f"margin {_num(d.get('margin_first'))} -> {_num(d.get('margin_last'))}, accuracy "
-                          f"{_num(d.get('accuracy_first'))} -> {_num(d.get('accuracy_last'))}"
-                          + _truncation(d.get("truncation"))))
+        lines.append(_row("dpo", f"{_given(d, 'global_step')} steps on {_given(d, 'pairs')} pairs, reward "
+                          f"margin {_num(d.margin_first)} -> {_num(d.margin_last)}, accuracy "
+                          f"{_num(d.accuracy_first)} -> {_num(d.accuracy_last)}"
+                          + _truncation(d.truncation)))
     return lines
 
 
@@ -183,11 +185,13 @@ def grpo(_root, reports) -> list[str]:
     g = reports["grpo"]
     if g is None:
         return [_missing("grpo")]
-    if not g.get("enabled"):
+    if not g.enabled:
         return [_row("grpo", "off (grpo.enabled: false): audit, eval and export use the model before it")]
-    share = g.get("activation_loss_share_mean")
-    return [_row("grpo", f"{g.get('global_step', '?')} steps on {g.get('prompts', '?')} prompts, reward "
-                 f"{_num(g.get('reward_first'))} -> {_num(g.get('reward_last'))}"
+    share = g.activation_loss_share_mean
+    steps = "?" if g.global_step is None else g.global_step
+    prompts = "?" if g.prompts is None else g.prompts
+    return [_row("grpo", f"{steps} steps on {prompts} prompts, reward "
+                 f"{_num(g.reward_first)} -> {_num(g.reward_last)}"
                  + (f", activation loss {_num(share)} of the loss" if share is not None else ""))]
 
 
@@ -195,11 +199,11 @@ def audit(_root, reports) -> list[str]:
     a = reports["audit"]
     if a is None:
         return [_missing("audit")]
-    verdict = "fp16-safe" if a["fp16_safe"] else "NOT fp16-safe"
-    offending = [o["site"] for o in a.get("offending") or []]
-    kinds = ", ".join(f"{k} {_num(v)}" for k, v in (a.get("max_abs_by_kind") or {}).items())
-    lines = [_row("fp16 audit", f"{verdict}, max |activation| {_num(a.get('max_abs'))}, "
-                  f"fp16 vs fp32 max |logit diff| {_num((a.get('logits') or {}).get('max_abs_diff'))}")]
+    verdict = "fp16-safe" if a.fp16_safe else "NOT fp16-safe"
+    offending = [o.site for o in a.offending]
+    kinds = ", ".join(f"{k} {_num(v)}" for k, v in (a.max_abs_by_kind or {}).items())
+    lines = [_row("fp16 audit", f"{verdict}, max |activation| {_num(a.max_abs)}, "
+                  f"fp16 vs fp32 max |logit diff| {_num(a.logits.max_abs_diff if a.logits else None)}")]
     if kinds:
         lines.append(_row("", f"by site kind: {kinds}"))
     if offending:
@@ -213,15 +217,17 @@ def export(_root, reports) -> list[str]:
     if e is None:
         return [_missing("export")]
     parts = []
-    for profile, p in e["profiles"].items():
-        if "skipped" in p:
+    for profile, p in e.profiles.items():
+        if "skipped" in p.model_fields_set:
             continue
-        tolerance = p.get("tolerance", e.get("tolerance"))
-        parts.append(f"{profile} {_num(p['max_abs_logit_diff'])} "
-                     + ("ok" if p["passed"] else f"FAILED (tolerance {_num(tolerance)})"))
-    verdict = "passed" if all(p.get("passed", True) for p in e["profiles"].values()) else "FAILED"
-    effect = e.get("adapter_effect_max_abs_logit_diff")
-    return [_row("export", f"{verdict} ({e.get('kind', '?')}): max |logit diff| " + ", ".join(parts)
+        tolerance = p.tolerance if "tolerance" in p.model_fields_set else e.tolerance
+        parts.append(f"{profile} {_num(p.max_abs_logit_diff)} "
+                     + ("ok" if p.passed else f"FAILED (tolerance {_num(tolerance)})"))
+    # A skipped profile has no verdict: it fails nothing.
+    verdict = "passed" if all(p.passed or "passed" not in p.model_fields_set
+                              for p in e.profiles.values()) else "FAILED"
+    effect = e.adapter_effect_max_abs_logit_diff
+    return [_row("export", f"{verdict} ({_given(e, 'kind')}): max |logit diff| " + ", ".join(parts)
                  + (f"; adapter effect {_num(effect)}" if effect is not None else ""))]
 
 
@@ -236,14 +242,14 @@ def evaluation(_root, reports) -> list[str]:
     e = reports["eval"]
     if e is None:
         return []
-    comparisons = e.get("comparisons") or {}
+    comparisons = e.comparisons
     lines = [_row("eval", "before -> after (change [95% interval], p, items)")]
     for name, c in comparisons.items():
         if not name.startswith(HEADLINES):
             continue
-        lines.append(f"  {name:<26}{_num(c['before'])} -> {_num(c['after'])} "
-                     f"({c['delta']:+.3g} [{_num(c['low'])}, {_num(c['high'])}], p {_num(c['p'])}, "
-                     f"{c['items']})")
+        lines.append(f"  {name:<26}{_num(c.before)} -> {_num(c.after)} "
+                     f"({c.delta:+.3g} [{_num(c.low)}, {_num(c.high)}], p {_num(c.p)}, "
+                     f"{c.items})")
     if not comparisons:
         lines.append("  no paired comparisons (re-run the gate stage)")
     return lines
@@ -253,19 +259,19 @@ def gate(_root, reports) -> list[str]:
     g = reports["gate"]
     if g is None:
         return []
-    checks = g.get("checks") or []
-    failed = [c.get("name", "?") for c in checks if not c.get("passed")]
-    uninformative = g.get("uninformative") or []
-    if g.get("passed"):
+    checks = g.checks
+    failed = [c.name for c in checks if not c.passed]
+    uninformative = g.uninformative
+    if g.passed:
         text = f"passed {len(checks) - len(uninformative)} of {len(checks)} checks"
     else:
         text = (f"FAILED {len(failed)} of {len(checks)} checks: {', '.join(failed)}"
-                + ("" if g.get("enforce", True) else " (not enforced)"))
+                + ("" if g.enforce else " (not enforced)"))
     lines = [_row("gate", text)]
     if uninformative:
         lines.append(_row("", f"uninformative (base no better than an empty answer): {', '.join(uninformative)}"))
-    if g.get("off"):
-        lines.append(_row("", f"off: {', '.join(g['off'])}"))
+    if g.off:
+        lines.append(_row("", f"off: {', '.join(g.off)}"))
     return lines
 
 
@@ -294,14 +300,19 @@ def _missing(name: str) -> str:
     return _row(name, f"not run (no {REPORTS[name]})")
 
 
-def _truncation(report: Any, split: str | None = None) -> str:
+def _truncation(report: Truncation | None, split: str | None = None) -> str:
     """'; max_length 1024: 3 truncated, 1 answer cut, 1 skipped' from a trainer's
     `truncation` report ('' from a report written before there was one)."""
-    if not report:
+    if report is None:
         return ""
-    counts = report[split] if split else report
-    return (f"; max_length {report['max_length']}: {counts['truncated']} truncated, "
-            f"{counts['answer_cut']} answer cut, {counts['skipped']} skipped")
+    counts = getattr(report, split) if split else report
+    return (f"; max_length {report.max_length}: {counts.truncated} truncated, "
+            f"{counts.answer_cut} answer cut, {counts.skipped} skipped")
+
+
+def _given(report: Report, field: str) -> Any:
+    """An optional field as the report gave it, '?' where it left the key out."""
+    return getattr(report, field) if field in report.model_fields_set else "?"
 
 
 def _num(value: Any) -> str:

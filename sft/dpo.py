@@ -79,7 +79,7 @@ def write_pointer(sft_dir: Path, output_dir: Path) -> None:
     from sft.trainer import write_pointer as point
 
     target = point(sft_dir, output_dir / "final", "dpo.enabled is false", "--sft")
-    write_report(output_dir / "dpo_metrics.json", DpoMetrics, {"enabled": False, "model": str(target)})
+    write_report(output_dir / "dpo_metrics.json", DpoMetrics(enabled=False, model=str(target)))
     write_json(output_dir / "dpo_curve.json", [])
     write_json(output_dir / "lora_coverage.json", {"lora": False})
     plot_curve([], output_dir / "dpo_curve.png", note="DPO is off (dpo.enabled: false)")

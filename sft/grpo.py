@@ -78,7 +78,7 @@ def write_pointer(model_dir: Path, output_dir: Path) -> None:
     from sft.trainer import write_pointer as point
 
     target = point(model_dir, output_dir / "final", "grpo.enabled is false", "--model")
-    write_report(output_dir / "grpo_metrics.json", GrpoMetrics, {"enabled": False, "model": str(target)})
+    write_report(output_dir / "grpo_metrics.json", GrpoMetrics(enabled=False, model=str(target)))
     write_json(output_dir / "grpo_curve.json", [])
     write_json(output_dir / "lora_coverage.json", {"lora": False})
     log.info("grpo.enabled is false: %s points to %s", output_dir / "final", target)

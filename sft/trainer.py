@@ -254,8 +254,7 @@ def write_pointer(folder: Path, final: Path, why: str, flag: str) -> Path:
     target = resolve_model_folder(folder, flag)
     if final.exists():
         shutil.rmtree(final)
-    write_report(final / POINTER_FILE, ModelPointer, {"model": str(target), "why": why,
-                                                      "sha256": folder_digest(target)})
+    write_report(final / POINTER_FILE, ModelPointer(model=str(target), why=why, sha256=folder_digest(target)))
     return target
 
 

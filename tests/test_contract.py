@@ -203,6 +203,92 @@ def test_the_bypass_check_finds_a_planted_bypass():
         "read_json", "write_json train_metrics.json", "load"]
 
 
+# ------------------------------------------------ reports are typed objects
+REPORT_MODELS = {name for name, obj in vars(contract).items() if isinstance(obj, type)
+                 and (issubclass(obj, contract.Report) or obj in (contract.ActivationStats, contract.LossCurve))}
+DICT_ACCESS = {"get", "keys", "items", "values", "setdefault", "pop", "update"}
+
+
+def report_indexing(module: str, source: str) -> list[str]:
+    """Where a stage treats a report as a dict (`r["key"]`, `r.get("key")`, `"key" in r`,
+    `r.items()`): r a name bound, in that function, to what read_report (or a function
+    of the module that returns its result) gave, to a report model built there, or a
+    parameter annotated with a report model; or such a call itself."""
+    tree = ast.parse(source)
+
+    def callee(node: ast.AST) -> str | None:
+        if isinstance(node, ast.Call):
+            return node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", None)
+        return None
+
+    def gives_report(node: ast.AST | None, readers: set[str]) -> bool:
+        if isinstance(node, ast.IfExp):
+            return gives_report(node.body, readers) or gives_report(node.orelse, readers)
+        if isinstance(node, ast.BoolOp):
+            return any(gives_report(v, readers) for v in node.values)
+        return callee(node) in readers | REPORT_MODELS
+
+    def is_report_type(annotation: ast.AST) -> bool:  # Model or Model | None, not list[Model]
+        if isinstance(annotation, ast.BinOp) and isinstance(annotation.op, ast.BitOr):
+            sides = (annotation.left, annotation.right)
+            return any(map(is_report_type, sides)) and all(
+                is_report_type(n) or (isinstance(n, ast.Constant) and n.value is None) for n in sides)
+        return isinstance(annotation, ast.Name) and annotation.id in REPORT_MODELS
+
+    readers = {"read_report"}
+    functions = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    for function in functions:  # helpers that hand back read_report's result (summary._read)
+        if any(isinstance(n, ast.Return) and gives_report(n.value, {"read_report"}) for n in ast.walk(function)):
+            readers.add(function.name)
+    found = []
+    for function in functions:
+        args = function.args.posonlyargs + function.args.args + function.args.kwonlyargs
+        reports = {a.arg for a in args if a.annotation is not None and is_report_type(a.annotation)}
+        for node in ast.walk(function):
+            if isinstance(node, ast.Assign) and gives_report(node.value, readers):
+                reports |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and (
+                    gives_report(node.value, readers) or is_report_type(node.annotation)):
+                reports.add(node.target.id)
+        for node in ast.walk(function):
+            if isinstance(node, ast.Subscript):
+                target = node.value
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in DICT_ACCESS:
+                target = node.func.value
+            elif isinstance(node, ast.Compare) and isinstance(node.ops[0], (ast.In, ast.NotIn)):
+                target = node.comparators[0]
+            else:
+                continue
+            if (isinstance(target, ast.Name) and target.id in reports) or gives_report(target, readers):
+                found.append(f"{module}:{node.lineno} {ast.unparse(node)[:60]}")
+    return sorted(set(found))
+
+
+def test_no_stage_reads_a_report_as_a_dict():
+    """A report reaches a stage as its model: the stage reads attributes the model
+    types (a key it left to model_extra is read there, deliberately)."""
+    found = [hit for m in sorted(stage_modules()) for hit in report_indexing(m, module_file(m).read_text())]
+    assert not found, found
+
+
+def test_the_dict_check_finds_a_planted_dict_read():
+    planted = ('def read_scores(path):\n'
+               '    scores = read_report(path, EvalScores)\n'
+               '    return scores["scores"]\n'
+               'def checks(audit: Fp16Audit | None, path):\n'
+               '    safe = audit.get("fp16_safe", False)\n'
+               '    pointer = read_report(path, ModelPointer)["model"]\n'
+               '    stats = _read(path) or {}\n'
+               '    return "mode" in stats\n'
+               'def _read(path):\n'
+               '    return read_report(path, ReviewStats) if path.is_file() else None\n'
+               'def fine(path, rows: list[dict]):\n'
+               '    maxima = read_report(path, ActivationStats).root\n'
+               '    return maxima["mamba"], rows[0]["id"], read_report(path, EvalScores).scores["ifeval"]\n')
+    assert [hit.split(" ", 1)[0] for hit in report_indexing("evals.gate", planted)] == [
+        "evals.gate:3", "evals.gate:5", "evals.gate:6", "evals.gate:8"]
+
+
 # ---------------------------------------------------------- planted faults
 @pytest.fixture(scope="module")
 def specimens(tmp_path_factory) -> dict[str, Path]:
@@ -410,3 +496,31 @@ def test_the_summary_names_a_broken_report_on_its_own_line(specimens, tmp_path):
     [line] = [line for line in lines if line.startswith("gate")]
     assert "outputs/gate/gate_report.json: not a valid gate report file: passed: Field required" in line
     assert any(line.startswith("dedup") and "not run" in line for line in lines)  # the rest goes on
+
+
+@pytest.mark.parametrize("kind", sorted(REPORT_FAULTS))
+def test_a_report_read_and_written_again_is_the_same_file(specimens, kind, tmp_path):
+    """Key order, null against a missing key, and 9 against 9.0 survive the model: a
+    stage that hands write_report the model writes what the dict wrote."""
+    model, _ = REPORT_FAULTS[kind]
+    report = contract.read_report(specimens[kind], model)
+    assert isinstance(report, model)
+    contract.write_report(tmp_path / specimens[kind].name, report)
+    assert (tmp_path / specimens[kind].name).read_bytes() == specimens[kind].read_bytes()
+
+
+def test_a_report_model_keeps_the_layout_it_was_given(tmp_path):
+    check = contract.GateCheck(detail="max |activation| 812", name="fp16_safe", passed=True, status="passed",
+                               max_abs=812, offending=[])
+    gate = contract.GateReport(passed=True, enforce=True, rule="...", alpha=0.05, off=[], uninformative=[],
+                               checks=[check, {"name": "x", "status": "passed", "passed": True, "detail": "",
+                                               "detectable": 3, "p": None}], message="gate: passed")
+    gate.note = "added later"
+    contract.write_report(tmp_path / "gate_report.json", gate)
+    written = read_json(tmp_path / "gate_report.json")
+    assert list(written) == ["passed", "enforce", "rule", "alpha", "off", "uninformative", "checks", "message", "note"]
+    assert list(written["checks"][0]) == ["detail", "name", "passed", "status", "max_abs", "offending"]
+    assert written["checks"][1] == {"name": "x", "status": "passed", "passed": True, "detail": "", "detectable": 3,
+                                    "p": None}  # 3 stays 3; p given as null is written, a key not given is not
+    read = contract.read_report(tmp_path / "gate_report.json", contract.GateReport)
+    assert isinstance(read.checks[1].detectable, int) and read.note == "added later"

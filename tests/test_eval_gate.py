@@ -468,18 +468,20 @@ def test_smollm2_lora_on_tool_use_data_changes_heldout_tool_call_accuracy(tmp_pa
 def test_better_and_worse_count_items_by_the_metrics_direction():
     """A loss that falls is an item that got better; a pass rate that falls, one that got
     worse. (Counting raw rises as "better" read a lower held-out loss as 61 items worse.)"""
-    from evals.gate import eval_report
+    from evals.gate import Scores, eval_report
+    from pipeline.contract import EvalScores, SuiteItems
 
     recipe = load_recipe(Path(__file__).parents[1] / "recipes/tiny-cpu.yaml")
     losses = [{"id": f"r{i}", "loss": 1.0 + 0.1 * i, "tokens": 10} for i in range(6)]
     calls = [{"id": f"c{i}", "category": "simple", "language": "python", "passed": True} for i in range(6)]
 
-    def scores(loss_shift: float, passed: list[bool]) -> dict:
+    def scores(loss_shift: float, passed: list[bool]) -> Scores:
         items = {"heldout_loss": [{**r, "loss": r["loss"] + loss_shift} for r in losses],
                  "tool_calls": [{**r, "passed": p} for r, p in zip(calls, passed)]}
-        return {"scores": {k: {} for k in items}, "per_item": {k: {"items": v} for k, v in items.items()}}
+        return Scores(EvalScores(model="m", engine="transformers", scores={k: {} for k in items}),
+                      {k: SuiteItems(items=v) for k, v in items.items()})
 
     report = eval_report(scores(0.0, [True] * 6), scores(-0.5, [True, True, False, False, False, True]), recipe)
-    loss, simple = report["comparisons"]["heldout_loss.overall"], report["comparisons"]["tool_calls.simple"]
-    assert (loss["better"], loss["worse"]) == (6, 0)
-    assert (simple["better"], simple["worse"]) == (0, 3)
+    loss, simple = report.comparisons["heldout_loss.overall"], report.comparisons["tool_calls.simple"]
+    assert (loss.better, loss.worse) == (6, 0)
+    assert (simple.better, simple.worse) == (0, 3)

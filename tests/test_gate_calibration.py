@@ -4,8 +4,9 @@ verdicts at the SmolLM2 proof recipe's item counts (recipes/smollm2-proof.yaml):
 - harmless runs (a share of the items answered afresh, no real change) are blocked at
   most 5 % of the time, at every noise level from a few items changed to every item
   drawn afresh;
-- runs with a true drop of the size a check states it can detect ("detectable") are
-  blocked at least 80 % of the time.
+- runs with a true drop of the size a check states it can detect ("detectable", read
+  off the report of that base and a harmless rerun of it) are blocked at least 80 % of
+  the time.
 
 The base's per-item outcomes are drawn at rates measured on SmolLM2-135M-Instruct
 (see BASE below); what the gate sees is exactly what `posttrain eval` writes per item.
@@ -23,7 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from gate_calibration import block_rate, detectable, load_counts  # noqa: E402
+from gate_calibration import block_rate, load_counts, power  # noqa: E402
 
 RUNS = 200
 
@@ -44,9 +45,8 @@ def test_harmless_runs_are_blocked_at_most_5_percent_of_the_time(setting, redraw
 @pytest.mark.slow
 @pytest.mark.parametrize("check", ["ifeval.prompt_strict", "retention.average.2048", "heldout_loss.overall"])
 def test_a_true_drop_of_the_stated_detectable_size_is_blocked_80_percent_of_the_time(setting, check):
-    size = detectable(setting, check)
-    rate, blocked_by = block_rate(setting, runs=RUNS, redraw=0.5, seed=2, drop={check: size})
-    print(f"{check}: true drop {size:.3g}: {rate:.1%} of {RUNS} runs blocked {blocked_by}")
+    rate, blocked_by, size = power(setting, check, runs=RUNS, seed=2)
+    print(f"{check}: true drop of the stated size (median {size:.3g}): {rate:.1%} of {RUNS} runs blocked {blocked_by}")
     assert rate >= 0.8
     # The drop is found by the check it was put in (a drop in a length's average is a
     # drop in its tasks too, whose own checks may block it as well).
