@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "mix": ("sft.mix", "build the SFT mix (conversational / skill / long-context) + train/eval split"),
     "train": ("sft.train", "supervised fine-tuning of the student (full or LoRA, + activation loss)"),
     "dpo": ("sft.dpo", "preference training (TRL DPO) of the SFT model, + activation loss; off: a pointer"),
+    "grpo-prompts": ("synth_data.grpo_prompts", "GRPO prompts from each pipeline's prompt step, decontaminated"),
+    "grpo": ("sft.grpo", "RL on verifier rewards (TRL GRPO) of the DPO/SFT model, + activation loss; off: a pointer"),
     "audit": ("activation_loss.fp16_audit", "FP16 audit: per-layer activation maxima, fp16 vs fp32 forward"),
     "eval": ("evals.evaluate", "score a model (base, folder or adapter): retention, tool use, IFEval, held-out loss"),
     "gate": ("evals.gate", "before vs after report; block export if the model got worse or overflows FP16"),

@@ -304,6 +304,52 @@ def write_pairs(path: str | Path, pairs: Iterable[dict[str, Any]]) -> int:
     return _write_checked(path, check_pair, pairs)
 
 
+# --------------------------------------------------------------- GRPO prompts
+class GrpoPrompt(BaseModel):
+    """A GRPO prompt as `posttrain grpo-prompts` writes it: a pipeline's step-1 prompt
+    as chat turns (no answer: the policy writes it), the tools it offers, and what the
+    pipeline's validator needs to score an answer (`verifier`: expected calls,
+    constraints, or the computed answer)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1)
+    pipeline: str = Field(min_length=1)
+    prompt: list[Message] = Field(min_length=1)
+    tools: list[dict[str, Any]] | None = None
+    verifier: dict[str, Any]
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("prompt")
+    @classmethod
+    def _ends_with_a_request(cls, turns: list[Message]) -> list[Message]:
+        if turns[-1].role != "user":
+            raise ValueError("the final turn is not the user's")
+        return turns
+
+
+def check_grpo_prompt(prompt: Any, where: str = "GRPO prompt") -> dict[str, Any]:
+    """The prompt itself if it keeps the contract, else RecordError naming every problem."""
+    if not isinstance(prompt, dict):
+        raise RecordError(f"{where}: not a JSON object")
+    try:
+        GrpoPrompt.model_validate(prompt)
+    except ValidationError as exc:
+        problems = "; ".join(validation_problems(exc, whole="GRPO prompt", show_input=False))
+        raise RecordError(f"{where}: GRPO prompt {prompt.get('id', '?')!r}: {problems}") from None
+    return prompt
+
+
+def read_grpo_prompts(path: str | Path) -> list[dict[str, Any]]:
+    """GRPO prompts from a JSONL file, each checked."""
+    return _read_checked(path, check_grpo_prompt, "GRPO prompt", False)
+
+
+def write_grpo_prompts(path: str | Path, prompts: Iterable[dict[str, Any]]) -> int:
+    """Check every prompt, then write them atomically as JSONL; returns the count."""
+    return _write_checked(path, check_grpo_prompt, prompts)
+
+
 # -------------------------------------------------------- what SFT trains on
 class TextMessage(Message):
     content: str | None = None  # the chat template renders text; parts are not trained
@@ -508,9 +554,33 @@ class DpoMetrics(Report):
     truncation: Truncation | None = None
 
 
+class GrpoPromptCounts(Report):
+    sampled: int
+    contaminated: int
+    kept: int
+
+
+class GrpoPromptStats(Report):
+    """data/grpo/prompt_stats.json: prompts per pipeline (sampled = contaminated + kept)."""
+
+    prompts: int
+    pipelines: dict[str, GrpoPromptCounts]
+
+
+class GrpoMetrics(Report):
+    """outputs/grpo/grpo_metrics.json: `enabled` false says the model before it stands in."""
+
+    enabled: bool
+    global_step: int | None = None
+    prompts: int | None = None
+    reward_first: Number | None = None
+    reward_last: Number | None = None
+    activation_loss_share_mean: Number | None = None
+
+
 class ModelPointer(Report):
-    """final/posttrain_model.json: with dpo.enabled false, outputs/dpo/final names the
-    SFT folder instead of holding weights."""
+    """final/posttrain_model.json: with dpo.enabled (grpo.enabled) false, outputs/dpo/final
+    (outputs/grpo/final) names the folder before it instead of holding weights."""
 
     model: str = Field(min_length=1)
 
@@ -694,6 +764,7 @@ class Artifact(NamedTuple):
 
 _RECORDS = Artifact(Record, read_records, write_records)
 _PAIRS = Artifact(Pair, read_pairs, write_pairs)
+_GRPO_PROMPTS = Artifact(GrpoPrompt, read_grpo_prompts, write_grpo_prompts)
 # The mix writes whole records (checked as Record); SFT, the audit and the held-out
 # loss read only the conversation of each.
 _TRAINING = Artifact(Conversation, read_conversations, write_records)
@@ -732,6 +803,10 @@ ARTIFACTS: dict[str, Artifact] = {
     "data/prefs/review/review_stats.json": _report(ReviewStats),
     "outputs/dpo/final/posttrain_model.json": _report(ModelPointer),
     "outputs/dpo/dpo_metrics.json": _report(DpoMetrics),
+    "data/grpo/prompts.jsonl": _GRPO_PROMPTS,
+    "data/grpo/prompt_stats.json": _report(GrpoPromptStats),
+    "outputs/grpo/final/posttrain_model.json": _report(ModelPointer),
+    "outputs/grpo/grpo_metrics.json": _report(GrpoMetrics),
     "outputs/audit/fp16_audit.json": _report(Fp16Audit),
     # eval_base, eval_sft and eval write one folder each
     **{f"outputs/eval/{side}/scores.json": _report(EvalScores) for side in EVAL_SIDES},

@@ -1,5 +1,7 @@
 """Recipes: YAML files whose `sft:` section is `trl.SFTConfig` fields, whose `dpo:`
-section is `trl.DPOConfig` fields (plus our `enabled`), whose `lora:` section is
+section is `trl.DPOConfig` fields (plus our `enabled`), whose `grpo:` section is
+`trl.GRPOConfig` fields (plus our `enabled`, `rewards`, `partial_credit` and
+`prompts`), whose `lora:` section is
 `peft.LoraConfig` fields, and whose other sections are ours, typed here.
 
 `load_recipe` reads the file, applies `--set key.path=value` overrides and validates
@@ -337,7 +339,47 @@ SECTIONS: dict[str, type[Section]] = {
     "prefs": PrefsSection,
     "plan": PlanSection,
 }
-LIBRARY_SECTIONS = ("sft", "lora", "dpo")
+LIBRARY_SECTIONS = ("sft", "lora", "dpo", "grpo")
+
+# GRPO's rewards (synth_data/rewards.py holds them; named here so a recipe is checked
+# without importing the validators). Each is one pipeline's validator, and
+# well_formed scores every pipeline's answers.
+GRPO_REWARDS = ("tool_calls", "steerability", "table_qa", "well_formed")
+GRPO_PIPELINES = ("tool_use", "steerability", "table_qa")
+
+
+class GrpoSection(Section):
+    """Our keys of the `grpo:` section (the rest are trl.GRPOConfig fields)."""
+
+    enabled: bool = False
+    rewards: list[str] = Field(default_factory=lambda: list(GRPO_REWARDS))
+    # tool_calls: a call set that is not exactly right scores 0 unless this is on; then
+    # it scores the share of the expected calls it made exactly.
+    partial_credit: bool = False
+    # Prompts per pipeline that `posttrain grpo-prompts` samples (step 1 of each
+    # pipeline's four steps, seeded apart from generation's).
+    prompts: dict[str, int] = Field(default_factory=lambda: {"tool_use": 8, "steerability": 8, "table_qa": 8})
+    seed: int = 1000
+
+    @field_validator("rewards")
+    @classmethod
+    def _known_rewards(cls, value: list[str]) -> list[str]:
+        unknown = [r for r in value if r not in GRPO_REWARDS]
+        if unknown:
+            raise ValueError(f"unknown reward {unknown[0]!r} (known: {', '.join(GRPO_REWARDS)})")
+        if not value:
+            raise ValueError("name at least one reward")
+        return value
+
+    @field_validator("prompts")
+    @classmethod
+    def _known_pipelines(cls, value: dict[str, int]) -> dict[str, int]:
+        unknown = [p for p in value if p not in GRPO_PIPELINES]
+        if unknown:
+            raise ValueError(f"no GRPO prompts for pipeline {unknown[0]!r} (known: {', '.join(GRPO_PIPELINES)})")
+        if any(n < 0 for n in value.values()):
+            raise ValueError("counts must be >= 0")
+        return value
 
 
 @dataclasses.dataclass
@@ -351,6 +393,13 @@ class Recipe:
     dpo: dict[str, Any] = dataclasses.field(default_factory=dict)
     # dpo.enabled: the one line that puts preference training after SFT in the DAG.
     dpo_enabled: bool = False
+    # `grpo:` without our keys: trl.GRPOConfig fields only; ours are in grpo_own.
+    grpo: dict[str, Any] = dataclasses.field(default_factory=dict)
+    grpo_own: GrpoSection = dataclasses.field(default_factory=GrpoSection)
+
+    @property
+    def grpo_enabled(self) -> bool:
+        return self.grpo_own.enabled
 
     def __getattr__(self, name: str) -> Any:
         sections = self.__dict__.get("sections", {})
@@ -428,10 +477,14 @@ def validate_recipe(raw: dict[str, Any], path: Path) -> Recipe:
     if raw.get("dpo") is not None:
         dpo, dpo_enabled, dpo_problems = check_dpo_section(raw["dpo"])
         problems += dpo_problems
+    grpo, grpo_own = {}, GrpoSection()
+    if raw.get("grpo") is not None:
+        grpo, grpo_own, grpo_problems = check_grpo_section(raw["grpo"])
+        problems += grpo_problems
     if problems:
         raise RecipeError(f"recipe {path}:\n  " + "\n  ".join(problems))
     return Recipe(path=path, raw=raw, sections=sections, sft=sft, lora=lora, dpo=dpo,
-                  dpo_enabled=dpo_enabled)
+                  dpo_enabled=dpo_enabled, grpo=grpo, grpo_own=grpo_own)
 
 
 def check_dpo_section(values: Any) -> tuple[dict[str, Any], bool, list[str]]:
@@ -450,6 +503,26 @@ def check_dpo_section(values: Any) -> tuple[dict[str, Any], bool, list[str]]:
         fields, field_problems = check_library_fields("dpo", values, dpo_config_fields())
         problems += field_problems
     return fields, enabled, problems
+
+
+def check_grpo_section(values: Any) -> tuple[dict[str, Any], GrpoSection, list[str]]:
+    """`grpo:` = our keys (GrpoSection) + trl.GRPOConfig fields (TRL is imported only
+    when there are library fields to check)."""
+    if not isinstance(values, dict):
+        return {}, GrpoSection(), [f"grpo: must be a mapping, got {type(values).__name__}"]
+    ours = {k: values[k] for k in GrpoSection.model_fields if k in values}
+    rest = {k: v for k, v in values.items() if k not in ours}
+    problems: list[str] = []
+    try:
+        own = GrpoSection.model_validate(ours)
+    except ValidationError as exc:
+        problems += validation_problems(exc, prefix="grpo")
+        own = GrpoSection()
+    fields: dict[str, Any] = {}
+    if rest:
+        fields, field_problems = check_library_fields("grpo", rest, grpo_config_fields())
+        problems += field_problems
+    return fields, own, problems
 
 
 def check_library_fields(
@@ -501,6 +574,13 @@ def dpo_config_fields() -> dict[str, Any]:
     from trl import DPOConfig
 
     return _field_adapters(DPOConfig)
+
+
+@functools.cache
+def grpo_config_fields() -> dict[str, Any]:
+    from trl import GRPOConfig
+
+    return _field_adapters(GRPOConfig)
 
 
 @functools.cache

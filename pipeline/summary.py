@@ -4,7 +4,7 @@ Reads the reports the stages write (at the paths dvc.yaml gives them) and prints
 numbers a person checks first: per pipeline accepted / generated and the top reject
 reason; dedup, review buckets and the mix; training loss first -> last, the records
 max_length truncated or cut to no answer, and max |activation| per site kind;
-preference pairs and DPO; the FP16 verdict; the export check; eval and gate results
+preference pairs and DPO; GRPO's rewards; the FP16 verdict; the export check; eval and gate results
 when those stages have run; where the data, model and plots are. A missing report
 prints "not run"; a report that breaks the contract (pipeline.contract, which reads
 every one) prints the contract's error on its section's line. Not a DVC stage: it only
@@ -27,6 +27,7 @@ REPORTS = {
     "prefs": "data/prefs/prefs_stats.json",
     "pair_review": "data/prefs/review/review_stats.json",
     "dpo": "outputs/dpo/dpo_metrics.json",
+    "grpo": "outputs/grpo/grpo_metrics.json",
     "train": "outputs/sft/train_metrics.json",
     "activations": "outputs/sft/activation_stats.json",
     "audit": "outputs/audit/fp16_audit.json",
@@ -36,8 +37,8 @@ REPORTS = {
 }
 WHERE = [
     ("data", ["data/synth", "data/dedup", "data/review", "data/mix", "data/prefs"]),
-    ("model", ["outputs/sft/final", "outputs/dpo/final", "outputs/export/profiles"]),
-    ("reports", ["outputs/sft", "outputs/dpo", "outputs/audit", "outputs/export", "outputs/eval", "outputs/gate"]),
+    ("model", ["outputs/sft/final", "outputs/dpo/final", "outputs/grpo/final", "outputs/export/profiles"]),
+    ("reports", ["outputs/sft", "outputs/dpo", "outputs/grpo", "outputs/audit", "outputs/export", "outputs/eval", "outputs/gate"]),
     ("plots", ["reports", "outputs/audit/fp16_audit.png", "outputs/eval/plots"]),
 ]
 NAME = 11  # label column width
@@ -68,7 +69,7 @@ class Reports(dict):
 def summary(root: Path) -> list[str]:
     reports = Reports(root)
     lines = [f"posttrain summary of {root.resolve()}"]
-    for section in (generation, dedup, review, mix, train, preferences, audit, export, evaluation, gate):
+    for section in (generation, dedup, review, mix, train, preferences, grpo, audit, export, evaluation, gate):
         try:
             lines += section(root, reports)
         except InputError as exc:
@@ -178,6 +179,20 @@ def preferences(_root, reports) -> list[str]:
                           f"{_num(d.accuracy_first)} -> {_num(d.accuracy_last)}"
                           + _truncation(d.truncation)))
     return lines
+
+
+def grpo(_root, reports) -> list[str]:
+    g = reports["grpo"]
+    if g is None:
+        return [_missing("grpo")]
+    if not g.enabled:
+        return [_row("grpo", "off (grpo.enabled: false): audit, eval and export use the model before it")]
+    share = g.activation_loss_share_mean
+    steps = "?" if g.global_step is None else g.global_step
+    prompts = "?" if g.prompts is None else g.prompts
+    return [_row("grpo", f"{steps} steps on {prompts} prompts, reward "
+                 f"{_num(g.reward_first)} -> {_num(g.reward_last)}"
+                 + (f", activation loss {_num(share)} of the loss" if share is not None else ""))]
 
 
 def audit(_root, reports) -> list[str]:

@@ -32,14 +32,13 @@ Writes into the output folder:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.contract import DpoMetrics, ModelPointer, read_pairs, write_report
+from pipeline.contract import DpoMetrics, read_pairs, write_report
 from pipeline.recipe import Recipe, RecipeError, add_recipe_arguments, load_recipe
 from pipeline.records import InputError, write_json
 
@@ -76,34 +75,15 @@ def main(args) -> int:
 
 
 # ------------------------------------------------------------------ DPO off
-def folder_digest(folder: Path) -> str:
-    """sha256 over the folder's files: the pointer changes whenever the model it points
-    to does, so DVC reruns what reads the pointer."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(folder)).encode())
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def write_pointer(sft_dir: Path, output_dir: Path) -> None:
-    import shutil
+    from sft.trainer import write_pointer as point
 
-    from pipeline.student import POINTER_FILE, resolve_model_folder
-
-    target = resolve_model_folder(sft_dir, "--sft")
-    final = output_dir / "final"
-    if final.exists():
-        shutil.rmtree(final)
-    write_report(final / POINTER_FILE, ModelPointer(model=str(target), why="dpo.enabled is false",
-                                                    sha256=folder_digest(target)))
+    target = point(sft_dir, output_dir / "final", "dpo.enabled is false", "--sft")
     write_report(output_dir / "dpo_metrics.json", DpoMetrics(enabled=False, model=str(target)))
     write_json(output_dir / "dpo_curve.json", [])
     write_json(output_dir / "lora_coverage.json", {"lora": False})
     plot_curve([], output_dir / "dpo_curve.png", note="DPO is off (dpo.enabled: false)")
-    log.info("dpo.enabled is false: %s points to %s", final, target)
+    log.info("dpo.enabled is false: %s points to %s", output_dir / "final", target)
 
 
 # --------------------------------------------------------------------- data
@@ -153,47 +133,6 @@ def dpo_config(recipe: Recipe, output_dir: Path):
                          defaults={"logging_steps": 1, "dataset_num_proc": None, "gradient_checkpointing": False})
 
 
-# -------------------------------------------------------------------- model
-def load_policy(recipe: Recipe, sft_dir: Path, tokenizer):
-    """(policy, reference or None, peft_config or None, coverage or None, mode)."""
-    from pipeline.student import config_overrides, has_mamba_layers, load_student
-
-    if (sft_dir / "adapter_config.json").is_file():
-        from peft import LoraConfig, PeftModel
-
-        from sft.lora import build_lora_config
-
-        base = load_student(recipe.model, tokenizer)
-        saved = LoraConfig.from_pretrained(sft_dir)
-        # Coverage is measured against what was asked for: the recipe's lora: section
-        # (the one SFT trained with), else the adapter's own targets.
-        fields = recipe.lora or {"target_modules": sorted(saved.target_modules or []),
-                                 "target_parameters": list(saved.target_parameters or [])}
-        _, coverage = build_lora_config(fields, base)
-        policy = PeftModel.from_pretrained(base, sft_dir, is_trainable=True)
-        # No reference model: TRL copies the trainable adapter into a frozen "ref"
-        # adapter and computes the reference log-probs through it.
-        return policy, None, None, coverage, "lora (SFT adapter continued)"
-
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    def from_folder():
-        config = AutoConfig.from_pretrained(sft_dir, trust_remote_code=recipe.model.trust_remote_code)
-        if has_mamba_layers(config):
-            for key, value in config_overrides(recipe.model).items():
-                setattr(config, key, value)
-        return AutoModelForCausalLM.from_pretrained(
-            sft_dir, config=config, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code)
-
-    policy = from_folder()
-    if recipe.lora is not None:
-        from sft.lora import build_lora_config
-
-        peft_config, coverage = build_lora_config(recipe.lora, policy)
-        return policy, None, peft_config, coverage, "lora (new adapter on the SFT weights)"
-    return policy, from_folder(), None, None, "full"
-
-
 # ---------------------------------------------------------------- max_length
 def fit_pairs(prepared, pairs, args, recipe: Recipe):
     """TRL's tokenised pairs (`prepared`: prompt_ids, chosen_ids, rejected_ids) under
@@ -233,7 +172,7 @@ def train(recipe: Recipe, sft_dir: Path, pairs, output_dir: Path) -> dict[str, A
     from trl import DPOTrainer
 
     from pipeline.student import load_tokenizer, mamba_path, resolve_model_folder
-    from sft.trainer import build_trainer, finish, save
+    from sft.trainer import build_trainer, finish, load_policy, save
 
     sft_dir = resolve_model_folder(sft_dir, "--sft")
     args = dpo_config(recipe, output_dir)

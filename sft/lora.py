@@ -284,6 +284,10 @@ class GradientCoverageCallback(TrainerCallback):
         self.seen: dict[str, bool] = {}
         self.hooks: list[Any] = []
         self.checked = False
+        # GRPO: a step whose answers all scored alike has no policy gradient, so the
+        # check waits for a step that has one (`ready()` true), counting every gradient
+        # seen on the way. None: the first step decides.
+        self.ready = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.members = measure_coverage(model, self.coverage)
@@ -303,7 +307,7 @@ class GradientCoverageCallback(TrainerCallback):
         return record
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.checked:
+        if self.checked or (self.ready is not None and not self.ready()):
             return
         self.checked = True
         for hook in self.hooks:
@@ -329,3 +333,13 @@ class GradientCoverageCallback(TrainerCallback):
                 "they are not on the loss's path; training would leave them untouched."
             )
         log.info("LoRA gradient check: all %d adapted modules received a gradient", len(names))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.checked:
+            return
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+        self.coverage["no_gradient"] = None
+        log.warning("LoRA gradient check not run: no step had a gradient to check (every GRPO step's "
+                    "answers to each prompt scored alike)")

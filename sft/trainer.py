@@ -1,10 +1,12 @@
-"""What the training stages share: SFT (sft/train.py) and DPO (sft/dpo.py) today, GRPO
-when it lands. Each stage module reads top to bottom and calls these pieces:
+"""What the training stages share: SFT (sft/train.py), DPO (sft/dpo.py) and GRPO
+(sft/grpo.py). Each stage module reads top to bottom and calls these pieces:
 
   training_args(ConfigClass, recipe, "sft", ...)  TRL's config from the recipe's section
   fit_to_max_length(...)                          what max_length cuts: counted, skipped
+  load_policy(recipe, folder, tokenizer)          the model after SFT (or DPO), to train on
   build_trainer(TrainerClass, recipe, model, ...) the trainer + activation loss + LoRA check
   save(trainer, tokenizer, folder)                the model or adapter + tokenizer
+  write_pointer(folder, final, why)               a stage that is off: final/ names folder
   finish(trainer)                                 hooks off, process group down
 
 The activation loss enters through a mixin on TRL's own trainer class
@@ -102,6 +104,53 @@ def fit_to_max_length(items, max_length: int | None, on_truncated: str, where: s
     return keep, {"truncated": truncated, "answer_cut": answer_cut, "skipped": skipped}
 
 
+# -------------------------------------------------------------------- model
+def load_policy(recipe: Recipe, folder: Path, tokenizer, reference: bool = True):
+    """The model a stage after SFT trains, from `folder` (train's or dpo's final/):
+    (policy, reference or None, peft_config or None, coverage or None, mode).
+
+      adapter       the recipe's student with that adapter loaded trainable: the stage
+                    continues the same adapter (TRL keeps a frozen copy, "ref", as the
+                    reference)
+      full weights  the policy loads from the folder; with a `lora:` section a new
+                    adapter goes on top (reference: adapter off), without one it trains
+                    in full against a frozen copy (`reference`: load it here)"""
+    from pipeline.student import config_overrides, has_mamba_layers, load_student
+
+    if (folder / "adapter_config.json").is_file():
+        from peft import LoraConfig, PeftModel
+
+        from sft.lora import build_lora_config
+
+        base = load_student(recipe.model, tokenizer)
+        saved = LoraConfig.from_pretrained(folder)
+        # Coverage is measured against what was asked for: the recipe's lora: section
+        # (the one SFT trained with), else the adapter's own targets.
+        fields = recipe.lora or {"target_modules": sorted(saved.target_modules or []),
+                                 "target_parameters": list(saved.target_parameters or [])}
+        _, coverage = build_lora_config(fields, base)
+        policy = PeftModel.from_pretrained(base, folder, is_trainable=True)
+        return policy, None, None, coverage, "lora (SFT adapter continued)"
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    def from_folder():
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=recipe.model.trust_remote_code)
+        if has_mamba_layers(config):
+            for key, value in config_overrides(recipe.model).items():
+                setattr(config, key, value)
+        return AutoModelForCausalLM.from_pretrained(
+            folder, config=config, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code)
+
+    policy = from_folder()
+    if recipe.lora is not None:
+        from sft.lora import build_lora_config
+
+        peft_config, coverage = build_lora_config(recipe.lora, policy)
+        return policy, None, peft_config, coverage, "lora (new adapter on the SFT weights)"
+    return policy, from_folder() if reference else None, None, None, "full"
+
+
 # -------------------------------------------------------------------- trainer
 class ActivationLossMixin:
     """Put before a transformers Trainer class (TRL's SFTTrainer, DPOTrainer,
@@ -177,6 +226,36 @@ def save(trainer, tokenizer, final_dir: Path) -> None:
     trainer.save_model(str(final_dir))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(final_dir)
+
+
+def folder_digest(folder: Path) -> str:
+    """sha256 over the folder's files: a pointer changes whenever the model it points
+    to does, so DVC reruns what reads the pointer."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def write_pointer(folder: Path, final: Path, why: str, flag: str) -> Path:
+    """A stage that is off trains nothing: `final` holds only a pointer to the model
+    folder it was given (pointers followed), so the stages after it read one path
+    whatever is on. Returns the folder pointed to."""
+    import shutil
+
+    from pipeline.contract import ModelPointer, write_report
+    from pipeline.student import POINTER_FILE, resolve_model_folder
+
+    target = resolve_model_folder(folder, flag)
+    if final.exists():
+        shutil.rmtree(final)
+    write_report(final / POINTER_FILE, ModelPointer(model=str(target), why=why, sha256=folder_digest(target)))
+    return target
 
 
 def finish(trainer) -> None:

@@ -151,7 +151,7 @@ def ask(qtype: str, cut: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         col = rng.choice(list(table.columns))
         value = table.at[label, col]
         return {"question": f"What is the {col} of {label}?",
-                "answer": f"The {col} of {label} is {value}.", "needed": [label, value]}
+                "answer": f"The {col} of {label} is {value}.", "needed": [label, value], "stated": [value]}
     if qtype == "aggregation":
         op = rng.choice(AGGREGATIONS)
         if op in ("argmax", "argmin") and (values == (values.max() if op == "argmax" else values.min())).sum() > 1:
@@ -160,28 +160,29 @@ def ask(qtype: str, cut: dict[str, Any], rng: random.Random) -> dict[str, Any]:
             total = fmt(round(values.sum(), 2))
             return {"question": f"What is the total {col} of all the {noun}s listed?",
                     "answer": f"{' + '.join(shown)} = {total}. The total {col} is {total}.",
-                    "needed": shown, "operation": op}
+                    "needed": shown, "operation": op, "stated": [total]}
         if op == "mean":
             mean = fmt(round(values.mean(), 2))
             return {"question": f"What is the average {col} of the {noun}s listed?",
                     "answer": f"({' + '.join(shown)}) / {len(shown)} = {mean}. The average {col} is {mean}.",
-                    "needed": shown, "operation": op}
+                    "needed": shown, "operation": op, "stated": [mean]}
         if op in ("max", "min"):
             best = fmt(values.max() if op == "max" else values.min())
             word = "highest" if op == "max" else "lowest"
             return {"question": f"What is the {word} {col} among the {noun}s listed?",
-                    "answer": f"The {word} {col} is {best}.", "needed": shown, "operation": op}
+                    "answer": f"The {word} {col} is {best}.", "needed": shown, "operation": op, "stated": [best]}
         if op in ("argmax", "argmin"):
             label = values.idxmax() if op == "argmax" else values.idxmin()
             word = "highest" if op == "argmax" else "lowest"
             return {"question": f"Which {noun} has the {word} {col}?",
                     "answer": f"{label} has the {word} {col}, {table.at[label, col]}.",
-                    "needed": [*shown, *labels], "operation": op}
+                    "needed": [*shown, *labels], "operation": op, "stated": [label],
+                    "not_stated": [other for other in labels if other != label]}
         threshold = rng.choice(shown)
         count = int((values > float(threshold)).sum())
         return {"question": f"How many {noun}s listed have a {col} greater than {threshold}?",
                 "answer": f"{count} of the {len(shown)} {noun}s have a {col} greater than {threshold}.",
-                "needed": shown, "operation": op}
+                "needed": shown, "operation": op, "stated": [str(count)]}
     # attribution: which rows support the answer
     threshold = rng.choice(shown)
     support = [label for label in labels if float(table.at[label, col]) > float(threshold)]
@@ -191,7 +192,8 @@ def ask(qtype: str, cut: dict[str, Any], rng: random.Random) -> dict[str, Any]:
     else:
         answer = f"No {noun} listed has a {col} greater than {threshold}."
     return {"question": f"Which {noun}s have a {col} greater than {threshold}? Name each one with its value.",
-            "answer": answer, "needed": [*shown, *labels], "support": support}
+            "answer": answer, "needed": [*shown, *labels], "support": support,
+            "stated": support or ["No"], "not_stated": [label for label in labels if label not in support]}
 
 
 # --------------------------------------------------------------------- the steps
@@ -283,6 +285,19 @@ def check_verbalisation(
     if scores.get("invented"):
         return "invented_value", scores
     return None, scores
+
+
+def check_answer(text: str, stated: list[str], not_stated: list[str] = ()) -> str | None:
+    """None when `text` states every value of the computed answer (`ask`'s `stated`,
+    matched as the verbalisation check matches values) and names no row the answer
+    excludes (`not_stated`); else `missing_answer` or `wrong_answer`. GRPO's table QA
+    reward is this check."""
+    body, _ = strip_label(text)
+    if any(not mentions(body, v) for v in stated):
+        return "missing_answer"
+    if any(mentions(body, v) for v in not_stated):
+        return "wrong_answer"
+    return None
 
 
 def validate(candidates, cfg: Config) -> list[dict[str, Any]]:

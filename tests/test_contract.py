@@ -331,6 +331,9 @@ def specimens(tmp_path_factory) -> dict[str, Path]:
             "rejected": [{"role": "assistant", "content": "no idea"}], "meta": {"seed_id": "s1"}}
     contract.write_pairs(root / "pairs.jsonl", [pair, {**pair, "id": "p2"}])
     made["pairs"] = root / "pairs.jsonl"
+    grpo_prompt = {"id": "g1", "pipeline": "table_qa", "prompt": prompt, "verifier": {"stated": ["4"]}}
+    contract.write_grpo_prompts(root / "grpo_prompts.jsonl", [grpo_prompt, {**grpo_prompt, "id": "g2"}])
+    made["grpo_prompts"] = root / "grpo_prompts.jsonl"
     comparison = {"before": 50.0, "after": 40.0, "delta": -10.0, "low": -20.0, "high": 0.0, "p": 0.04,
                   "items": 20, "lower_is_better": False}
     minimal = {
@@ -351,6 +354,9 @@ def specimens(tmp_path_factory) -> dict[str, Path]:
                                                   {"name": "fp16_safe", "status": "passed", "passed": True,
                                                    "detail": "max |activation| 812"}]}),
         "export_report": (contract.ExportReport, {"kind": "lora", "profiles": {"merged": {"passed": True}}}),
+        "grpo_prompt_stats": (contract.GrpoPromptStats, {"prompts": 3, "pipelines": {
+            "table_qa": {"sampled": 4, "contaminated": 1, "kept": 3}}}),
+        "grpo_metrics": (contract.GrpoMetrics, {"enabled": True, "global_step": 2, "prompts": 6}),
     }
     for kind, (model_class, data) in minimal.items():
         contract.write_report(root / f"{kind}.json", model_class, data)
@@ -362,6 +368,7 @@ JSONL_FAULTS = {  # kind -> (reader, the key a planted fault removes)
     "records": (contract.read_records, "messages"),
     "conversations": (contract.read_conversations, "messages"),
     "pairs": (contract.read_pairs, "chosen"),
+    "grpo_prompts": (contract.read_grpo_prompts, "verifier"),
 }
 REPORT_FAULTS = {  # kind -> (model, the path of the key a planted fault removes)
     # activation_stats has no fixed keys: its fault is a layer's maximum that is text.
@@ -381,6 +388,8 @@ REPORT_FAULTS = {  # kind -> (model, the path of the key a planted fault removes
     "eval_report": (contract.EvalReport, ("comparisons", "ifeval.prompt_strict", "p")),
     "gate_report": (contract.GateReport, ("checks", "0", "passed")),
     "export_report": (contract.ExportReport, ("profiles",)),
+    "grpo_prompt_stats": (contract.GrpoPromptStats, ("pipelines", "table_qa", "kept")),
+    "grpo_metrics": (contract.GrpoMetrics, ("enabled",)),
 }
 
 

@@ -80,7 +80,8 @@ def changed_stages(repo: Path) -> set[str]:
 def test_dvc_repro_runs_every_stage_and_conserves_counts(tmp_path):
     repo = copy_repo(tmp_path / "repo")
     recipe_path = reduced_recipe(repo)
-    assert repro(repo) >= {"teacher", "dedup", "mix", "sft", "prefs", "dpo", "audit", "eval_base", "eval_sft",
+    assert repro(repo) >= {"teacher", "dedup", "mix", "sft", "prefs", "dpo", "grpo_prompts", "grpo", "audit",
+                           "eval_base", "eval_sft",
                            "eval", "gate", "dpo_effect", "export", "plots"}
 
     # Generation: every generated record is accepted or rejected (with a reason).
@@ -147,10 +148,11 @@ def test_dvc_repro_runs_every_stage_and_conserves_counts(tmp_path):
     text = recipe_path.read_text()
     recipe_path.write_text(text.replace("learning_rate: 0.001", "learning_rate: 0.002"))
     assert changed_stages(repo) == {"sft"}
-    # dpo (off) rewrites its pointer, which carries the SFT folder's hash; the SFT and
-    # the final model are scored again and gated (DPO's own effect too); eval_base (the
-    # untrained student) is not rerun.
-    assert repro(repo) == {"sft", "dpo", "audit", "eval_sft", "eval", "gate", "dpo_effect", "export", "plots"}
+    # dpo and grpo (off) rewrite their pointers, which carry the SFT folder's hash; the
+    # SFT and the final model are scored again and gated (DPO's own effect too);
+    # eval_base (the untrained student) is not rerun.
+    assert repro(repo) == {"sft", "dpo", "grpo", "audit", "eval_sft", "eval", "gate", "dpo_effect", "export",
+                           "plots"}
 
     # One pipeline's count changes that pipeline's stage only; DVC then reruns what
     # depends on its outputs.

@@ -31,6 +31,7 @@ STAGE_PAGES = [
     *(f"stages/train/{p}.md" for p in ("index", "lora", "distributed", "packing", "activation-loss")),
     "stages/prefs.md",
     "stages/dpo.md",
+    "stages/grpo.md",
     "stages/audit.md",
     *(f"stages/eval/{p}.md" for p in ("index", "retention", "tool-calls", "ifeval")),
     "stages/gate.md",
