@@ -161,16 +161,22 @@ def record_id(pipeline: str, prompt: Any, response: Any) -> str:
     return stable_hash(pipeline, prompt, response)
 
 
-def check_record(record: Any, where: str = "record") -> dict[str, Any]:
-    """The record itself if it keeps the contract, else RecordError naming every problem."""
-    if not isinstance(record, dict):
+def _validated(row: Any, model: type[BaseModel], kind: str, where: str) -> dict[str, Any]:
+    """The row itself if it keeps `model`'s contract, else RecordError naming the place,
+    the row's id and every problem."""
+    if not isinstance(row, dict):
         raise RecordError(f"{where}: not a JSON object")
     try:
-        Record.model_validate(record)
+        model.model_validate(row)
     except ValidationError as exc:
-        problems = "; ".join(validation_problems(exc, whole="record", show_input=False))
-        raise RecordError(f"{where}: record {record.get('id', '?')!r}: {problems}") from None
-    return record
+        problems = "; ".join(validation_problems(exc, whole=kind, show_input=False))
+        raise RecordError(f"{where}: {kind} {row.get('id', '?')!r}: {problems}") from None
+    return row
+
+
+def check_record(record: Any, where: str = "record") -> dict[str, Any]:
+    """The record itself if it keeps the contract, else RecordError naming every problem."""
+    return _validated(record, Record, "record", where)
 
 
 def make_record(
@@ -285,12 +291,7 @@ def check_pair(pair: Any, where: str = "pair") -> dict[str, Any]:
     if "messages" in pair and "chosen" not in pair:
         raise RecordError(f"{where}: record {pair.get('id', '?')!r} is an SFT record, not a preference"
                           " pair (review records with --input, pairs with --pairs)")
-    try:
-        Pair.model_validate(pair)
-    except ValidationError as exc:
-        problems = "; ".join(validation_problems(exc, whole="pair", show_input=False))
-        raise RecordError(f"{where}: pair {pair.get('id', '?')!r}: {problems}") from None
-    return pair
+    return _validated(pair, Pair, "pair", where)
 
 
 def read_pairs(path: str | Path, trainable: bool = False) -> list[dict[str, Any]]:
@@ -330,14 +331,7 @@ class GrpoPrompt(BaseModel):
 
 def check_grpo_prompt(prompt: Any, where: str = "GRPO prompt") -> dict[str, Any]:
     """The prompt itself if it keeps the contract, else RecordError naming every problem."""
-    if not isinstance(prompt, dict):
-        raise RecordError(f"{where}: not a JSON object")
-    try:
-        GrpoPrompt.model_validate(prompt)
-    except ValidationError as exc:
-        problems = "; ".join(validation_problems(exc, whole="GRPO prompt", show_input=False))
-        raise RecordError(f"{where}: GRPO prompt {prompt.get('id', '?')!r}: {problems}") from None
-    return prompt
+    return _validated(prompt, GrpoPrompt, "GRPO prompt", where)
 
 
 def read_grpo_prompts(path: str | Path) -> list[dict[str, Any]]:
