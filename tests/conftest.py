@@ -1,6 +1,8 @@
 """Shared test ground. Tests run offline on CPU against real components."""
 
 import os
+import shutil
+from types import SimpleNamespace
 
 # No model hub is reachable: fail fast instead of retrying network calls.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -63,3 +65,23 @@ def pipeline_outputs(tmp_path_factory, teacher_dir):
     for name, raw in configs.items():
         four_steps.run(four_steps.load_pipeline(name), four_steps.validate_config(name, raw), engine, root / name)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_dag(tmp_path_factory):
+    """The reduced default recipe (tests/test_dag.py) through `dvc repro` from scratch,
+    once per session: its repo, recipe and the stages that ran, and a snapshot of the
+    evals, audit and mix it wrote (tests/test_eval_gate.py gates them) taken before
+    test_dag changes the recipe and reruns."""
+    from test_dag import copy_repo, reduced_recipe, repro
+
+    root = tmp_path_factory.mktemp("dag")
+    repo = copy_repo(root / "repo")
+    recipe = reduced_recipe(repo)
+    ran = repro(repo)
+    snapshot = root / "snapshot"
+    for src, dest in (("outputs/eval/base", "eval/base"), ("outputs/eval/after", "eval/after"),
+                      ("outputs/audit", "audit"), ("data/mix", "mix")):
+        shutil.copytree(repo / src, snapshot / dest)
+    shutil.copy(recipe, snapshot / "recipe.yaml")
+    return SimpleNamespace(repo=repo, recipe=recipe, ran=ran, snapshot=snapshot)

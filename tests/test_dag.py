@@ -1,6 +1,7 @@
 """The DAG: `dvc repro` on a reduced copy of the default recipe runs every stage, and
 counts are conserved from generation to the mix; a changed SFT value reruns only sft
-and what follows; a changed pipeline count reruns only that pipeline and what follows."""
+and what follows; a failing gate stops `dvc repro` before export; a changed pipeline
+count reruns only that pipeline and what follows."""
 
 import os
 import re
@@ -49,6 +50,11 @@ def reduced_recipe(repo: Path) -> Path:
     recipe["review"]["mode"] = "off"
     recipe["sft"].update(max_steps=4, logging_steps=2, max_length=256)
     recipe["audit"].update(num_batches=1, batch_size=2, max_length=128)
+    # Each eval runs five times over the two repros below: a few items per suite (every
+    # suite still writes its per-item contract and is gated).
+    recipe["eval"].update(length_buckets=[1024], retention={"count": 1, "tasks": ["niah_single_1", "vt"]},
+                          tool_calls={"count": 1, "max_tokens": 16}, ifeval={"count": 2, "max_tokens": 16},
+                          forgetting={"count": 4})
     path = repo / "recipes/ci-dag.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     (repo / "params.yaml").write_text(
@@ -77,10 +83,9 @@ def changed_stages(repo: Path) -> set[str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(2 * REPRO_TIMEOUT_S)  # a whole repro, a partial one, and checks
-def test_dvc_repro_runs_every_stage_and_conserves_counts(tmp_path):
-    repo = copy_repo(tmp_path / "repo")
-    recipe_path = reduced_recipe(repo)
-    assert repro(repo) >= {"teacher", "dedup", "mix", "sft", "prefs", "dpo", "grpo_prompts", "grpo", "audit",
+def test_dvc_repro_runs_every_stage_and_conserves_counts(tiny_dag):
+    repo, recipe_path = tiny_dag.repo, tiny_dag.recipe  # one `dvc repro` from scratch (conftest)
+    assert tiny_dag.ran >= {"teacher", "dedup", "mix", "sft", "prefs", "dpo", "grpo_prompts", "grpo", "audit",
                            "eval_base", "eval_sft",
                            "eval", "gate", "dpo_effect", "export", "plots"}
 
@@ -156,7 +161,29 @@ def test_dvc_repro_runs_every_stage_and_conserves_counts(tmp_path):
 
     # One pipeline's count changes that pipeline's stage only; DVC then reruns what
     # depends on its outputs.
-    recipe = yaml.safe_load(recipe_path.read_text())
+    text = recipe_path.read_text()
+    recipe = yaml.safe_load(text)
     recipe["generate"]["chat"]["count"] = 4
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     assert changed_stages(repo) == {"generate@chat"}
+
+    # The gate blocks through DVC: a floor on a score (a gate param: the gate and the DPO
+    # effect's report rerun; above the scale, so it fails whatever the random student
+    # answers) fails the gate stage, dvc repro stops there and export does not run.
+    recipe_path.write_text(text)  # the chat count as it ran
+    recipe = yaml.safe_load(text)
+    recipe["gate"]["min_scores"] = {"ifeval.prompt_strict": 101.0}
+    recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    assert changed_stages(repo) == {"gate", "dpo_effect"}
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    blocked = subprocess.run([str(BIN / "dvc"), "repro"], cwd=repo, env=env, capture_output=True, text=True,
+                             timeout=REPRO_TIMEOUT_S)
+    output = blocked.stdout + blocked.stderr
+    assert blocked.returncode != 0, output[-4000:]
+    ran = re.findall(r"Running stage '([^']+)'", output)
+    assert "gate" in ran and set(ran) <= {"gate", "dpo_effect"}, output[-4000:]
+    gate = read_json(repo / "outputs/gate/gate_report.json")
+    assert gate["passed"] is False
+    assert [c["name"] for c in gate["checks"] if not c["passed"]] == ["min_score ifeval.prompt_strict"]
+    message = next(line for line in output.splitlines() if line.startswith("gate: FAILED"))
+    assert "min_score ifeval.prompt_strict: after" in message and "(minimum 101)" in message, message

@@ -17,8 +17,8 @@
   (it calls a tool on every irrelevant request) while keeping everything else, and a
   model destroyed outside the project (noise on every weight), are refused, each
   naming the failed check and its numbers.
-- Through `dvc repro`: a destructive SFT run (learning rate 100x the recipe's) is
-  blocked by the gate, and export does not run.
+- Through `dvc repro` (`-m proof`: too long for CI): a destructive SFT run of SmolLM2
+  (learning rate 100x the recipe's) is blocked by the gate, and export does not run.
 """
 
 import json
@@ -57,46 +57,12 @@ def test_eval_section_names_a_wrong_suite_key():
 
 
 # --------------------------------------------------------------- the tiny chain
-def small_recipe(work: Path) -> Path:
-    """tiny-cpu with small counts: the transformers teacher, a few items per suite."""
-    recipe = yaml.safe_load(TINY.read_text())
-    recipe["teacher"].update(engine="transformers", cache_dir=str(work / "cache"), threads=1)
-    recipe["teacher"]["sampling"]["max_tokens"] = 48
-    recipe["generate"] = {"chat": {"count": 4}, "needle": {"count": 4, "length_buckets": [1024]},
-                          "tool_use": {"count": 4, "heldout_fraction": 0.1}}
-    recipe["review"] = {"mode": "off"}
-    recipe["mix"]["eval_fraction"] = 0.3
-    recipe["data"] = {"train": [str(work / "mix/train.jsonl")], "eval": [str(work / "mix/eval.jsonl")]}
-    recipe["sft"].update(max_steps=4, logging_steps=2, max_length=512, output_dir=str(work / "sft"))
-    recipe["audit"].update(num_batches=1, batch_size=2, max_length=128)
-    recipe["eval"].update(length_buckets=[1024], cache_dir=str(work / "eval-cache"),
-                          heldout_files=[str(work / "mix/eval.jsonl")], data_root=str(work))
-    for suite, fields in {"retention": {"count": 1, "tasks": ["niah_single_1", "vt"]},
-                          "tool_calls": {"count": 1, "max_tokens": 16},
-                          "ifeval": {"count": 2, "max_tokens": 16}, "forgetting": {"count": 4}}.items():
-        recipe["eval"][suite] = fields
-    path = work / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return path
-
-
 @pytest.fixture(scope="module")
-def tiny_chain(tmp_path_factory):
-    """generate -> dedup -> review pull -> mix -> eval base -> train -> eval after ->
-    audit, real stages."""
-    work = tmp_path_factory.mktemp("eval-chain")
-    recipe = str(small_recipe(work))
-    for pipeline in ("chat", "needle", "tool_use"):
-        posttrain("generate", pipeline, recipe, "--out", str(work / "synth" / pipeline), cwd=ROOT)
-    posttrain("dedup", recipe, "--input", str(work / "synth"), "--out", str(work / "dedup"), cwd=ROOT)
-    accepted = sorted(str(p) for p in (work / "dedup/accepted").glob("*.jsonl"))
-    posttrain("review", "pull", recipe, "--input", *accepted, "--out", str(work / "review"), cwd=ROOT)
-    posttrain("mix", recipe, "--input", str(work / "review/reviewed.jsonl"), "--out", str(work / "mix"), cwd=ROOT)
-    posttrain("eval", recipe, "--model", "base", "--out", str(work / "eval/base"), cwd=ROOT)
-    posttrain("train", recipe, "--output-dir", str(work / "sft"), cwd=ROOT)
-    posttrain("eval", recipe, "--model", str(work / "sft/final"), "--out", str(work / "eval/after"), cwd=ROOT)
-    posttrain("audit", recipe, "--model", str(work / "sft/final"), "--out", str(work / "audit"), cwd=ROOT)
-    return work, recipe
+def tiny_chain(tiny_dag):
+    """What the reduced default recipe's `dvc repro` wrote (conftest's tiny_dag: generate
+    -> dedup -> review -> mix -> eval base -> train -> eval after -> audit, real stages),
+    as it was before tests/test_dag.py changed the recipe and ran again."""
+    return tiny_dag.snapshot, str(tiny_dag.snapshot / "recipe.yaml")
 
 
 def gate(work: Path, recipe: str, *overrides: str) -> subprocess.CompletedProcess:
@@ -379,7 +345,11 @@ def test_heldout_loss_is_the_sft_loss_in_a_template_without_generation_markers(t
 
 
 # ------------------------------------------------------ the destructive run, via DVC
-@pytest.mark.slow
+# The whole DAG on SmolLM2 (six pipelines, 20 training steps, three evals) took 25 minutes
+# of a CI run that must finish inside 90: run it with `pytest -m proof`. In CI, test_dag
+# shows a failing gate stopping `dvc repro` before export, and the destroyed-weights
+# test above shows the gate refusing real weights that lost their skills.
+@pytest.mark.proof
 def test_dvc_repro_gate_blocks_a_destructive_run_and_export_does_not_run(tmp_path):
     """SmolLM2-135M-Instruct's real weights, LoRA at 100x the recipe's learning rate:
     `dvc repro` stops at the gate with a message naming the failed check.
