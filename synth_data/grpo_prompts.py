@@ -75,7 +75,7 @@ def as_grpo_prompt(pipeline: str, p: dict[str, Any]) -> dict[str, Any]:
     if pipeline == "tool_use":
         from synth_data.tool_use import stated_request
 
-        request = p["request"] if p["kind"] == "irrelevance" else stated_request(p["calls"], p["tools"])
+        request = p["request"] if not p["calls"] else stated_request(p["calls"], p["tools"])
         turns = [{"role": "user", "content": request}]
         tools = p["tools"]
         verifier = {"calls": p["calls"]}  # the tools ride in the prompt's own `tools`

@@ -8,7 +8,9 @@ of BFCL items is held out: their functions are never sampled, and the dedup stag
 decontaminates against their questions.
 
 (i)   sample_prompts: call sets (one call; parallel calls of one function; calls across
-      functions) and irrelevance cases (BFCL irrelevance requests, no tool fits)
+      functions) and irrelevance cases (BFCL irrelevance requests, no tool fits; and
+      `mismatch`: a BFCL call set's own request offered only other items' functions,
+      so the student sees requests a function would serve when none offered does)
 (ii)  generate: the user request for each call set (`requests`: the teacher writes it
       from the calls, or rewrites in a user's words a request that code stated from the
       function's description and the values; best of `request_n`), then the answer
@@ -19,7 +21,8 @@ decontaminates against their questions.
 (iv)  post_edit: calls as structured `tool_calls` with schema-typed arguments
 
 Every record's meta says who made it: `request_source` (teacher, paraphrase, or bfcl
-for BFCL's own irrelevance questions) and `answer_source` (teacher or code).
+for BFCL's own irrelevance questions) and `answer_source` (teacher or code); a
+mismatch record also has `tools_source: other_items`.
 """
 
 from __future__ import annotations
@@ -46,7 +49,9 @@ from pipeline.engines import sampling_for
 from synth_data.four_steps import first_failure, rejected_if_malformed, verdict
 
 NAME = "tool_use"
-KINDS = ("single", "parallel", "multiple", "irrelevance")
+KINDS = ("single", "parallel", "multiple", "irrelevance", "mismatch")
+# The answer code writes where no offered function fits (the few-shot turn's words).
+REFUSAL = "None of the available functions can do that, sorry."
 
 REJECT_REASONS = (
     "empty", "truncated", "empty_request", "request_missing_value", "malformed_call",
@@ -81,6 +86,10 @@ class Config(Section):
     # code's, so every call set with a valid request yields a record and the teacher's
     # wrong answers remain as rejected samples (preference pairs).
     answers: Literal["teacher", "code", "auto"] = "teacher"
+    # Who answers a request no offered function fits (irrelevance, mismatch). teacher:
+    # its answer, kept when it calls nothing. code: REFUSAL, one uniform "no call"
+    # answer, as uniform as the code-built calls are.
+    irrelevance_answers: Literal["teacher", "code"] = "teacher"
     # Call sets whose record (tools, request, calls; in student tokens as trained) would
     # be longer are not sampled: a few BFCL items offer dozens of functions, more than
     # the teacher's 4K window and costly to train on. None = no limit.
@@ -207,6 +216,9 @@ def sample_prompts(cfg: Config, rng: random.Random) -> list[dict[str, Any]]:
     unknown = sorted(set(cfg.mix) - set(KINDS))
     if unknown:
         raise ValueError(f"generate.tool_use.mix: unknown kinds {unknown} (known: {', '.join(KINDS)})")
+    if cfg.mix.get("mismatch", 0) > 0 and cfg.requests != "bfcl":
+        raise ValueError("generate.tool_use.mix: mismatch takes BFCL call sets' own requests; "
+                         "it needs generate.tool_use.requests: bfcl")
     cat = catalogue(cfg.heldout_fraction)
     names = list(cat)
     irrelevant = [it for f in IRRELEVANCE_FILES for it in bfcl_items(f)
@@ -229,6 +241,19 @@ def sample_prompts(cfg: Config, rng: random.Random) -> list[dict[str, Any]]:
             prompts.append({"id": pid, "kind": kind, "source": item["id"], "calls": [],
                             "request": item["question"][0][-1]["content"],
                             "tools": [openai_tool(fn) for fn in item["function"]]})
+            continue
+        if kind == "mismatch":
+            # A call set's request, not used by any call record before the pool runs out,
+            # with functions from other items only (none named as the item's own).
+            item, _ = next_item(rng.choice([k for k in ("single", "parallel", "multiple") if pools.get(k)]))
+            own = {fn["name"] for fn in item["function"]}
+            others = [n for n in names if n not in own]
+            offered = [cat[n]["function"] for n in rng.sample(others, min(len(own) + cfg.distractors, len(others)))]
+            prompt = {"id": pid, "kind": kind, "source": item["id"], "calls": [],
+                      "request": item["question"][0][-1]["content"], "tools_source": "other_items",
+                      "tools": [openai_tool(fn) for fn in offered]}
+            if not cfg.max_record_tokens or _record_tokens(prompt) <= cfg.max_record_tokens:
+                prompts.append(prompt)
             continue
         if cfg.requests == "bfcl":
             item, calls = next_item(kind)
@@ -417,8 +442,10 @@ def generate(prompts: list[dict[str, Any]], engine, cfg: Config) -> list[dict[st
     # Step (ii.a): the request for every sampled call set (bfcl and irrelevance: BFCL's question).
     write_requests([p for p in prompts if "request" not in p], engine, cfg)
     # Step (ii.b): the teacher answers each request with the tools in context; with
-    # `answers: code` only the irrelevance requests, whose right answer is no call.
-    asked = [p for p in prompts if cfg.answers != "code" or not p["calls"]]
+    # `answers: code` only the requests whose right answer is no call, unless
+    # `irrelevance_answers: code` answers those too.
+    asked = [p for p in prompts if (p["calls"] and cfg.answers != "code")
+             or (not p["calls"] and cfg.irrelevance_answers == "teacher")]
     answer_convs = [[{"role": "system", "content": ANSWER_SYSTEM}, *FEW_SHOT,
                      {"role": "user", "content": p["request"]}] for p in asked]
     outs = engine.chat(answer_convs, answer_sampling, [p["tools"] for p in asked]) if asked else []
@@ -427,7 +454,8 @@ def generate(prompts: list[dict[str, Any]], engine, cfg: Config) -> list[dict[st
     for p in prompts:
         base = {"seed_id": p["id"], "kind": p["kind"], "source": p["source"], "teacher": engine.model,
                 "engine": engine.name, "expected_calls": json.dumps(p["calls"], sort_keys=True),
-                **p.get("request_meta", {"request_source": "bfcl"})}
+                **p.get("request_meta", {"request_source": "bfcl"}),
+                **({"tools_source": p["tools_source"]} if "tools_source" in p else {})}
         answers = [(out.text, {"answer_source": "teacher", "sampling": dataclasses.asdict(answer_sampling)},
                     {"finish_reason": out.finish_reason, "tokens": out.tokens})
                    for out in teacher_answers.get(p["id"], [])]
@@ -437,6 +465,8 @@ def generate(prompts: list[dict[str, Any]], engine, cfg: Config) -> list[dict[st
             # `sampling` is the request's, the teacher's part of this record (none for bfcl).
             sampling = p.get("request_meta", {}).get("request_sampling")
             answers.append((code_answer(p["calls"]), {"answer_source": "code", "sampling": sampling}, None))
+        if not p["calls"] and cfg.irrelevance_answers == "code":
+            answers.append((REFUSAL, {"answer_source": "code", "sampling": None}, None))
         for j, (text, source, completion) in enumerate(answers):
             c = {"messages": [{"role": "user", "content": p["request"]}, {"role": "assistant", "content": text}],
                  "tools": p["tools"], "expected": p["calls"], "meta": {**base, **source, "sample": j}}

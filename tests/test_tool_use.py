@@ -4,6 +4,7 @@ without its held-out slice, and the pipeline runs end to end on the real teacher
 
 import json
 import random
+from collections import Counter
 
 import pytest
 
@@ -141,7 +142,7 @@ def test_bfcl_requests_are_items_outside_the_heldout_slice_with_their_ground_tru
              for category in bfcl.CATALOGUE_FILES for item in bfcl.bfcl_items(category)
              if item["id"] in bfcl.bfcl_answers(category)}
     prompts = tu.sample_prompts(tu.Config(count=120, seed=2, requests="bfcl"), random.Random(2))
-    assert {p["kind"] for p in prompts} == set(tu.KINDS)
+    assert {p["kind"] for p in prompts} == set(tu.Config().mix)
     calls = [p for p in prompts if p["calls"]]
     assert len({p["source"] for p in calls}) == len(calls)  # no item twice before all are used
     for p in calls:
@@ -170,6 +171,45 @@ def test_call_sets_whose_record_would_exceed_max_record_tokens_are_not_sampled()
                       {"type": "function", "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}}
                       for c in p["calls"]]}]
         assert conversation_tokens(record, p["tools"]) <= 600
+
+
+def test_mismatch_and_irrelevance_answered_by_code_are_one_refusal_with_no_offered_function_of_their_own(tmp_path):
+    """`mismatch`: a BFCL call set's own request with only other items' functions, and
+    with `irrelevance_answers: code` every no-call answer is REFUSAL: the teacher is
+    asked nothing, each record is accepted and says how it was made."""
+    from synth_data import four_steps
+    from pipeline.contract import read_records
+
+    items = {item["id"]: item for category in bfcl.CATALOGUE_FILES for item in bfcl.bfcl_items(category)}
+    cfg = tu.Config(count=60, seed=3, requests="bfcl", answers="code", irrelevance_answers="code",
+                    mix={"single": 0.4, "irrelevance": 0.2, "mismatch": 0.4})
+    stats = four_steps.run(tu, cfg, ScriptedTeacher([]), tmp_path)
+    records = read_records(tmp_path / "accepted.jsonl")
+    by_kind = Counter(r["meta"]["kind"] for r in records)
+    assert by_kind["mismatch"] >= 15 and by_kind["irrelevance"] >= 5 and by_kind["single"] >= 15
+    # only a request that does not state its values is rejected; no refusal is
+    assert set(stats["reject_reasons"]) <= {"request_missing_value"}
+    sources = {r["meta"]["source"] for r in records if r["meta"]["kind"] == "single"}
+    for r in records:
+        meta = r["meta"]
+        if meta["kind"] == "single":
+            assert _calls_of(r)
+            continue
+        assert r["messages"][-1] == {"role": "assistant", "content": tu.REFUSAL}
+        assert meta["answer_source"] == "code" and meta["request_source"] == "bfcl"
+        if meta["kind"] == "mismatch":
+            item = items[meta["source"]]
+            assert not bfcl.is_heldout(meta["source"], 0.1) and meta["source"] not in sources
+            assert meta["tools_source"] == "other_items"
+            assert r["messages"][0]["content"] == item["question"][0][-1]["content"]
+            offered = {t["function"]["name"] for t in r["tools"]}
+            assert offered and not offered & {bfcl.tool_name(fn["name"]) for fn in item["function"]}
+
+
+def test_mismatch_without_bfcl_requests_is_refused_naming_the_key():
+    cfg = tu.Config(count=4, requests="paraphrase", mix={"single": 0.5, "mismatch": 0.5})
+    with pytest.raises(ValueError, match="generate.tool_use.requests: bfcl"):
+        tu.sample_prompts(cfg, random.Random(0))
 
 
 class ScriptedTeacher:
