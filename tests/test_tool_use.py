@@ -79,7 +79,7 @@ def test_catalogue_comes_from_bfcl_without_the_heldout_slice():
 def test_sampled_assignments_are_valid_for_their_schemas():
     cfg = tu.Config(count=60, seed=3)
     prompts = tu.sample_prompts(cfg, random.Random(3))
-    assert {p["kind"] for p in prompts} == set(tu.KINDS)
+    assert {p["kind"] for p in prompts} == set(cfg.mix)
     for p in prompts:
         by_name = {t["function"]["name"]: t["function"] for t in p["tools"]}
         for call in p["calls"]:
