@@ -10,7 +10,9 @@ Reads top to bottom:
 3. generation: each pipeline's own `sample_prompts` and `generate`, run against an
    engine that answers nothing and counts what it is asked (prompts, candidates,
    teacher sequences, tokens);
-4. training: records and tokens per epoch after packing, optimizer steps;
+4. training: records and tokens per epoch after packing, optimizer steps; GRPO (when
+   `grpo.enabled`): its prompts from each pipeline's own prompt step, as
+   `posttrain grpo-prompts` samples them, completions and tokens per step;
 5. evaluation: each suite's items (its own `build_items` where that needs no model);
 6. memory per GPU from DeepSpeed's own model-state estimators, plus a rough figure for
    activations; time from the throughput figures the recipe's `plan:` section states;
@@ -73,6 +75,7 @@ def plan(recipe: Recipe) -> dict[str, Any]:
     counts = parameter_counts(recipe, config, refused)
     generation = generation_plan(recipe)
     training = training_plan(recipe, generation)
+    rl = grpo_plan(recipe)
     evaluation = eval_plan(recipe)
     memory = memory_plan(recipe, config, counts, training)
     check_window(recipe, config, refused)
@@ -89,9 +92,10 @@ def plan(recipe: Recipe) -> dict[str, Any]:
         "hardware": {"gpus": recipe.plan.gpus, "gpu_memory_gb": recipe.plan.gpu_memory_gb},
         "generate": generation,
         "train": training,
+        "grpo": rl,
         "eval": evaluation,
         "memory": memory,
-        "time": time_plan(recipe, generation, training, evaluation),
+        "time": time_plan(recipe, generation, training, rl, evaluation),
         "refused": refused,
     }
 
@@ -301,6 +305,54 @@ def training_plan(recipe: Recipe, generation: dict[str, dict[str, Any]]) -> dict
     }
 
 
+def grpo_value(recipe: Recipe, key: str) -> Any:
+    """grpo.<key>, else trl.GRPOConfig's default."""
+    if recipe.grpo.get(key) is not None:
+        return recipe.grpo[key]
+    from trl import GRPOConfig
+
+    return GRPOConfig.__dataclass_fields__[key].default
+
+
+def grpo_plan(recipe: Recipe) -> dict[str, Any]:
+    """GRPO's prompts (before decontamination, which needs the held-out items' text),
+    completions per optimizer step and the tokens they cost. Generation and the policy
+    update both scale with the completions' tokens: TRL samples `num_generations`
+    completions per prompt, `per_device_train_batch_size` counts completions."""
+    if not recipe.grpo_enabled:
+        return {"enabled": False}
+    from synth_data import four_steps
+    from synth_data.grpo_prompts import as_grpo_prompt
+    from pipeline.sources import conversation_tokens
+
+    own = recipe.grpo_own
+    prompts, prompt_tokens = {}, 0
+    for name, count in own.prompts.items():
+        raw = {**((recipe.raw.get("generate") or {}).get(name) or {}), "count": count, "seed": own.seed}
+        cfg = four_steps.validate_config(name, raw, f"recipe {recipe.path} (grpo.prompts.{name})")
+        sampled = [as_grpo_prompt(name, p) for p in
+                   four_steps.load_pipeline(name).sample_prompts(cfg, random.Random(own.seed))]
+        prompts[name] = len(sampled)
+        prompt_tokens += sum(conversation_tokens(p["prompt"], p.get("tools")) for p in sampled)
+    total = sum(prompts.values())
+    completion = grpo_value(recipe, "max_completion_length")
+    per_step = (grpo_value(recipe, "per_device_train_batch_size") * recipe.plan.gpus
+                * grpo_value(recipe, "gradient_accumulation_steps"))
+    max_steps = grpo_value(recipe, "max_steps")
+    epochs = grpo_value(recipe, "num_train_epochs")
+    steps = max_steps if max_steps and max_steps > 0 else math.ceil(
+        math.ceil(total * grpo_value(recipe, "num_generations") / per_step) * epochs)
+    mean_prompt = prompt_tokens / total if total else 0
+    return {"enabled": True, "prompts": prompts, "prompts_total": total,
+            "mean_prompt_tokens": round(mean_prompt, 1),
+            "num_generations": grpo_value(recipe, "num_generations"), "completions_per_step": per_step,
+            "steps": steps, "steps_from": "grpo.max_steps" if max_steps and max_steps > 0
+            else "epochs x prompts x num_generations / completions per step",
+            "max_completion_length": completion,
+            "generated_tokens_max": steps * per_step * completion,
+            "tokens_trained_max": round(steps * per_step * (mean_prompt + completion))}
+
+
 # ---------------------------------------------------------------------- eval
 def eval_plan(recipe: Recipe) -> dict[str, Any]:
     from evals import evaluate, forgetting, retention
@@ -326,7 +378,8 @@ def eval_plan(recipe: Recipe) -> dict[str, Any]:
             items = module.build_items(cfg, None, context)
             prompt = sum(conversation_tokens(it["messages"], it.get("tools")) for it in items)
             suites[name] = {"items": len(items), "tokens": prompt + len(items) * cfg.max_tokens}
-    models = 3 if recipe.dpo_enabled else 2  # base, trained (+ the SFT model before DPO)
+    # base, trained (+ the SFT model, when DPO or GRPO follows it)
+    models = 3 if recipe.dpo_enabled or recipe.grpo_enabled else 2
     return {"suites": suites, "models": models,
             "heldout_loss": "the mix's eval split (mix.eval_fraction)"}
 
@@ -390,7 +443,7 @@ def memory_plan(recipe: Recipe, config, counts: dict[str, Any], training: dict[s
 
 
 # ---------------------------------------------------------------------- time
-def time_plan(recipe, generation, training, evaluation) -> dict[str, float | None]:
+def time_plan(recipe, generation, training, rl, evaluation) -> dict[str, float | None]:
     figures = recipe.plan
     new_tokens = sum(row["new_tokens_max"] for row in generation.values())
     eval_tokens = sum(s["tokens"] for s in evaluation["suites"].values()) * evaluation["models"]
@@ -399,10 +452,16 @@ def time_plan(recipe, generation, training, evaluation) -> dict[str, float | Non
     def hours(tokens, rate):
         return None if rate is None else round(tokens / rate / 3600, 2)
 
-    return {"generate_h": hours(new_tokens, figures.teacher_tokens_per_s),
-            "train_h": hours(trained, None if figures.train_tokens_per_s_per_gpu is None
-                             else figures.train_tokens_per_s_per_gpu * figures.gpus),
-            "eval_h": hours(eval_tokens, figures.eval_tokens_per_s)}
+    train_rate = None if figures.train_tokens_per_s_per_gpu is None else figures.train_tokens_per_s_per_gpu * figures.gpus
+    times = {"generate_h": hours(new_tokens, figures.teacher_tokens_per_s), "train_h": hours(trained, train_rate)}
+    if rl["enabled"]:
+        # The policy's own sampling at the teacher's rate (an engine of the same kind),
+        # then the update at the training rate.
+        sample, update = hours(rl["generated_tokens_max"], figures.teacher_tokens_per_s), \
+            hours(rl["tokens_trained_max"], train_rate)
+        times["grpo_h"] = None if None in (sample, update) else round(sample + update, 2)
+    times["eval_h"] = hours(eval_tokens, figures.eval_tokens_per_s)
+    return times
 
 
 # ----------------------------------------------------------------- refusals
@@ -464,6 +523,12 @@ def render(p: dict[str, Any]) -> str:
                  f"({t['records_over_max_length']:,} over max_length), <= {_k(t['tokens_per_epoch_max'])} "
                  f"tokens/epoch in {t['rows_per_epoch']:,} rows")
     lines.append(f"           {t['steps']:,} steps ({t['steps_from']}), global batch {t['global_batch']}")
+    g = p["grpo"]
+    if g["enabled"]:
+        lines.append(f"grpo       {g['prompts_total']:,} prompts ({', '.join(f'{k} {v}' for k, v in g['prompts'].items())}), "
+                     f"~{g['mean_prompt_tokens']:.0f} tokens each; {g['steps']:,} steps ({g['steps_from']}) x "
+                     f"{g['completions_per_step']} completions ({g['num_generations']} per prompt), "
+                     f"<= {_k(g['generated_tokens_max'])} tokens sampled")
     suites = p["eval"]["suites"]
     parts = []
     for name, row in suites.items():

@@ -76,6 +76,30 @@ def test_make_run_planned_evaluates_the_items_the_eval_stage_builds(tiny_plan):
     assert tiny_plan["refused"] == []
 
 
+def test_grpo_planned_samples_the_prompts_and_runs_the_steps_the_grpo_stages_do(tmp_path):
+    """GRPO switched on by its one line: the plan's prompts per pipeline are what
+    `posttrain grpo-prompts` samples, its steps and completions per step what the
+    grpo stage's own GRPOConfig runs."""
+    from pipeline.cli import main as posttrain
+    from pipeline.contract import GrpoPromptStats, read_report
+    from sft.grpo import grpo_config
+
+    recipe = load_recipe(TINY, ["grpo.enabled=true"])
+    planned = dry_run.plan(recipe)
+    assert planned["refused"] == [] and planned["eval"]["models"] == 3
+    g = planned["grpo"]
+    assert posttrain(["grpo-prompts", str(TINY), "--set", "grpo.enabled=true", "--out", str(tmp_path)]) == 0
+    stats = read_report(tmp_path / "prompt_stats.json", GrpoPromptStats)
+    assert g["prompts"] == {name: counts.sampled for name, counts in stats.pipelines.items()}
+    assert g["prompts_total"] >= stats.prompts > 0
+    args = grpo_config(recipe, tmp_path / "grpo")
+    assert g["steps"] == args.max_steps > 0
+    assert g["completions_per_step"] == args.per_device_train_batch_size * args.gradient_accumulation_steps
+    assert g["generated_tokens_max"] == g["steps"] * g["completions_per_step"] * args.max_completion_length
+    assert 50 < g["mean_prompt_tokens"] < 1000
+    assert dry_run.plan(load_recipe(TINY))["grpo"] == {"enabled": False}
+
+
 def test_plan_prints_every_part_and_exits_zero_when_feasible(capsys):
     code, out, err = run_plan(TINY, capsys=capsys)
     assert code == 0, err
