@@ -379,3 +379,51 @@ def test_tiny_jamba_trains_grpo_in_the_dag_with_the_activation_loss(tmp_path):
     finally:
         monkey.undo()
     assert (tmp_path / "raising" / "interrupted" / "adapter_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_grpo_trains_under_deepspeed_zero2_with_2_cpu_processes(tmp_path):
+    """Two CPU processes under DeepSpeed ZeRO-2: each rank generates and scores its own
+    share of every generation batch, so an optimizer step covers twice the prompts one
+    process covers, and the epoch after two steps shows it."""
+    import os
+
+    import torch
+    from safetensors.torch import load_file
+
+    from pipeline.contract import write_grpo_prompts
+    from pipeline.ports import free_port
+    from pipeline.recipe import load_recipe
+
+    raw = yaml.safe_load(RECIPE.read_text())
+    raw["grpo"] = {**GRPO, "per_device_train_batch_size": 2, "output_dir": str(tmp_path / "grpo")}
+    raw["activation_loss"] = {"alpha": 1e-5, "sites": ["mamba"], "last_n_mamba": 1}
+    (tmp_path / "build.yaml").write_text(yaml.safe_dump(raw))
+    sft_adapter(tmp_path / "sft", load_recipe(tmp_path / "build.yaml"))
+    raw["model"]["name_or_path"], raw["model"]["tiny"] = str(tmp_path / "sft" / "planted"), None
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    prompts = step_one("table_qa", 4) + step_one("tool_use", 4)
+    write_grpo_prompts(tmp_path / "prompts.jsonl", prompts)
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+           "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions")}
+    out = tmp_path / "grpo"
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "pipeline.cli", "grpo", str(recipe), "--model", str(tmp_path / "sft" / "final"),
+           "--prompts", str(tmp_path / "prompts.jsonl"), "--output-dir", str(out),
+           "--set", f"grpo.deepspeed={ROOT / 'recipes' / 'accelerate' / 'zero2.json'}"]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    metrics = read_json(out / "grpo_metrics.json")
+    curve = read_json(out / "grpo_curve.json")
+    # A step is 2 completions per rank (per_device_train_batch_size 2), 2 per prompt:
+    # one prompt per rank, two per step on two ranks. Two steps over the 8 prompts are
+    # half an epoch; one process alone would be at a quarter.
+    assert metrics["global_step"] == 2 and metrics["prompts"] == len(prompts) == 8
+    assert metrics["epoch"] == pytest.approx(2 * 2 * 2 / (2 * len(prompts)))
+    assert all(r["activation_loss"] > 0 and 0 < r["activation_loss_share"] < 1 for r in curve)
+    trained = load_file(out / "final" / "adapter_model.safetensors")
+    sft = load_file(tmp_path / "sft" / "final" / "adapter_model.safetensors")
+    assert set(trained) == set(sft)
+    assert read_json(out / "lora_coverage.json")["no_gradient"] in ([], None)
