@@ -554,11 +554,36 @@ class GrpoPromptCounts(Report):
     kept: int
 
 
+class GrpoHeldoutCounts(Report):
+    sampled: int
+    contaminated: int  # shares an n-gram with a held-out eval item
+    trained: int  # the same prompt as a training prompt
+    kept: int
+
+
 class GrpoPromptStats(Report):
-    """data/grpo/prompt_stats.json: prompts per pipeline (sampled = contaminated + kept)."""
+    """data/grpo/prompt_stats.json: prompts per pipeline (sampled = contaminated + kept),
+    and the held-out prompts the grpo stage measures its effect on."""
 
     prompts: int
     pipelines: dict[str, GrpoPromptCounts]
+    heldout: dict[str, GrpoHeldoutCounts] | None = None
+
+
+class HeldoutReward(Report):
+    """The summed reward on held-out prompts, greedy answers before and after GRPO,
+    paired prompt by prompt (evals/paired.compare: permutation p, bootstrap interval)."""
+
+    prompts: int
+    before: Number
+    after: Number
+    delta: Number
+    low: Number
+    high: Number
+    p: Number
+    better: int
+    worse: int
+    per_pipeline: dict[str, dict[str, Number]]
 
 
 class GrpoMetrics(Report):
@@ -570,6 +595,7 @@ class GrpoMetrics(Report):
     reward_first: Number | None = None
     reward_last: Number | None = None
     activation_loss_share_mean: Number | None = None
+    heldout_reward: HeldoutReward | None = None
 
 
 class ModelPointer(Report):
@@ -798,6 +824,7 @@ ARTIFACTS: dict[str, Artifact] = {
     "outputs/dpo/final/posttrain_model.json": _report(ModelPointer),
     "outputs/dpo/dpo_metrics.json": _report(DpoMetrics),
     "data/grpo/prompts.jsonl": _GRPO_PROMPTS,
+    "data/grpo/heldout.jsonl": _GRPO_PROMPTS,
     "data/grpo/prompt_stats.json": _report(GrpoPromptStats),
     "outputs/grpo/final/posttrain_model.json": _report(ModelPointer),
     "outputs/grpo/grpo_metrics.json": _report(GrpoMetrics),

@@ -360,6 +360,10 @@ class GrpoSection(Section):
     # pipeline's four steps, seeded apart from generation's).
     prompts: dict[str, int] = Field(default_factory=lambda: {"tool_use": 8, "steerability": 8, "table_qa": 8})
     seed: int = 1000
+    # Held-out prompts per pipeline (seeded `seed + 1`, none the same as a training
+    # prompt): the grpo stage answers them greedily before and after training and
+    # pairs their rewards prompt by prompt. {} = not measured.
+    heldout: dict[str, int] = Field(default_factory=dict)
 
     @field_validator("rewards")
     @classmethod
@@ -371,7 +375,7 @@ class GrpoSection(Section):
             raise ValueError("name at least one reward")
         return value
 
-    @field_validator("prompts")
+    @field_validator("prompts", "heldout")
     @classmethod
     def _known_pipelines(cls, value: dict[str, int]) -> dict[str, int]:
         unknown = [p for p in value if p not in GRPO_PIPELINES]

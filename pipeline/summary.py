@@ -190,9 +190,14 @@ def grpo(_root, reports) -> list[str]:
     share = g.activation_loss_share_mean
     steps = "?" if g.global_step is None else g.global_step
     prompts = "?" if g.prompts is None else g.prompts
-    return [_row("grpo", f"{steps} steps on {prompts} prompts, reward "
+    rows = [_row("grpo", f"{steps} steps on {prompts} prompts, reward "
                  f"{_num(g.reward_first)} -> {_num(g.reward_last)}"
                  + (f", activation loss {_num(share)} of the loss" if share is not None else ""))]
+    h = g.heldout_reward
+    if h is not None:
+        rows.append(_row("", f"held-out reward {_num(h.before)} -> {_num(h.after)} "
+                         f"({h.delta:+.3g} [{h.low:+.3g}, {h.high:+.3g}], p {h.p:.2g}, {h.prompts} prompts)"))
+    return rows
 
 
 def audit(_root, reports) -> list[str]:

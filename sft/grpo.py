@@ -21,6 +21,11 @@ SFT showed them. Generation on CPU is transformers' `generate` with the cache on
 Mamba layers then carry their state from step to step (without the cache each new
 token recomputes the whole sequence; the result is the same, tests/test_grpo.py).
 
+With `--heldout` (grpo-prompts' heldout.jsonl, prompts no step trains on) the policy
+answers each held-out prompt greedily before the first step and after the last; the
+rewards of the two answers are paired prompt by prompt (evals/paired.compare, as the
+gate pairs items), so GRPO's effect comes with its interval and p-value.
+
 A reward that raises on a sample stops the run with one line naming the sample and its
 pipeline; the steps finished before it are saved in OUTPUT/interrupted/.
 Writes into the output folder:
@@ -29,6 +34,8 @@ Writes into the output folder:
                      the activation loss and its share of the loss, seconds per step
   grpo_curve.json    one row per logging step (DVC plot data)
   lora_coverage.json per target group: layers covered / present, trainable params
+  heldout_answers.json  with --heldout: each held-out prompt's answers and rewards,
+                     before and after (grpo_metrics.json's heldout_reward pairs them)
 """
 
 from __future__ import annotations
@@ -53,6 +60,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", default="outputs/dpo/final",
                         help="the model or adapter folder to train (dpo's final/, a pointer when DPO is off)")
     parser.add_argument("--prompts", default="data/grpo/prompts.jsonl", help="posttrain grpo-prompts' prompts.jsonl")
+    parser.add_argument("--heldout", default=None,
+                        help="posttrain grpo-prompts' heldout.jsonl: scored before and after training, paired")
     parser.add_argument("--output-dir", help="default: grpo.output_dir, else outputs/grpo")
     # The deepspeed launcher passes --local_rank to every process.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
@@ -69,7 +78,8 @@ def main(args) -> int:
         return 0
     check_batch(recipe)
     prompts = load_prompts(Path(args.prompts), recipe)
-    train(recipe, Path(args.model), prompts, output_dir)
+    heldout = load_prompts(Path(args.heldout), recipe, "--heldout", required=False) if args.heldout else []
+    train(recipe, Path(args.model), prompts, output_dir, heldout)
     return 0
 
 
@@ -111,20 +121,20 @@ def check_batch(recipe: Recipe) -> None:
                           f"generation batch ({source} = {batch}); make the batch a multiple of it")
 
 
-def load_prompts(path: Path, recipe: Recipe):
+def load_prompts(path: Path, recipe: Recipe, flag: str = "--prompts", required: bool = True):
     """prompts.jsonl (pipeline.contract.GrpoPrompt) -> the rows the trainer reads: id,
     pipeline, prompt (turns), tools and verifier (+ the tools, which tool_calls checks
     against) as JSON text (their shapes differ per pipeline; one Arrow type cannot hold
-    them all)."""
+    them all). The held-out file may be empty (grpo.heldout asks for none)."""
     if not path.is_file():
-        raise InputError(f"--prompts {path}: no such file (run posttrain grpo-prompts first)")
+        raise InputError(f"{flag} {path}: no such file (run posttrain grpo-prompts first)")
     rows = read_grpo_prompts(path)
-    if not rows:
-        raise InputError(f"--prompts {path}: no prompts (grpo.prompts asks for none, or every one was "
+    if not rows and required:
+        raise InputError(f"{flag} {path}: no prompts (grpo.prompts asks for none, or every one was "
                          "contaminated; see prompt_stats.json)")
     unknown = sorted({r["pipeline"] for r in rows} - set(GRPO_PIPELINES))
     if unknown:
-        raise InputError(f"--prompts {path}: prompts of pipeline {unknown[0]!r}, which no reward scores")
+        raise InputError(f"{flag} {path}: prompts of pipeline {unknown[0]!r}, which no reward scores")
     return [{"id": r["id"], "pipeline": r["pipeline"], "prompt": r["prompt"],
              "tools": json.dumps(r.get("tools")) if r.get("tools") else None,
              "verifier": json.dumps({**r["verifier"], **({"tools": r["tools"]} if r.get("tools") else {})})}
@@ -161,7 +171,8 @@ def grpo_config(recipe: Recipe, output_dir: Path):
 
 
 # -------------------------------------------------------------------- train
-def train(recipe: Recipe, model_dir: Path, rows: list[dict[str, Any]], output_dir: Path) -> dict[str, Any]:
+def train(recipe: Recipe, model_dir: Path, rows: list[dict[str, Any]], output_dir: Path,
+          heldout: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     from trl import GRPOTrainer
 
     from pipeline.student import load_tokenizer, mamba_path, resolve_model_folder
@@ -189,6 +200,8 @@ def train(recipe: Recipe, model_dir: Path, rows: list[dict[str, Any]], output_di
         peft_config=peft_config,
     )
     wait_for_a_policy_gradient(trainer)
+    if heldout:
+        before = answer_heldout(trainer.model, tokenizer, heldout, rewards, args.max_completion_length, eos)
     started = time.perf_counter()
     try:
         result = trainer.train()
@@ -232,6 +245,14 @@ def train(recipe: Recipe, model_dir: Path, rows: list[dict[str, Any]], output_di
         })
         if penalty is not None:
             metrics["activation_loss"] = penalty.summary()
+    if heldout:
+        after = answer_heldout(trainer.accelerator.unwrap_model(trainer.model), tokenizer, heldout, rewards,
+                               args.max_completion_length, eos)
+        if trainer.is_world_process_zero():
+            metrics["heldout_reward"] = heldout_effect(heldout, before, after, output_dir)
+            log.info("held-out reward %.3f -> %.3f on %d prompts (p %.3g)", metrics["heldout_reward"]["before"],
+                     metrics["heldout_reward"]["after"], len(heldout), metrics["heldout_reward"]["p"])
+    if trainer.is_world_process_zero():
         write_json(output_dir / "lora_coverage.json", coverage or {"lora": False})
         write_report(output_dir / "grpo_metrics.json", GrpoMetrics, metrics)
         log.info("GRPO %d steps on %d prompts, reward %s -> %s, activation-loss share %s; saved %s",
@@ -239,6 +260,67 @@ def train(recipe: Recipe, model_dir: Path, rows: list[dict[str, Any]], output_di
                  metrics["activation_loss_share_mean"], final_dir)
     finish(trainer)
     return metrics
+
+
+# ------------------------------------------------------------- held-out effect
+def answer_heldout(model, tokenizer, rows: list[dict[str, Any]], rewards, max_new_tokens: int,
+                   eos: list[int], batch_size: int = 8) -> list[dict[str, Any]]:
+    """Each held-out prompt's greedy answer and its summed reward (TRL sums the
+    rewards a prompt gets; None, another pipeline's reward, adds nothing). Prompts are
+    rendered as in training and left-padded, answers cut after the first end token,
+    as TRL cuts its completions."""
+    import torch
+
+    data = rendered(rows, tokenizer)
+    side, pad = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side = "left"
+    if pad is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    training = model.training
+    model.eval()
+    texts, ids, stopped = [], [], []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(data), batch_size):
+                batch = tokenizer(data["prompt"][start:start + batch_size], return_tensors="pt", padding=True,
+                                  add_special_tokens=False).to(model.device)
+                out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                     pad_token_id=tokenizer.pad_token_id)
+                for row in out[:, batch["input_ids"].shape[1]:].tolist():
+                    cut = next((i + 1 for i, token in enumerate(row) if token in eos), None)
+                    stopped.append(cut is not None)
+                    ids.append(row[:cut])
+                    texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side, tokenizer.pad_token = side, pad
+        model.train(training)
+    totals = [0.0] * len(rows)
+    columns = {"id": data["id"], "pipeline": data["pipeline"], "verifier": data["verifier"]}
+    for reward in rewards:
+        for i, value in enumerate(reward(prompts=data["prompt"], completions=texts, completion_ids=ids, **columns)):
+            totals[i] += value or 0.0
+    return [{"answer": text, "finish_reason": "stop" if stop else "length", "reward": total}
+            for text, stop, total in zip(texts, stopped, totals)]
+
+
+def heldout_effect(rows: list[dict[str, Any]], before: list[dict[str, Any]], after: list[dict[str, Any]],
+                   output_dir: Path) -> dict[str, Any]:
+    """The paired change of the held-out reward, overall and per pipeline; every
+    prompt's two answers go to heldout_answers.json for review."""
+    from evals.paired import compare
+
+    write_json(output_dir / "heldout_answers.json", [
+        {"id": row["id"], "pipeline": row["pipeline"], "before": b, "after": a}
+        for row, b, a in zip(rows, before, after)])
+    change = compare([b["reward"] for b in before], [a["reward"] for a in after])
+    per_pipeline = {}
+    for name in sorted({row["pipeline"] for row in rows}):
+        idx = [i for i, row in enumerate(rows) if row["pipeline"] == name]
+        per_pipeline[name] = {"prompts": len(idx), "before": sum(before[i]["reward"] for i in idx) / len(idx),
+                              "after": sum(after[i]["reward"] for i in idx) / len(idx)}
+    return {"prompts": len(rows), "before": change.before, "after": change.after, "delta": change.delta,
+            "low": change.low, "high": change.high, "p": change.p, "better": change.better,
+            "worse": change.worse, "per_pipeline": per_pipeline}
 
 
 def wait_for_a_policy_gradient(trainer) -> None:

@@ -17,8 +17,14 @@ what its validator needs (synth_data/rewards.py):
 
 Prompts that share a word n-gram with a held-out eval item are dropped, with the same
 decontamination as the SFT data (dedup's Decontaminator over the same items).
-Writes OUT/prompts.jsonl (pipeline.contract.GrpoPrompt) and OUT/prompt_stats.json:
-per pipeline sampled, contaminated, kept.
+
+`grpo.heldout` asks for held-out prompts per pipeline: sampled the same way with seed
+`grpo.seed + 1`, decontaminated alike, and dropped when a training prompt has the same
+text; the grpo stage scores them before and after training (its paired effect).
+
+Writes OUT/prompts.jsonl and OUT/heldout.jsonl (pipeline.contract.GrpoPrompt) and
+OUT/prompt_stats.json: per pipeline sampled, contaminated, kept (and for the held-out
+prompts, how many repeated a training prompt).
 """
 
 from __future__ import annotations
@@ -54,12 +60,29 @@ def main(args) -> int:
         stats["pipelines"][name] = {"sampled": len(sampled), "contaminated": len(sampled) - len(kept),
                                     "kept": len(kept)}
         prompts += kept
+    heldout, stats["heldout"] = [], {}
+    trained = {prompt_text(p) for p in prompts}
+    for name, count in own.heldout.items():
+        # Three times the count sampled: some repeat a training prompt (a finite pool
+        # such as BFCL's call sets is drawn by both seeds).
+        raw = {**((recipe.raw.get("generate") or {}).get(name) or {}), "count": 3 * count, "seed": own.seed + 1}
+        cfg = four_steps.validate_config(name, raw, f"recipe {recipe.path} (grpo.heldout.{name})")
+        sampled = [as_grpo_prompt(name, p) for p in
+                   four_steps.load_pipeline(name).sample_prompts(cfg, random.Random(own.seed + 1))]
+        clean = [p for p in sampled if decontaminator is None or not decontaminator.match(prompt_text(p))]
+        new = list({p["id"]: p for p in clean if prompt_text(p) not in trained}.values())  # each once
+        for p in new[:count]:
+            p["id"] = f"heldout-{p['id']}"
+        heldout += new[:count]
+        stats["heldout"][name] = {"sampled": len(sampled), "contaminated": len(sampled) - len(clean),
+                                  "trained": len(clean) - len(new), "kept": len(new[:count])}
     stats["prompts"] = len(prompts)
     stats["heldout_items"] = len(items)
     if not prompts and any(own.prompts.values()):
         raise RecipeError(f"recipe {recipe.path}: grpo.prompts: every sampled prompt was contaminated")
     out = Path(args.out)
     write_grpo_prompts(out / "prompts.jsonl", prompts)
+    write_grpo_prompts(out / "heldout.jsonl", heldout)
     write_report(out / "prompt_stats.json", GrpoPromptStats, stats)
     print(json.dumps(stats["pipelines"]))
     return 0

@@ -14,6 +14,7 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -171,6 +172,61 @@ def test_prompts_come_from_each_pipelines_prompt_step_decontaminated(tmp_path):
 
 
 # ---------------------------------------------------------------- bad input
+def test_heldout_prompts_are_sampled_apart_from_the_training_prompts(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "dedup": {"bfcl_heldout": False, "ifeval_heldout": False},
+        "grpo": {"prompts": {"tool_use": 6, "table_qa": 5}, "heldout": {"tool_use": 4, "table_qa": 3}, "seed": 3}}))
+    assert posttrain(["grpo-prompts", str(recipe), "--out", str(tmp_path)]) == 0
+    trained = read_grpo_prompts(tmp_path / "prompts.jsonl")
+    heldout = read_grpo_prompts(tmp_path / "heldout.jsonl")
+    stats = read_json(tmp_path / "prompt_stats.json")
+    assert {k: v["kept"] for k, v in stats["heldout"].items()} == {"tool_use": 4, "table_qa": 3}
+    assert all(v["sampled"] == v["contaminated"] + v["trained"] + (v["sampled"] - v["contaminated"] - v["trained"])
+               for v in stats["heldout"].values())
+    texts = {json.dumps(p["prompt"]) for p in trained}
+    assert not texts & {json.dumps(p["prompt"]) for p in heldout}
+    assert len({p["id"] for p in heldout}) == len(heldout) == 7
+    assert all(p["id"].startswith("heldout-") for p in heldout)
+
+
+@pytest.mark.slow
+def test_heldout_answers_are_the_policys_greedy_answers_scored_by_the_rewards(teacher_dir):
+    """On real weights (the packaged SmolLM2): a left-padded batch answers each prompt
+    as it answers alone, each reward is the rewards' sum on that answer, and the same
+    model on both sides is no change."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sft.grpo import answer_heldout, heldout_effect, load_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, torch_dtype="float32")
+    tmp = Path(tempfile.mkdtemp())
+    from pipeline.contract import write_grpo_prompts
+
+    write_grpo_prompts(tmp / "heldout.jsonl", step_one("table_qa", 2) + step_one("tool_use", 2))
+    rows = load_prompts(tmp / "heldout.jsonl", None, "--heldout")
+    fns = rewards.reward_functions(["tool_calls", "table_qa", "well_formed"], max_completion_length=32,
+                                   eos_ids=[tokenizer.eos_token_id], partial_credit=False)
+    batch = answer_heldout(model, tokenizer, rows, fns, 32, [tokenizer.eos_token_id], batch_size=4)
+    alone = [answer_heldout(model, tokenizer, [row], fns, 32, [tokenizer.eos_token_id])[0] for row in rows]
+    assert [b["answer"] for b in batch] == [a["answer"] for a in alone]
+    assert any(b["answer"].strip() for b in batch)
+    for row, b in zip(rows, batch):
+        ids = tokenizer(b["answer"], add_special_tokens=False)["input_ids"]
+        ids = ids + [tokenizer.eos_token_id] if b["finish_reason"] == "stop" else ids + [-1] * 32
+        total = sum(fn(prompts=[None], completions=[b["answer"]], completion_ids=[ids], id=[row["id"]],
+                       pipeline=[row["pipeline"]], verifier=[row["verifier"]])[0] or 0.0 for fn in fns)
+        assert b["reward"] == pytest.approx(total, abs=1e-9)
+    same = heldout_effect(rows, batch, batch, tmp)
+    assert same["delta"] == 0 and same["p"] == 1
+    # One more point on each of 12 prompts after: a rise no paired test misses (on 4
+    # prompts the smallest two-sided permutation p is 2/16).
+    many, answered = rows * 3, batch * 3
+    better = heldout_effect(many, answered, [{**b, "reward": b["reward"] + 1} for b in answered], tmp)
+    assert better["delta"] == pytest.approx(1) and better["p"] < 0.05 and better["better"] == len(many)
+
+
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory):
     """A folder the stages accept as a model (a config is enough for the checks that
@@ -269,6 +325,7 @@ def test_cached_generation_keeps_the_mamba_state_of_a_padded_batch():
 
 # ------------------------------------------------- the tiny Jamba, through DVC
 GRPO = {"enabled": True, "prompts": {"tool_use": 2, "steerability": 2, "table_qa": 2}, "seed": 1000,
+        "heldout": {"tool_use": 2, "table_qa": 2},
         "max_steps": 2, "num_generations": 2, "per_device_train_batch_size": 4, "max_completion_length": 12,
         "temperature": 1.0, "learning_rate": 1e-3, "beta": 0.04, "logging_steps": 1, "bf16": False,
         "use_cpu": True, "disable_tqdm": True, "output_dir": "outputs/grpo"}
@@ -346,6 +403,29 @@ def test_tiny_jamba_trains_grpo_in_the_dag_with_the_activation_loss(tmp_path):
                for r in curve for k in r)
     final = repo / "outputs/grpo/final"
     assert (final / "adapter_config.json").is_file()
+    # The held-out prompts: none is a training prompt; each answered before and after,
+    # its reward the sum of what the rewards give that answer, paired in the metrics.
+    stats = read_json(repo / "data/grpo/prompt_stats.json")
+    heldout = read_grpo_prompts(repo / "data/grpo/heldout.jsonl")
+    trained = read_grpo_prompts(repo / "data/grpo/prompts.jsonl")
+    assert {k: v["kept"] for k, v in stats["heldout"].items()} == GRPO["heldout"]
+    assert not {json.dumps(p["prompt"]) for p in heldout} & {json.dumps(p["prompt"]) for p in trained}
+    answers = read_json(repo / "outputs/grpo/heldout_answers.json")
+    assert [a["id"] for a in answers] == [p["id"] for p in heldout]
+    [fn] = rewards.reward_functions(["tool_calls"], max_completion_length=GRPO["max_completion_length"],
+                                    eos_ids=[0], partial_credit=False)
+    for side in ("before", "after"):
+        got = fn(prompts=[None] * len(heldout), completions=[a[side]["answer"] for a in answers],
+                 completion_ids=[[0]] * len(heldout), id=[p["id"] for p in heldout],
+                 pipeline=[p["pipeline"] for p in heldout],
+                 verifier=[json.dumps({**p["verifier"], "tools": p.get("tools")}) for p in heldout])
+        # well_formed adds at most 1; tool_calls is exact: the sum holds both
+        assert all(v is None or v <= a[side]["reward"] <= v + 1 for v, a in zip(got, answers))
+    effect = metrics["heldout_reward"]
+    assert effect["prompts"] == len(heldout) == 4
+    assert effect["before"] == pytest.approx(sum(a["before"]["reward"] for a in answers) / 4)
+    assert effect["after"] == pytest.approx(sum(a["after"]["reward"] for a in answers) / 4)
+    assert effect["low"] <= effect["delta"] <= effect["high"] and 0 <= effect["p"] <= 1
     coverage = read_json(repo / "outputs/grpo/lora_coverage.json")
     # The gradient check waits for a step whose answers scored differently (before
     # that the policy loss has no gradient); on the random student that may never come.
@@ -366,7 +446,7 @@ def test_tiny_jamba_trains_grpo_in_the_dag_with_the_activation_loss(tmp_path):
 
     args = argparse.Namespace(recipe=str(repo / "recipes/ci-grpo.yaml"), overrides=[],
                               model=str(repo / "outputs/dpo/final"), prompts=str(repo / "data/grpo/prompts.jsonl"),
-                              output_dir=str(tmp_path / "raising"), local_rank=-1)
+                              heldout=None, output_dir=str(tmp_path / "raising"), local_rank=-1)
     from sft import grpo
 
     monkey = pytest.MonkeyPatch()
