@@ -75,3 +75,16 @@ def test_summary_of_a_real_run_fits_a_screen_and_carries_the_key_numbers(tmp_pat
     merged = export["profiles"]["merged"]["max_abs_logit_diff"]
     assert "export     passed (lora)" in text and f"merged {merged:.4g} ok" in text
     assert "outputs/sft/final/" in text and "data/mix/" in text
+
+
+def test_the_grpo_lines_carry_the_heldout_reward_with_its_interval():
+    from pipeline import summary
+    from pipeline.contract import GrpoMetrics
+
+    metrics = {"enabled": True, "global_step": 24, "prompts": 96, "reward_first": 0.4, "reward_last": 0.6}
+    effect = {"prompts": 72, "before": 0.41, "after": 0.5, "delta": 0.09, "low": 0.01, "high": 0.17, "p": 0.03,
+              "better": 20, "worse": 9, "per_pipeline": {"tool_use": {"prompts": 24, "before": 0.3, "after": 0.4}}}
+    without = summary.grpo(None, {"grpo": GrpoMetrics.model_validate(metrics)})
+    lines = summary.grpo(None, {"grpo": GrpoMetrics.model_validate({**metrics, "heldout_reward": effect})})
+    assert len(without) == 1 and lines[0] == without[0]
+    assert lines[1].split() == "held-out reward 0.41 -> 0.5 (+0.09 [+0.01, +0.17], p 0.03, 72 prompts)".split()
