@@ -321,17 +321,13 @@ def grpo_plan(recipe: Recipe) -> dict[str, Any]:
     completions per prompt, `per_device_train_batch_size` counts completions."""
     if not recipe.grpo_enabled:
         return {"enabled": False}
-    from synth_data import four_steps
-    from synth_data.grpo_prompts import as_grpo_prompt
+    from synth_data.grpo_prompts import sample
     from pipeline.sources import conversation_tokens
 
     own = recipe.grpo_own
     prompts, prompt_tokens = {}, 0
     for name, count in own.prompts.items():
-        raw = {**((recipe.raw.get("generate") or {}).get(name) or {}), "count": count, "seed": own.seed}
-        cfg = four_steps.validate_config(name, raw, f"recipe {recipe.path} (grpo.prompts.{name})")
-        sampled = [as_grpo_prompt(name, p) for p in
-                   four_steps.load_pipeline(name).sample_prompts(cfg, random.Random(own.seed))]
+        sampled = sample(recipe, name, count, own.seed, "grpo.prompts")
         prompts[name] = len(sampled)
         prompt_tokens += sum(conversation_tokens(p["prompt"], p.get("tools")) for p in sampled)
     total = sum(prompts.values())

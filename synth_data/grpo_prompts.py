@@ -52,10 +52,7 @@ def main(args) -> int:
     decontaminator = Decontaminator(items, recipe.dedup.ngram) if items else None
     prompts, stats = [], {"pipelines": {}}
     for name, count in own.prompts.items():
-        raw = {**((recipe.raw.get("generate") or {}).get(name) or {}), "count": count, "seed": own.seed}
-        cfg = four_steps.validate_config(name, raw, f"recipe {recipe.path} (grpo.prompts.{name})")
-        sampled = [as_grpo_prompt(name, p) for p in
-                   four_steps.load_pipeline(name).sample_prompts(cfg, random.Random(own.seed))]
+        sampled = sample(recipe, name, count, own.seed, "grpo.prompts")
         kept = [p for p in sampled if decontaminator is None or not decontaminator.match(prompt_text(p))]
         stats["pipelines"][name] = {"sampled": len(sampled), "contaminated": len(sampled) - len(kept),
                                     "kept": len(kept)}
@@ -65,17 +62,15 @@ def main(args) -> int:
     for name, count in own.heldout.items():
         # Three times the count sampled: some repeat a training prompt (a finite pool
         # such as BFCL's call sets is drawn by both seeds).
-        raw = {**((recipe.raw.get("generate") or {}).get(name) or {}), "count": 3 * count, "seed": own.seed + 1}
-        cfg = four_steps.validate_config(name, raw, f"recipe {recipe.path} (grpo.heldout.{name})")
-        sampled = [as_grpo_prompt(name, p) for p in
-                   four_steps.load_pipeline(name).sample_prompts(cfg, random.Random(own.seed + 1))]
+        sampled = sample(recipe, name, 3 * count, own.seed + 1, "grpo.heldout")
         clean = [p for p in sampled if decontaminator is None or not decontaminator.match(prompt_text(p))]
-        new = list({p["id"]: p for p in clean if prompt_text(p) not in trained}.values())  # each once
+        untrained = [p for p in clean if prompt_text(p) not in trained]
+        new = list({p["id"]: p for p in untrained}.values())  # each once
         for p in new[:count]:
             p["id"] = f"heldout-{p['id']}"
         heldout += new[:count]
         stats["heldout"][name] = {"sampled": len(sampled), "contaminated": len(sampled) - len(clean),
-                                  "trained": len(clean) - len(new), "kept": len(new[:count])}
+                                  "trained": len(clean) - len(untrained), "kept": len(new[:count])}
     stats["prompts"] = len(prompts)
     stats["heldout_items"] = len(items)
     if not prompts and any(own.prompts.values()):
@@ -86,6 +81,14 @@ def main(args) -> int:
     write_report(out / "prompt_stats.json", GrpoPromptStats, stats)
     print(json.dumps(stats["pipelines"]))
     return 0
+
+
+def sample(recipe, name: str, count: int, seed: int, key: str) -> list[dict[str, Any]]:
+    """`count` of the pipeline's step-1 prompts with its `generate.<name>` settings and
+    `seed`, as GRPO prompts (what `posttrain plan` sizes, too)."""
+    raw = {**((recipe.raw.get("generate") or {}).get(name) or {}), "count": count, "seed": seed}
+    cfg = four_steps.validate_config(name, raw, f"recipe {recipe.path} ({key}.{name})")
+    return [as_grpo_prompt(name, p) for p in four_steps.load_pipeline(name).sample_prompts(cfg, random.Random(seed))]
 
 
 def prompt_text(prompt: dict[str, Any]) -> str:
