@@ -10,7 +10,10 @@ decontaminates against their questions.
 (i)   sample_prompts: call sets (one call; parallel calls of one function; calls across
       functions) and irrelevance cases (BFCL irrelevance requests, no tool fits; and
       `mismatch`: a BFCL call set's own request offered only other items' functions,
-      so the student sees requests a function would serve when none offered does)
+      so the student sees requests a function would serve when none offered does; and
+      `near_miss`: a BFCL call set's request offered only its own item's functions that
+      its calls do not use, the distractors BFCL's authors chose from the request's
+      domain, as BFCL's irrelevance items offer a function of the request's domain)
 (ii)  generate: the user request for each call set (`requests`: the teacher writes it
       from the calls, or rewrites in a user's words a request that code stated from the
       function's description and the values; best of `request_n`), then the answer
@@ -22,7 +25,8 @@ decontaminates against their questions.
 
 Every record's meta says who made it: `request_source` (teacher, paraphrase, or bfcl
 for BFCL's own irrelevance questions) and `answer_source` (teacher or code); a
-mismatch record also has `tools_source: other_items`.
+mismatch record also has `tools_source: other_items`, a near_miss record
+`tools_source: own_distractors`.
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ from pipeline.engines import sampling_for
 from synth_data.four_steps import first_failure, rejected_if_malformed, verdict
 
 NAME = "tool_use"
-KINDS = ("single", "parallel", "multiple", "irrelevance", "mismatch")
+KINDS = ("single", "parallel", "multiple", "irrelevance", "mismatch", "near_miss")
+NO_CALL_KINDS = ("irrelevance", "mismatch", "near_miss")
 # The answer code writes where no offered function fits (the few-shot turn's words).
 REFUSAL = "None of the available functions can do that, sorry."
 
@@ -86,7 +91,7 @@ class Config(Section):
     # code's, so every call set with a valid request yields a record and the teacher's
     # wrong answers remain as rejected samples (preference pairs).
     answers: Literal["teacher", "code", "auto"] = "teacher"
-    # Who answers a request no offered function fits (irrelevance, mismatch). teacher:
+    # Who answers a request no offered function fits (NO_CALL_KINDS). teacher:
     # its answer, kept when it calls nothing. code: REFUSAL, one uniform "no call"
     # answer, as uniform as the code-built calls are.
     irrelevance_answers: Literal["teacher", "code"] = "teacher"
@@ -216,9 +221,10 @@ def sample_prompts(cfg: Config, rng: random.Random) -> list[dict[str, Any]]:
     unknown = sorted(set(cfg.mix) - set(KINDS))
     if unknown:
         raise ValueError(f"generate.tool_use.mix: unknown kinds {unknown} (known: {', '.join(KINDS)})")
-    if cfg.mix.get("mismatch", 0) > 0 and cfg.requests != "bfcl":
-        raise ValueError("generate.tool_use.mix: mismatch takes BFCL call sets' own requests; "
-                         "it needs generate.tool_use.requests: bfcl")
+    for kind in ("mismatch", "near_miss"):
+        if cfg.mix.get(kind, 0) > 0 and cfg.requests != "bfcl":
+            raise ValueError(f"generate.tool_use.mix: {kind} takes BFCL call sets' own requests; "
+                             "it needs generate.tool_use.requests: bfcl")
     cat = catalogue(cfg.heldout_fraction)
     names = list(cat)
     irrelevant = [it for f in IRRELEVANCE_FILES for it in bfcl_items(f)
@@ -226,6 +232,9 @@ def sample_prompts(cfg: Config, rng: random.Random) -> list[dict[str, Any]]:
     kinds, weights = zip(*[(k, w) for k, w in cfg.mix.items() if w > 0])
     # BFCL items in a seeded order per kind, taken in turn: no item repeats before all are used.
     pools = {"irrelevance": irrelevant, **(bfcl_call_sets(cfg.heldout_fraction) if cfg.requests == "bfcl" else {})}
+    if cfg.requests == "bfcl":  # call sets whose item offers functions its calls leave unused
+        pools["near_miss"] = [(item, calls) for kind in ("single", "parallel", "multiple") for item, calls in pools[kind]
+                              if _unused_functions(item, calls)]
     queues, taken = {k: rng.sample(v, len(v)) for k, v in pools.items()}, Counter()
 
     def next_item(kind: str):
@@ -255,6 +264,15 @@ def sample_prompts(cfg: Config, rng: random.Random) -> list[dict[str, Any]]:
             if not cfg.max_record_tokens or _record_tokens(prompt) <= cfg.max_record_tokens:
                 prompts.append(prompt)
             continue
+        if kind == "near_miss":
+            # Its own queue: the same request may also appear with its function (a call).
+            item, calls = next_item(kind)
+            prompt = {"id": pid, "kind": kind, "source": item["id"], "calls": [],
+                      "request": item["question"][0][-1]["content"], "tools_source": "own_distractors",
+                      "tools": [openai_tool(fn) for fn in _unused_functions(item, calls)]}
+            if not cfg.max_record_tokens or _record_tokens(prompt) <= cfg.max_record_tokens:
+                prompts.append(prompt)
+            continue
         if cfg.requests == "bfcl":
             item, calls = next_item(kind)
             # The item's own schemas: a function name can carry other schemas in other items.
@@ -276,6 +294,11 @@ def sample_prompts(cfg: Config, rng: random.Random) -> list[dict[str, Any]]:
             continue
         prompts.append(prompt)
     return prompts
+
+
+def _unused_functions(item: dict[str, Any], calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    called = {c["name"] for c in calls}
+    return [fn for fn in item["function"] if fn["name"] not in called]
 
 
 def _record_tokens(prompt: dict[str, Any]) -> int:

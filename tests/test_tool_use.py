@@ -173,8 +173,9 @@ def test_call_sets_whose_record_would_exceed_max_record_tokens_are_not_sampled()
         assert conversation_tokens(record, p["tools"]) <= 600
 
 
-def test_mismatch_and_irrelevance_answered_by_code_are_one_refusal_with_no_offered_function_of_their_own(tmp_path):
-    """`mismatch`: a BFCL call set's own request with only other items' functions, and
+def test_mismatch_near_miss_and_irrelevance_answered_by_code_are_one_refusal_with_no_called_function_offered(tmp_path):
+    """`mismatch`: a BFCL call set's own request with only other items' functions;
+    `near_miss`: with only its own item's functions that its calls leave unused; and
     with `irrelevance_answers: code` every no-call answer is REFUSAL: the teacher is
     asked nothing, each record is accepted and says how it was made."""
     from synth_data import four_steps
@@ -182,11 +183,12 @@ def test_mismatch_and_irrelevance_answered_by_code_are_one_refusal_with_no_offer
 
     items = {item["id"]: item for category in bfcl.CATALOGUE_FILES for item in bfcl.bfcl_items(category)}
     cfg = tu.Config(count=60, seed=3, requests="bfcl", answers="code", irrelevance_answers="code",
-                    mix={"single": 0.4, "irrelevance": 0.2, "mismatch": 0.4})
+                    mix={"single": 0.3, "irrelevance": 0.2, "mismatch": 0.3, "near_miss": 0.2})
     stats = four_steps.run(tu, cfg, ScriptedTeacher([]), tmp_path)
     records = read_records(tmp_path / "accepted.jsonl")
     by_kind = Counter(r["meta"]["kind"] for r in records)
-    assert by_kind["mismatch"] >= 15 and by_kind["irrelevance"] >= 5 and by_kind["single"] >= 15
+    assert by_kind["mismatch"] >= 10 and by_kind["near_miss"] >= 5 and by_kind["irrelevance"] >= 5
+    assert by_kind["single"] >= 10
     # only a request that does not state its values is rejected; no refusal is
     assert set(stats["reject_reasons"]) <= {"request_missing_value"}
     sources = {r["meta"]["source"] for r in records if r["meta"]["kind"] == "single"}
@@ -204,12 +206,27 @@ def test_mismatch_and_irrelevance_answered_by_code_are_one_refusal_with_no_offer
             assert r["messages"][0]["content"] == item["question"][0][-1]["content"]
             offered = {t["function"]["name"] for t in r["tools"]}
             assert offered and not offered & {bfcl.tool_name(fn["name"]) for fn in item["function"]}
+        if meta["kind"] == "near_miss":
+            item = items[meta["source"]]
+            assert not bfcl.is_heldout(meta["source"], 0.1) and meta["tools_source"] == "own_distractors"
+            assert r["messages"][0]["content"] == item["question"][0][-1]["content"]
+            # BFCL's ground truth names the functions that serve the request: none is offered
+            called = {bfcl.tool_name(name) for truth in bfcl.bfcl_answers(_category(item["id"]))[item["id"]]
+                      for name in truth}
+            offered = {t["function"]["name"] for t in r["tools"]}
+            assert offered and offered <= {bfcl.tool_name(fn["name"]) for fn in item["function"]} - called
 
 
-def test_mismatch_without_bfcl_requests_is_refused_naming_the_key():
-    cfg = tu.Config(count=4, requests="paraphrase", mix={"single": 0.5, "mismatch": 0.5})
-    with pytest.raises(ValueError, match="generate.tool_use.requests: bfcl"):
+@pytest.mark.parametrize("kind", ["mismatch", "near_miss"])
+def test_kinds_that_take_bfcl_requests_without_them_are_refused_naming_the_key(kind):
+    cfg = tu.Config(count=4, requests="paraphrase", mix={"single": 0.5, kind: 0.5})
+    with pytest.raises(ValueError, match=f"mix: {kind} .* generate.tool_use.requests: bfcl"):
         tu.sample_prompts(cfg, random.Random(0))
+
+
+def _category(item_id: str) -> str:
+    """The BFCL category file an item id comes from (ids are '<category>_<n>')."""
+    return next(c for c in bfcl.CATALOGUE_FILES if item_id.rsplit("_", 1)[0] == c)
 
 
 class ScriptedTeacher:
