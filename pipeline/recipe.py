@@ -305,8 +305,11 @@ class PrefsSection(Section):
     # tool_use prompts with no failing sample (answers built by code: one per prompt)
     # get a rejected answer built by code and failed by the pipeline's own validator,
     # for the faults named: call_when_irrelevant (a call where no function fits),
-    # wrong_arguments (the calls missing one argument; no call if none can be left out).
-    code_rejected: list[Literal["call_when_irrelevant", "wrong_arguments"]] = Field(default_factory=list)
+    # wrong_arguments (the calls missing one argument; no call if none can be left out),
+    # no_call (the refusal where calls fit: the mirror of call_when_irrelevant, so the
+    # end of turn after a right call is in a chosen answer, not only in rejected ones).
+    code_rejected: list[Literal["call_when_irrelevant", "wrong_arguments", "no_call"]] = Field(
+        default_factory=list)
 
 
 # ---------------------------------------------------------------------------- plan

@@ -23,7 +23,9 @@ built by code there is one sample per prompt, so no pair otherwise) gets its rej
 answer built by code, for the faults the recipe names (both measured on a trained
 student): `call_when_irrelevant`, a call of an offered function where none fits;
 `wrong_arguments`, the right calls with one argument left out (no call, if no argument
-can be). The pipeline's own validator must fail it, and its
+can be); `no_call`, the refusal where calls fit (its mirror: without it every code-built
+pair ends a rejected answer where a call ends). A call record with both named gets one
+of them, picked by its id. The pipeline's own validator must fail it, and its
 reason becomes `rejected_reason`; `meta.rejected_source` is "code" (else "sample").
 
 Every prompt ends in exactly one place: a pair, or `prefs_stats.json`'s
@@ -46,7 +48,9 @@ from pipeline.recipe import RecipeError, add_recipe_arguments, load_recipe
 from pipeline.records import stable_hash
 from synth_data.dedup import Decontaminator, heldout_reference, record_text
 from synth_data.four_steps import verdict
-from synth_data.tool_use import calls_turn, code_answer, match_calls, sample_value
+# REFUSAL: the no-call answer the SFT data teaches, so a no_call rejected answer is
+# the student's own refusal.
+from synth_data.tool_use import REFUSAL, calls_turn, code_answer, match_calls, sample_value
 
 log = logging.getLogger(__name__)
 
@@ -205,20 +209,20 @@ def pair_text(pair: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------ rejected by code
-# The rejected answer when no argument can be left out.
-REFUSAL = "None of the available functions can do that."
-
-
 def rejected_by_code(chosen: dict[str, Any], faults: Sequence[str]) -> dict[str, Any] | None:
     """A failing answer to a tool_use record's request with one of `faults`, built by
     code and failed by the pipeline's validator (`match_calls`), as a rejected sample;
     None if the record's kind has no fault named, or no answer fails."""
     expected = json.loads(chosen["meta"]["expected_calls"])
-    if ("wrong_arguments" if expected else "call_when_irrelevant") not in faults:
+    named = [f for f in (("wrong_arguments", "no_call") if expected else ("call_when_irrelevant",)) if f in faults]
+    if not named:
         return None
     tools, request = chosen["tools"], chosen["messages"][-2]["content"]
     rng = random.Random(chosen["id"])
-    if not expected:  # irrelevance: the call a model makes anyway
+    fault = rng.choice(named) if len(named) > 1 else named[0]
+    if fault == "no_call":
+        options = [[]]
+    elif not expected:  # irrelevance: the call a model makes anyway
         options = [[{"name": t["function"]["name"], "arguments": made_up_arguments(t["function"], request, rng)}]
                    for t in rng.sample(tools, len(tools))]
     else:

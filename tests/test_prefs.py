@@ -100,7 +100,7 @@ def test_prompts_whose_samples_all_pass_or_all_fail_give_no_pair(prefs_run):
         assert no_pair.get("all_passed", 0) == len(all_passed)
 
 
-FAULTS = ("call_when_irrelevant", "wrong_arguments")
+FAULTS = ("call_when_irrelevant", "wrong_arguments", "no_call")
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +149,11 @@ def test_a_rejected_answer_is_built_for_every_accepted_tool_use_record(prefs_run
     # Only the faults named are built.
     assert all((rejected_by_code(r, ["call_when_irrelevant"]) is None) == bool(json.loads(r["meta"]["expected_calls"]))
                for r in records)
+    # no_call, the mirror of call_when_irrelevant: the SFT data's own refusal where calls fit.
+    for record in records:
+        built = rejected_by_code(record, ["no_call"])
+        if not json.loads(record["meta"]["expected_calls"]):
+            assert built is None
+            continue
+        assert built["messages"][-1] == {"role": "assistant", "content": tool_use.REFUSAL}
+        assert built["reject_reason"] == "no_call", record["id"]
