@@ -270,6 +270,7 @@ def answer_heldout(model, tokenizer, rows: list[dict[str, Any]], rewards, max_ne
     rendered as in training and left-padded, answers cut after the first end token,
     as TRL cuts its completions."""
     import torch
+    from tqdm.auto import tqdm
 
     data = rendered(rows, tokenizer)
     side, pad = tokenizer.padding_side, tokenizer.pad_token
@@ -281,7 +282,8 @@ def answer_heldout(model, tokenizer, rows: list[dict[str, Any]], rewards, max_ne
     texts, ids, stopped = [], [], []
     try:
         with torch.no_grad():
-            for start in range(0, len(data), batch_size):
+            # Minutes on CPU (greedy, max_new_tokens each): a bar, as every long step has.
+            for start in tqdm(range(0, len(data), batch_size), desc="held-out answers", unit="batch"):
                 batch = tokenizer(data["prompt"][start:start + batch_size], return_tensors="pt", padding=True,
                                   add_special_tokens=False).to(model.device)
                 out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
