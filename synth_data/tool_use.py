@@ -54,7 +54,6 @@ from synth_data.four_steps import first_failure, rejected_if_malformed, verdict
 
 NAME = "tool_use"
 KINDS = ("single", "parallel", "multiple", "irrelevance", "mismatch", "near_miss")
-NO_CALL_KINDS = ("irrelevance", "mismatch", "near_miss")
 # The answer code writes where no offered function fits (the few-shot turn's words).
 REFUSAL = "None of the available functions can do that, sorry."
 
@@ -91,7 +90,7 @@ class Config(Section):
     # code's, so every call set with a valid request yields a record and the teacher's
     # wrong answers remain as rejected samples (preference pairs).
     answers: Literal["teacher", "code", "auto"] = "teacher"
-    # Who answers a request no offered function fits (NO_CALL_KINDS). teacher:
+    # Who answers a request no offered function fits (irrelevance, mismatch, near_miss). teacher:
     # its answer, kept when it calls nothing. code: REFUSAL, one uniform "no call"
     # answer, as uniform as the code-built calls are.
     irrelevance_answers: Literal["teacher", "code"] = "teacher"
@@ -232,7 +231,9 @@ def sample_prompts(cfg: Config, rng: random.Random) -> list[dict[str, Any]]:
     kinds, weights = zip(*[(k, w) for k, w in cfg.mix.items() if w > 0])
     # BFCL items in a seeded order per kind, taken in turn: no item repeats before all are used.
     pools = {"irrelevance": irrelevant, **(bfcl_call_sets(cfg.heldout_fraction) if cfg.requests == "bfcl" else {})}
-    if cfg.requests == "bfcl":  # call sets whose item offers functions its calls leave unused
+    # Only when asked for: another queue draws from rng and would change every other
+    # recipe's sample.
+    if cfg.mix.get("near_miss", 0) > 0:  # call sets whose item offers functions its calls leave unused
         pools["near_miss"] = [(item, calls) for kind in ("single", "parallel", "multiple") for item, calls in pools[kind]
                               if _unused_functions(item, calls)]
     queues, taken = {k: rng.sample(v, len(v)) for k, v in pools.items()}, Counter()
