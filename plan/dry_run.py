@@ -9,7 +9,9 @@ Reads top to bottom:
    `model.tiny`; parameter counts from the model built on the meta device;
 3. generation: each pipeline's own `sample_prompts` and `generate`, run against an
    engine that answers nothing and counts what it is asked (prompts, candidates,
-   teacher sequences, tokens);
+   teacher sequences, tokens); a pipeline asked for more than `--sample` prompts is
+   run on that many and its counts scaled (building and tokenising thousands of
+   256K-token documents took minutes; the plan must take seconds);
 4. training: records and tokens per epoch after packing, optimizer steps; GRPO (when
    `grpo.enabled`): its prompts from each pipeline's own prompt step, as
    `posttrain grpo-prompts` samples them, completions and tokens per step;
@@ -45,6 +47,11 @@ SHIPPED_CONFIGS = ROOT / "recipes" / "models"
 # The packaged teacher's names (pipeline/model_paths.py) and the model it is.
 PACKAGED = {"teacher": "HuggingFaceTB/SmolLM2-135M-Instruct", "packaged": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 GB = 1e9
+# Prompts per pipeline the plan runs through the pipeline's own steps; a larger count is
+# scaled from them (`--sample 0`: every prompt, exact). SIZES: the Config fields whose
+# sum is a pipeline's prompt count (steerability's conversations are prompts too).
+SAMPLE = 256
+SIZES = ("count", "conversations")
 
 
 def add_arguments(parser) -> None:
@@ -52,6 +59,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--gpus", type=int, help="GPUs that train (default: plan.gpus)")
     parser.add_argument("--gpu-memory", type=float, metavar="GB", help="memory per GPU (default: plan.gpu_memory_gb)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--sample", type=int, default=SAMPLE, metavar="N",
+                        help=f"run at most N prompts per pipeline and scale the counts (default {SAMPLE}; 0: all, exact)")
 
 
 def main(args) -> int:
@@ -60,8 +69,10 @@ def main(args) -> int:
         overrides.append(f"plan.gpus={args.gpus}")
     if args.gpu_memory is not None:
         overrides.append(f"plan.gpu_memory_gb={args.gpu_memory}")
+    if args.sample < 0:
+        raise RecipeError(f"--sample: {args.sample} is negative (0 plans every prompt)")
     recipe = load_recipe(args.recipe, overrides)
-    result = plan(recipe)
+    result = plan(recipe, args.sample)
     print(json.dumps(result, indent=1) if args.json else render(result))
     for line in result["refused"]:
         print(f"posttrain plan: refused: {line}", file=sys.stderr)
@@ -69,11 +80,11 @@ def main(args) -> int:
 
 
 # --------------------------------------------------------------------- the plan
-def plan(recipe: Recipe) -> dict[str, Any]:
+def plan(recipe: Recipe, sample: int = SAMPLE) -> dict[str, Any]:
     refused: list[str] = []
     config, source = student_config(recipe)
     counts = parameter_counts(recipe, config, refused)
-    generation = generation_plan(recipe)
+    generation = generation_plan(recipe, sample)
     training = training_plan(recipe, generation)
     rl = grpo_plan(recipe)
     evaluation = eval_plan(recipe)
@@ -223,7 +234,7 @@ def dag_pipelines() -> list[str]:
     return list(PIPELINES)
 
 
-def generation_plan(recipe: Recipe) -> dict[str, dict[str, Any]]:
+def generation_plan(recipe: Recipe, sample: int = SAMPLE) -> dict[str, dict[str, Any]]:
     from synth_data import four_steps
 
     raw = recipe.raw.get("generate") or {}
@@ -234,6 +245,11 @@ def generation_plan(recipe: Recipe) -> dict[str, dict[str, Any]]:
     out = {}
     for name in dag_pipelines():
         cfg = four_steps.validate_config(name, raw.get(name), f"recipe {recipe.path}")
+        scale, sizes = 1.0, {k: getattr(cfg, k) for k in SIZES if hasattr(cfg, k)}
+        if sample and sum(sizes.values()) > sample:  # every size field by the same factor
+            fraction = sample / sum(sizes.values())
+            cfg = cfg.model_copy(update={k: max(1, round(v * fraction)) if v else 0 for k, v in sizes.items()})
+            scale = sum(sizes.values()) / sum(getattr(cfg, k) for k in sizes)
         module = four_steps.load_pipeline(name)
         engine = CountingEngine(Sampling(**recipe.teacher.sampling.model_dump()))
         try:  # the stage's own steps (i) and (ii), seeded as four_steps.run seeds them
@@ -241,16 +257,18 @@ def generation_plan(recipe: Recipe) -> dict[str, dict[str, Any]]:
             candidates = module.generate(prompts, engine, cfg)
         except ValueError as exc:
             raise RecipeError(f"recipe {recipe.path}: generate.{name}: {exc}") from None
+        # One training record per prompt at most, as long as its length bucket (long
+        # context), else the teacher's prompt plus its answer budget.
+        lengths = [p.get("length_bucket") or record_tokens(engine, getattr(cfg, "max_tokens", 0)) for p in prompts]
+        planned = round(len(prompts) * scale)
         out[name] = {
-            "prompts": len(prompts),
-            "candidates": len(candidates),
-            "teacher_sequences": engine.sequences,
-            "prompt_tokens": engine.prompt_tokens,
-            "new_tokens_max": engine.new_tokens,
-            # One training record per prompt at most, as long as its length bucket (long
-            # context), else the teacher's prompt plus its answer budget.
-            "record_tokens": [p.get("length_bucket") or record_tokens(engine, getattr(cfg, "max_tokens", 0))
-                              for p in prompts],
+            "prompts": planned,
+            "candidates": round(len(candidates) * scale),
+            "teacher_sequences": round(engine.sequences * scale),
+            "prompt_tokens": round(engine.prompt_tokens * scale),
+            "new_tokens_max": round(engine.new_tokens * scale),
+            "record_tokens": [lengths[i % len(lengths)] for i in range(planned)] if lengths else [],
+            "scaled_from": len(prompts) if scale != 1.0 else None,
         }
     return out
 
@@ -512,8 +530,9 @@ def render(p: dict[str, Any]) -> str:
              f"window {s['window']:,}" + (f", LoRA adapter {_k(s['adapter'])}" if s["adapter"] else ""),
              "generate   prompts  candidates  teacher seqs  prompt tok  new tok (max)"]
     for name, row in p["generate"].items():
+        scaled = f"  ~ scaled from {row['scaled_from']} prompts" if row["scaled_from"] else ""
         lines.append(f"  {name:<12} {row['prompts']:>6} {row['candidates']:>11} {row['teacher_sequences']:>13} "
-                     f"{_k(row['prompt_tokens']):>11} {_k(row['new_tokens_max']):>14}")
+                     f"{_k(row['prompt_tokens']):>11} {_k(row['new_tokens_max']):>14}{scaled}")
     lines.append(f"train      {t['mode']}, max_length {t['max_length']:,}, "
                  f"{'packed (exact)' if t['packing'] else 'padded'}: <= {t['records_max']:,} records "
                  f"({t['records_over_max_length']:,} over max_length), <= {_k(t['tokens_per_epoch_max'])} "

@@ -158,6 +158,29 @@ def test_shipped_jamba_configs_have_the_published_sizes():
         assert config.num_hidden_layers == layers and config.max_position_embeddings == 262144
 
 
+def test_a_plan_scaled_from_a_sample_stays_within_5_percent_of_the_exact_one():
+    """A pipeline asked for more than --sample prompts is planned on that many and scaled
+    (Jamba's thousands of 256K-token documents took minutes). On the proof recipe (counts
+    173-430, each above the sample of 128) the scaled counts were within 2.5 % of the
+    exact ones; 5 % leaves room for a recipe change, not for a wrong scale (steerability
+    scaled by `count` alone, forgetting its conversations, planned 8,859 prompts for
+    Jamba-Mini's 3,500)."""
+    recipe = load_recipe(ROOT / "recipes" / "smollm2-proof.yaml")
+    exact, scaled = dry_run.generation_plan(recipe, 0), dry_run.generation_plan(recipe, 128)
+    for name, row in exact.items():
+        assert row["scaled_from"] is None
+        if row["prompts"] <= 128:
+            assert scaled[name] == row, name  # small enough: planned whole, exact
+            continue
+        assert scaled[name]["scaled_from"] <= 128, name
+        for key in ("prompts", "candidates", "teacher_sequences", "prompt_tokens", "new_tokens_max"):
+            assert scaled[name][key] == pytest.approx(row[key], rel=0.05), (name, key)
+    assert sum(row["scaled_from"] is not None for row in scaled.values()) >= 4
+    exact_train, scaled_train = dry_run.training_plan(recipe, exact), dry_run.training_plan(recipe, scaled)
+    for key in ("records_max", "tokens_per_epoch_max", "rows_per_epoch"):
+        assert scaled_train[key] == pytest.approx(exact_train[key], rel=0.05), key
+
+
 @pytest.mark.slow
 def test_jamba_mini_lora_plan_fits_one_node(capsys):
     code, out, err = run_plan(ROOT / "recipes" / "jamba-mini-lora.yaml", "--json", capsys=capsys)
