@@ -26,6 +26,7 @@ Exit status 2 when anything is refused.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -71,8 +72,11 @@ def main(args) -> int:
         overrides.append(f"plan.gpu_memory_gb={args.gpu_memory}")
     if args.sample < 0:
         raise RecipeError(f"--sample: {args.sample} is negative (0 plans every prompt)")
-    recipe = load_recipe(args.recipe, overrides)
-    result = plan(recipe, args.sample)
+    # Libraries the plan imports (DeepSpeed's accelerator notice) log to stdout, which
+    # --json keeps for the plan alone.
+    with contextlib.redirect_stdout(sys.stderr):
+        recipe = load_recipe(args.recipe, overrides)
+        result = plan(recipe, args.sample)
     print(json.dumps(result, indent=1) if args.json else render(result))
     for line in result["refused"]:
         print(f"posttrain plan: refused: {line}", file=sys.stderr)

@@ -204,3 +204,14 @@ def test_gpu_check_imports_and_skips_in_one_line_without_cuda():
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines() == ["gpu-check: skipped: no CUDA GPU on this machine"]
+
+
+def test_plan_json_on_stdout_is_the_plan_alone():
+    """`posttrain plan --json | jq`: DeepSpeed's import notice went to stdout before the JSON."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "plan", str(TINY), "--json"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["train"]["steps"] == 40
