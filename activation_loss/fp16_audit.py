@@ -80,7 +80,7 @@ def audit_batches(recipe: Recipe, tokenizer) -> list[dict[str, torch.Tensor]]:
     if not files:
         raise RecipeError(f"recipe {recipe.path}: audit: no data (audit.data, data.eval or data.train)")
     records = [r for f in files for r in read_conversations(f)][: section.num_batches * section.batch_size]
-    texts = [tokenizer.apply_chat_template(r["messages"], tools=r.get("tools"), tokenize=False)
+    texts = [tokenizer.apply_chat_template(r.turns(), tools=r.tools, tokenize=False)
              for r in records]
     batches = []
     for start in range(0, len(texts), section.batch_size):

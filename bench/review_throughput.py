@@ -45,17 +45,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.contract import make_record  # noqa: E402
+from pipeline.contract import Record, make_record, write_records  # noqa: E402
 from pipeline.ports import free_port  # noqa: E402
 from pipeline.recipe import load_recipe  # noqa: E402
-from pipeline.records import read_json, write_jsonl  # noqa: E402
+from pipeline.records import read_json  # noqa: E402
 from review import pull, push, server  # noqa: E402
 from review.dataset import argilla_record, review_item, review_settings  # noqa: E402
 
 PIPELINES = ("doc_qa", "table_qa")
 
 
-def records(n: int, tag: str) -> list[dict]:
+def records(n: int, tag: str) -> list[Record]:
     out = []
     for i in range(n):
         pipeline = PIPELINES[i % 2]
@@ -108,7 +108,7 @@ def run(n: int, tmp: Path, client, second, measure: Measured) -> dict:
     inputs = []
     for pipeline in PIPELINES:
         path = tmp / tag / "synth" / pipeline / "accepted.jsonl"
-        write_jsonl(path, [r for r in data if r["pipeline"] == pipeline])
+        write_records(path, [r for r in data if r.pipeline == pipeline])
         inputs.append(str(path))
     recipe = tmp / tag / "recipe.yaml"
     recipe.write_text(f"review:\n  mode: server\n  unreviewed: pending\n  dataset_prefix: ours{tag}\n")
@@ -122,7 +122,7 @@ def run(n: int, tmp: Path, client, second, measure: Measured) -> dict:
         dataset = rg.Dataset(name=f"sdk{tag}-{pipeline}", workspace=cfg.workspace,
                              settings=review_settings(pipeline, 1), client=client).create()
         anchor[pipeline] = (dataset, [argilla_record(review_item(r, cfg.display_chars))
-                                      for r in data if r["pipeline"] == pipeline])
+                                      for r in data if r.pipeline == pipeline])
     create = measure(lambda: [push.ensure_dataset(client, cfg, f"ours{tag}-{p}", functools.partial(review_settings, p))
                               for p in PIPELINES])
     # The anchor: the SDK's records.log of the same items, prebuilt as rg.Record.

@@ -33,31 +33,33 @@ import torch
 from evals import standard_error
 from pipeline.categories import category_of
 from pipeline.chat_template import BadRecord, encode_conversation, turn_end
+from pipeline.contract import Conversation
 from pipeline.records import stable_hash
 
 NAME = "heldout_loss"
 
 
-def cluster_of(record: dict[str, Any]) -> str | None:
+def cluster_of(record: Conversation) -> str | None:
     """The source a record shares with others in the split, if any: the document of a
     doc_qa record, the table of a table_qa record, the prompt of a record that is one of
     several answers to it. Records of one cluster are not independent."""
-    meta = record.get("meta") or {}
+    # The pipelines' own seed keys, which the contract leaves to model_extra.
+    meta = record.meta.model_extra if record.meta else {}
     seeds = meta.get("seed_ids") if isinstance(meta.get("seed_ids"), dict) else {}
     if "doc_id" in seeds:
         return f"doc:{seeds['doc_id']}"
     if "dataset" in seeds:
         return f"table:{seeds['dataset']}:{stable_hash(seeds.get('rows'), seeds.get('columns'), length=8)}"
     if meta.get("seed_id"):
-        return f"{record.get('pipeline')}:{meta['seed_id']}"
+        return f"{record.pipeline}:{meta['seed_id']}"
     return None
 
 
-def assistant_tokens(tokenizer, record: dict[str, Any], max_length: int,
+def assistant_tokens(tokenizer, record: Conversation, max_length: int,
                      marker: str | None = None) -> tuple[list[int], list[int]]:
     """(input ids, 1 where the token is an assistant token) as SFT renders and masks
     the record. Raises BadRecord when the template cannot render it."""
-    enc = encode_conversation(tokenizer, record["messages"], record.get("tools") or None, marker)
+    enc = encode_conversation(tokenizer, record.turns(), record.tools or None, marker)
     return enc["input_ids"][:max_length], enc["assistant_masks"][:max_length]
 
 
@@ -75,7 +77,7 @@ def record_loss(model, ids: list[int], mask: list[int]) -> tuple[float, int]:
     return float(ce), int(keep.sum())
 
 
-def evaluate(model, tokenizer, records: list[dict[str, Any]], mix_cfg, max_length: int) -> dict[str, Any]:
+def evaluate(model, tokenizer, records: list[Conversation], mix_cfg, max_length: int) -> dict[str, Any]:
     """{"metrics": {category: loss, ..., "overall": loss, "tokens": {...}, "records": {...},
     "stderr": {...}}, "items": [per-record id, category, tokens, loss, cluster]}"""
     model.eval()
@@ -93,7 +95,7 @@ def evaluate(model, tokenizer, records: list[dict[str, Any]], mix_cfg, max_lengt
             unrenderable += 1
             continue
         total, n = record_loss(model, ids, mask)
-        row = {"id": record.get("id"), "category": category, "tokens": n,
+        row = {"id": record.id, "category": category, "tokens": n,
                "loss": round(total / n, 4) if n else None}
         cluster = cluster_of(record)
         items.append(row | ({"cluster": cluster} if cluster else {}))
@@ -101,7 +103,7 @@ def evaluate(model, tokenizer, records: list[dict[str, Any]], mix_cfg, max_lengt
             sums[category] += total
             counts[category] += n
             records_per[category] += 1
-            unit = cluster or f"record:{record.get('id')}"
+            unit = cluster or f"record:{record.id}"
             for key in (category, "overall"):
                 units[key].setdefault(unit, [0.0, 0])
                 units[key][unit][0] += total

@@ -150,14 +150,13 @@ def needle_strings(data_root: str | Path | None) -> NeedleStrings:
             found.missing.append(str(path))
             continue
         for record in read_records(path):
-            meta = record["meta"]
             found.records += 1
-            for needle in meta["needles"]:
+            for needle in record.meta.needles:  # the needle pipeline's own meta keys
                 found.keys.add(needle["key"])
                 found.values.add(needle["value"])
-            found.filler_ids.update(meta["seed_ids"]["filler"])
+            found.filler_ids.update(record.meta.seed_ids["filler"])
             # The user turn is instruction, blocks (filler and needles), question.
-            blocks = record["messages"][0]["content"].split("\n\n")[1:-1]
+            blocks = record.messages[0].content.split("\n\n")[1:-1]
             found.passages.update(b for b in map(_normalise, blocks) if len(b) >= MIN_PASSAGE_CHARS)
     return found
 

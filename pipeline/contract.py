@@ -34,18 +34,22 @@ them):
                        generation, dedup, review, mix, prefs stats; train, dpo, audit,
                        eval, gate and export reports; the DPO-off pointer
 
-Records, pairs and conversations reach stages as written (plain dicts and lists),
-checked: a stage indexes what the model guarantees. A report reaches them as its
-model, validated: a stage reads its fields as attributes, and a writer hands
-write_report the model (or a dict it validates). Reports allow keys beyond their
+    GRPO prompts       GrpoPrompt      read_grpo_prompts / write_grpo_prompts
+                       grpo-prompts -> grpo
+
+Every one reaches a stage as its model, validated: a stage reads fields as
+attributes (a pipeline's own meta keys, which the model leaves to model_extra, too),
+builds or changes a model, and hands the writer the model (or a dict it checks). A
+model keeps the layout it was given (`Layout`): keys in the order given, a key left
+out stays out, a key set later comes last, and a number keeps its type (`Number`),
+so a file read and written again is the same file. Reports allow keys beyond their
 model (a stage may add one); the model types every key some later stage, the summary
-or the plots read. A report keeps its layout when it goes through a model: keys in
-the order given, a key left out stays out, and a number keeps its type (`Number`),
-so a report read and written again is the same file.
+or the plots read.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Iterable, Literal, NamedTuple
@@ -83,7 +87,49 @@ class RecordError(InputError):
     """A record that breaks the contract; the message names where and what."""
 
 
-class Message(BaseModel):
+def _keep_int(value: Any, handler) -> Any:
+    return value if type(value) is int else handler(value)
+
+
+# A number as written: 9 stays 9 and 9.0 stays 9.0 (a plain `float` field turns 9
+# into 9.0, and the file would read and write other than it was written); anything
+# else is checked as a float, with a float's error.
+Number = Annotated[float, WrapValidator(_keep_int), PlainSerializer(lambda value: value)]
+
+
+class Layout(BaseModel):
+    """A model that writes the layout it was given: keys in the order the data gave
+    them (a model's field order, typed fields first and the rest after, would change
+    it), a key never given is not written (dump with exclude_unset), and a key a stage
+    sets later comes after the rest, as it would in a dict."""
+
+    # The keys in the order the data gave them.
+    _keys: list[str] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _remember_key_order(cls, data: Any, handler) -> Any:
+        model = handler(data)
+        if isinstance(data, dict):
+            model._keys = list(data)
+        return model
+
+    @model_serializer(mode="wrap")
+    def _in_key_order(self, handler) -> dict[str, Any]:
+        out = handler(self)
+        return {**{k: out[k] for k in self._keys if k in out}, **out}
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if not name.startswith("_") and name not in self._keys:
+            self._keys = [*self._keys, name]  # a new list: a model_copy shares the old one
+
+    def dump(self) -> dict[str, Any]:
+        """The row as its file holds it."""
+        return self.model_dump(exclude_unset=True)
+
+
+class Message(Layout):
     model_config = ConfigDict(extra="allow")  # name, tool_call_id, ...
 
     role: Literal["system", "user", "assistant", "tool"]
@@ -91,11 +137,11 @@ class Message(BaseModel):
     tool_calls: list[dict[str, Any]] | None = None
 
 
-class ValidatorResult(BaseModel):
+class ValidatorResult(Layout):
     model_config = ConfigDict(extra="forbid")
 
     passed: bool
-    score: float | None = Field(None, ge=0.0, le=1.0)
+    score: Number | None = Field(None, ge=0.0, le=1.0)
     reason: str | None = None
 
     @model_validator(mode="after")
@@ -105,7 +151,7 @@ class ValidatorResult(BaseModel):
         return self
 
 
-class Review(BaseModel):
+class Review(Layout):
     """What review pull decided about a record, and how."""
 
     model_config = ConfigDict(extra="forbid")
@@ -118,19 +164,25 @@ class Review(BaseModel):
     required: int | None = None  # reviewers a decision needs (review.min_submitted), when more than one
     disputed_on: list[str] | None = None  # the questions reviewers answered differently
     verdicts: dict[str, int] | None = None  # verdict -> reviewers who gave it
-    quality: float | None = None  # mean of the reviewers' 1-5 ratings
+    quality: Number | None = None  # mean of the reviewers' 1-5 ratings
     corrected_by: str | None = None
     corrections: int | None = None
     original_final_turn: Message | None = None  # the teacher's turn a correction replaced
 
 
-class Meta(BaseModel):
+class ConversationMeta(Layout):
+    """What a stage reads of any training conversation's meta (a user's own data may
+    have none): its length bucket, by which the mix and the held-out loss group it."""
+
     model_config = ConfigDict(extra="allow")  # pipeline-specific keys: seed ids, sampling, ...
 
-    validators: dict[str, ValidatorResult] = Field(min_length=1)
-    teacher: str | None = None
     # Long-context pipelines give student tokens (int); others may use words ("short").
     length_bucket: int | str | None = None
+
+
+class Meta(ConversationMeta):
+    validators: dict[str, ValidatorResult] = Field(min_length=1)
+    teacher: str | None = None
     source: Any = None  # the document, table or needles a reviewer needs
     scores: dict[str, Any] | None = None
     post_edit: list[str] | None = None
@@ -138,7 +190,7 @@ class Meta(BaseModel):
     review: Review | None = None
 
 
-class Record(BaseModel):
+class Record(Layout):
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(min_length=1)
@@ -161,21 +213,22 @@ def record_id(pipeline: str, prompt: Any, response: Any) -> str:
     return stable_hash(pipeline, prompt, response)
 
 
-def _validated(row: Any, model: type[BaseModel], kind: str, where: str) -> dict[str, Any]:
-    """The row itself if it keeps `model`'s contract, else RecordError naming the place,
+def _validated(row: Any, model: type[Layout], kind: str, where: str) -> Any:
+    """The row as `model` if it keeps its contract, else RecordError naming the place,
     the row's id and every problem."""
+    if isinstance(row, model):
+        return row
     if not isinstance(row, dict):
         raise RecordError(f"{where}: not a JSON object")
     try:
-        model.model_validate(row)
+        return model.model_validate(row)
     except ValidationError as exc:
         problems = "; ".join(validation_problems(exc, whole=kind, show_input=False))
         raise RecordError(f"{where}: {kind} {row.get('id', '?')!r}: {problems}") from None
-    return row
 
 
-def check_record(record: Any, where: str = "record") -> dict[str, Any]:
-    """The record itself if it keeps the contract, else RecordError naming every problem."""
+def check_record(record: Any, where: str = "record") -> Record:
+    """The record as a Record if it keeps the contract, else RecordError naming every problem."""
     return _validated(record, Record, "record", where)
 
 
@@ -185,7 +238,7 @@ def make_record(
     meta: dict[str, Any],
     tools: list[dict[str, Any]] | None = None,
     reject_reason: str | None = None,
-) -> dict[str, Any]:
+) -> Record:
     """Build a checked record; its id hashes the pipeline, the prompt turns and the final turn."""
     prompt, response = messages[:-1], messages[-1:]
     record: dict[str, Any] = {
@@ -201,50 +254,51 @@ def make_record(
     return check_record(record, f"{pipeline} record")
 
 
-def read_records(path: str | Path, trainable: bool = False) -> list[dict[str, Any]]:
+def read_records(path: str | Path, trainable: bool = False) -> list[Record]:
     """Records from a JSONL file, each checked. `trainable`: every record must be one
     review pull put in reviewed.jsonl (decision accepted or corrected)."""
     return _read_checked(path, check_record, "record", trainable)
 
 
-def write_records(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
+def write_records(path: str | Path, records: Iterable[Record | dict[str, Any]]) -> int:
     """Check every record, then write them atomically as JSONL; returns the count."""
     return _write_checked(path, check_record, records)
 
 
-def _read_checked(path: str | Path, check, kind: str, trainable: bool) -> list[dict[str, Any]]:
+def _read_checked(path: str | Path, check, kind: str, trainable: bool) -> list[Any]:
     """Rows of a JSONL file of records or pairs, each through `check`; `trainable`: only
     the rows review pull let through (accepted or corrected) may train."""
     rows = []
-    for number, row in enumerate(iter_jsonl(path), 1):
+    for number, data in enumerate(iter_jsonl(path), 1):
         where = f"{path}:{number}"
-        check(row, where)
+        row = check(data, where)
         if trainable:
-            decision = (row["meta"].get("review") or {}).get("decision")
+            decision = row.meta.review.decision if row.meta.review else None
             if decision not in TRAINABLE:
                 raise RecordError(
-                    f"{where}: {kind} {row['id']!r}: meta.review.decision is {decision!r}; only"
+                    f"{where}: {kind} {row.id!r}: meta.review.decision is {decision!r}; only"
                     f" {' or '.join(TRAINABLE)} {kind}s (review pull's reviewed.jsonl) may train")
         rows.append(row)
     return rows
 
 
-def _write_checked(path: str | Path, check, rows: Iterable[dict[str, Any]]) -> int:
-    rows = list(rows)
-    for number, row in enumerate(rows, 1):
+def _write_checked(path: str | Path, check, rows: Iterable[Any]) -> int:
+    """Each row (a model, or a dict) checked as the file will hold it, then written."""
+    data = [row.dump() if isinstance(row, Layout) else row for row in rows]
+    for number, row in enumerate(data, 1):
         check(row, f"{path}:{number} (writing)")
-    return write_jsonl(path, rows)
+    return write_jsonl(path, data)
 
 
-def validator_summary(validators: dict[str, dict[str, Any]]) -> tuple[str, float | None, list[str]]:
+def validator_summary(validators: dict[str, ValidatorResult]) -> tuple[str, float | None, list[str]]:
     """(verdict, mean score, one term per validator) from `meta.validators`.
 
     verdict: "reject" if any validator failed, else "accept". The mean is over the
     validators that grade (score not None). Terms read `name:reason` for a failed
     validator and `name:pass` for a passed one, so a reviewer can filter on either."""
-    failed = any(not v["passed"] for v in validators.values())
-    scores = [v["score"] for v in validators.values() if v.get("score") is not None]
-    terms = [f"{name}:{v['reason'] if not v['passed'] else 'pass'}" for name, v in validators.items()]
+    failed = any(not v.passed for v in validators.values())
+    scores = [v.score for v in validators.values() if v.score is not None]
+    terms = [f"{name}:{v.reason if not v.passed else 'pass'}" for name, v in validators.items()]
     return ("reject" if failed else "accept"), (round(sum(scores) / len(scores), 4) if scores else None), terms
 
 
@@ -254,13 +308,13 @@ class PairReview(Review):
     swaps: int | None = None  # reviewers who said the rejected response is better
 
 
-class PairMeta(BaseModel):
+class PairMeta(Layout):
     model_config = ConfigDict(extra="allow")  # seed_id, chosen_id, rejected_reason, checks, ...
 
     review: PairReview | None = None
 
 
-class Pair(BaseModel):
+class Pair(Layout):
     """A preference pair as prefs writes it: TRL's conversational preference format
     (prompt, one chosen and one rejected assistant turn, tools) + id, pipeline, meta;
     review pull adds meta.review, and reject_reason on the pairs reviewers rejected."""
@@ -284,8 +338,10 @@ class Pair(BaseModel):
         return turns
 
 
-def check_pair(pair: Any, where: str = "pair") -> dict[str, Any]:
-    """The pair itself if it keeps the contract, else RecordError naming every problem."""
+def check_pair(pair: Any, where: str = "pair") -> Pair:
+    """The pair as a Pair if it keeps the contract, else RecordError naming every problem."""
+    if isinstance(pair, Pair):
+        return pair
     if not isinstance(pair, dict):
         raise RecordError(f"{where}: not a JSON object")
     if "messages" in pair and "chosen" not in pair:
@@ -294,19 +350,19 @@ def check_pair(pair: Any, where: str = "pair") -> dict[str, Any]:
     return _validated(pair, Pair, "pair", where)
 
 
-def read_pairs(path: str | Path, trainable: bool = False) -> list[dict[str, Any]]:
+def read_pairs(path: str | Path, trainable: bool = False) -> list[Pair]:
     """Pairs from a JSONL file, each checked. `trainable`: every pair must be one review
     pull put in reviewed.jsonl (accepted, or corrected: swapped by reviewers)."""
     return _read_checked(path, check_pair, "pair", trainable)
 
 
-def write_pairs(path: str | Path, pairs: Iterable[dict[str, Any]]) -> int:
+def write_pairs(path: str | Path, pairs: Iterable[Pair | dict[str, Any]]) -> int:
     """Check every pair, then write them atomically as JSONL; returns the count."""
     return _write_checked(path, check_pair, pairs)
 
 
 # --------------------------------------------------------------- GRPO prompts
-class GrpoPrompt(BaseModel):
+class GrpoPrompt(Layout):
     """A GRPO prompt as `posttrain grpo-prompts` writes it: a pipeline's step-1 prompt
     as chat turns (no answer: the policy writes it), the tools it offers, and what the
     pipeline's validator needs to score an answer (`verifier`: expected calls,
@@ -328,18 +384,22 @@ class GrpoPrompt(BaseModel):
             raise ValueError("the final turn is not the user's")
         return turns
 
+    def turns(self) -> list[dict[str, Any]]:
+        """The prompt as a chat template takes it."""
+        return [turn.dump() for turn in self.prompt]
 
-def check_grpo_prompt(prompt: Any, where: str = "GRPO prompt") -> dict[str, Any]:
-    """The prompt itself if it keeps the contract, else RecordError naming every problem."""
+
+def check_grpo_prompt(prompt: Any, where: str = "GRPO prompt") -> GrpoPrompt:
+    """The prompt as a GrpoPrompt if it keeps the contract, else RecordError naming every problem."""
     return _validated(prompt, GrpoPrompt, "GRPO prompt", where)
 
 
-def read_grpo_prompts(path: str | Path) -> list[dict[str, Any]]:
+def read_grpo_prompts(path: str | Path) -> list[GrpoPrompt]:
     """GRPO prompts from a JSONL file, each checked."""
     return _read_checked(path, check_grpo_prompt, "GRPO prompt", False)
 
 
-def write_grpo_prompts(path: str | Path, prompts: Iterable[dict[str, Any]]) -> int:
+def write_grpo_prompts(path: str | Path, prompts: Iterable[GrpoPrompt | dict[str, Any]]) -> int:
     """Check every prompt, then write them atomically as JSONL; returns the count."""
     return _write_checked(path, check_grpo_prompt, prompts)
 
@@ -349,16 +409,18 @@ class TextMessage(Message):
     content: str | None = None  # the chat template renders text; parts are not trained
 
 
-class Conversation(BaseModel):
+class Conversation(Layout):
     """What SFT trains on, and what the audit and the held-out loss read: turns ending
     in the assistant's (+ the tools offered). The mix writes whole records, each one a
-    Conversation; a user's own data.train file needs only this much."""
+    Conversation; a user's own data.train file needs only `messages`."""
 
-    model_config = ConfigDict(extra="allow")  # id, pipeline, meta, ...: carried, not read
+    model_config = ConfigDict(extra="allow")  # reject_reason, ...: carried, not read
 
     id: str | None = None
+    pipeline: str | None = None
     messages: list[TextMessage] = Field(min_length=1)
     tools: list[dict[str, Any]] | None = None
+    meta: ConversationMeta | None = None
 
     @field_validator("messages")
     @classmethod
@@ -367,25 +429,44 @@ class Conversation(BaseModel):
             raise ValueError("does not end with an assistant turn (nothing to learn)")
         return messages
 
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _tools_as_json_text(cls, tools: Any) -> Any:
+        # Parquet files often hold them so: one Arrow type cannot hold every schema.
+        return json.loads(tools) if isinstance(tools, str) else tools
 
-def read_conversations(path: str | Path, bad: list | None = None) -> list[dict[str, Any]]:
+    def turns(self) -> list[dict[str, Any]]:
+        """The messages as a chat template takes them."""
+        return [message.dump() for message in self.messages]
+
+
+def read_conversations(path: str | Path, bad: list | None = None) -> list[Conversation]:
     """Conversations from a JSONL file, each checked. One that breaks the contract raises
     RecordError naming the file, line, id and problem; given a list `bad`, it is left out
     and appended there as (where, problem, line's index among the file's records)
-    instead: SFT's data.on_bad_record: skip."""
+    instead: SFT's data.on_bad_record: skip. A .parquet file (a user's own data) is
+    read by rows; its places are row numbers."""
+    parquet = str(path).endswith(".parquet")
     conversations = []
-    for index, record in enumerate(iter_jsonl(path)):
+    for index, record in enumerate(_parquet_rows(path) if parquet else iter_jsonl(path)):
         try:
-            Conversation.model_validate(record)
+            conversations.append(Conversation.model_validate(record))
         except ValidationError as exc:
-            where = f"{path}:{_line_of(path, index)}: record {record.get('id', '?')!r}"
+            place = f"row {index + 1}" if parquet else _line_of(path, index)
+            where = f"{path}:{place}: record {record.get('id', '?')!r}"
             problem = "; ".join(validation_problems(exc, whole="record", show_input=False))
             if bad is None:
                 raise RecordError(f"{where}: {problem}") from None
             bad.append((where, problem, index))
-            continue
-        conversations.append(record)
     return conversations
+
+
+def _parquet_rows(path: str | Path) -> list[dict[str, Any]]:
+    import pyarrow.parquet
+
+    if not Path(path).is_file():
+        raise InputError(f"{path}: no such file")
+    return pyarrow.parquet.read_table(path).to_pylist()
 
 
 def _line_of(path: str | Path, index: int) -> int:
@@ -395,38 +476,11 @@ def _line_of(path: str | Path, index: int) -> int:
 
 
 # --------------------------------------------------------------------- reports
-def _keep_int(value: Any, handler) -> Any:
-    return value if type(value) is int else handler(value)
-
-
-# A number as written: 9 stays 9 and 9.0 stays 9.0 (a plain `float` field turns 9
-# into 9.0, and the report would read and write other than it was written); anything
-# else is checked as a float, with a float's error.
-Number = Annotated[float, WrapValidator(_keep_int), PlainSerializer(lambda value: value)]
-
-
-class Report(BaseModel):
+class Report(Layout):
     """A report file's model. A stage may add keys to its report (they are kept, in
     model_extra); the fields typed here are what others read."""
 
     model_config = ConfigDict(extra="allow")
-
-    # The keys in the order the data gave them: the written layout, which a model's
-    # field order (typed fields first, then the rest) would otherwise change.
-    _keys: list[str] = PrivateAttr(default_factory=list)
-
-    @model_validator(mode="wrap")
-    @classmethod
-    def _remember_key_order(cls, data: Any, handler) -> Any:
-        report = handler(data)
-        if isinstance(data, dict):
-            report._keys = list(data)
-        return report
-
-    @model_serializer(mode="wrap")
-    def _in_key_order(self, handler) -> dict[str, Any]:
-        out = handler(self)
-        return {**{k: out[k] for k in self._keys if k in out}, **out}
 
 
 class GenerateStats(Report):

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import tempfile
-from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -144,24 +143,3 @@ def read_json(path: str | Path) -> Any:
             return json.load(handle)
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
-
-
-def conservation_stats(
-    accepted: list[dict[str, Any]], rejected: list[dict[str, Any]], generated: int
-) -> dict[str, Any]:
-    """Counts per reject reason; raises if generated != accepted + rejected."""
-    if generated != len(accepted) + len(rejected):
-        raise AssertionError(
-            f"counts not conserved: generated {generated} != accepted {len(accepted)}"
-            f" + rejected {len(rejected)}"
-        )
-    missing = [r["id"] for r in rejected if not r.get("reject_reason")]
-    if missing:
-        raise AssertionError(f"rejected records without reject_reason: {missing[:5]}")
-    return {
-        "generated": generated,
-        "accepted": len(accepted),
-        "rejected": len(rejected),
-        "acceptance_rate": round(len(accepted) / generated, 4) if generated else 0.0,
-        "reject_reasons": dict(Counter(r["reject_reason"] for r in rejected).most_common()),
-    }

@@ -351,7 +351,7 @@ def grpo_plan(recipe: Recipe) -> dict[str, Any]:
     for name, count in own.prompts.items():
         sampled = sample(recipe, name, count, own.seed, "grpo.prompts")
         prompts[name] = len(sampled)
-        prompt_tokens += sum(conversation_tokens(p["prompt"], p.get("tools")) for p in sampled)
+        prompt_tokens += sum(conversation_tokens(p.turns(), p.tools) for p in sampled)
     total = sum(prompts.values())
     completion = grpo_value(recipe, "max_completion_length")
     per_step = (grpo_value(recipe, "per_device_train_batch_size") * recipe.plan.gpus

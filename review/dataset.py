@@ -44,7 +44,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.contract import RecordError, read_records, validator_summary
+from pipeline.contract import Message, Pair, Record, RecordError, read_records, validator_summary
 from pipeline.records import InputError, stable_hash
 from review.guidelines import RECORD_QUESTIONS, record_guidelines
 
@@ -59,8 +59,8 @@ class ReviewInputError(InputError):
 
 # ---------------------------------------------------------------------- inputs
 def load_candidates(
-    patterns: list[str], read: Callable[[str], list[dict[str, Any]]] = read_records, option: str = "--input",
-) -> dict[str, list[dict[str, Any]]]:
+    patterns: list[str], read: Callable[[str], list[Record | Pair]] = read_records, option: str = "--input",
+) -> dict[str, list[Record | Pair]]:
     """Records from JSONL files (globs allowed), grouped by pipeline, each read through
     the contract by `read` (read_records; read_pairs for pairs). `option` names the
     command-line option in errors."""
@@ -70,7 +70,7 @@ def load_candidates(
         if not matched:
             raise ReviewInputError(f"{option} {pattern}: matches no file")
         paths += matched
-    by_pipeline: dict[str, list[dict[str, Any]]] = {}
+    by_pipeline: dict[str, list[Record | Pair]] = {}
     seen: dict[str, str] = {}
     for path in paths:
         if not Path(path).is_file():
@@ -81,19 +81,19 @@ def load_candidates(
             raise ReviewInputError(str(exc)) from None
         for number, record in enumerate(records, 1):
             where = f"{path}:{number}"
-            if record["id"] in seen:
-                raise ReviewInputError(f"{where}: record id {record['id']!r} already read at {seen[record['id']]}")
-            seen[record["id"]] = where
-            by_pipeline.setdefault(record["pipeline"], []).append(record)
+            if record.id in seen:
+                raise ReviewInputError(f"{where}: record id {record.id!r} already read at {seen[record.id]}")
+            seen[record.id] = where
+            by_pipeline.setdefault(record.pipeline, []).append(record)
     return by_pipeline
 
 
-def sample_for_review(records: list[dict[str, Any]], size: int | None, seed: int) -> set[str]:
+def sample_for_review(records: list[Record | Pair], size: int | None, seed: int) -> set[str]:
     """Ids chosen for review: all, or the `size` with the smallest seeded hash.
 
     A hash rank instead of random.sample: adding records to the input keeps most
     earlier choices, so a second push mostly extends the first."""
-    ids = [r["id"] for r in records]
+    ids = [r.id for r in records]
     if size is None or size >= len(ids):
         return set(ids)
     return set(sorted(ids, key=lambda i: stable_hash(seed, i))[:size])
@@ -139,14 +139,14 @@ def review_settings(pipeline: str, min_submitted: int):
 
 
 # ------------------------------------------------------------------ to Argilla
-def review_item(record: dict[str, Any], display_chars: int) -> dict[str, Any]:
+def review_item(record: Record, display_chars: int) -> dict[str, Any]:
     """One record as the review UI gets it: {id, fields, metadata, suggestions}, the
     suggestions as {question, value, score, agent}. Plain data, so push can send it
     to the bulk endpoint directly and the SDK can take it too (argilla_record)."""
-    meta = record["meta"]
-    verdict, score, reasons = validator_summary(meta["validators"])
+    meta = record.meta
+    verdict, score, reasons = validator_summary(meta.validators)
     cut = Shortened(display_chars)
-    turns = render_conversation(record["messages"])
+    turns = render_conversation(record.messages)
     if len(turns) > MAX_TURNS:
         cut.note(f"the first {len(turns) - MAX_TURNS + 1} turns (of {len(turns)})")
         turns = [{"role": "system", "content": f"[{len(turns) - MAX_TURNS + 1} earlier turns not shown]"},
@@ -155,21 +155,21 @@ def review_item(record: dict[str, Any], display_chars: int) -> dict[str, Any]:
         "conversation": [{**t, "content": cut.text(f"the {t['role']} turn {i}", t["content"])}
                          for i, t in enumerate(turns, 1)],
     }
-    if record.get("tools"):
-        fields["tools"] = json_block(record["tools"])
+    if record.tools:
+        fields["tools"] = json_block(record.tools)
     fields.update(_source_fields(record, cut))
     fields["checks"] = checks_markdown(record)
     if cut.notes:
-        fields["shown"] = html.escape(cut.statement(record["id"]), quote=False)
+        fields["shown"] = html.escape(cut.statement(record.id), quote=False)
     metadata = {
-        "pipeline": record["pipeline"],
-        "length_bucket": _term(meta.get("length_bucket")),
-        "teacher": _term(meta.get("teacher")),
+        "pipeline": record.pipeline,
+        "length_bucket": _term(meta.length_bucket),
+        "teacher": _term(meta.teacher),
         "validator_reasons": reasons or None,
         "validator_score": score,
     }
     return {
-        "id": record["id"],
+        "id": record.id,
         "fields": fields,
         "metadata": {k: v for k, v in metadata.items() if v is not None},
         "suggestions": [{"question": VERDICT, "value": verdict, "score": score, "agent": suggestion_agent(reasons)}],
@@ -218,10 +218,10 @@ class Shortened:
                 " whole record, never this shortened view.")
 
 
-def _source_fields(record: dict[str, Any], cut: Shortened) -> dict[str, str]:
+def _source_fields(record: Record, cut: Shortened) -> dict[str, str]:
     """The source a pipeline's answer rests on, in the field that shows it best."""
-    meta, pipeline = record["meta"], record["pipeline"]
-    source = meta.get("source")
+    pipeline, source = record.pipeline, record.meta.source
+    meta = record.meta.model_extra  # doc_qa's own keys: the cited span and its paragraph
     fields: dict[str, str] = {}
     if pipeline == "table_qa" and isinstance(source, str):
         fields["table"] = markdown_table(source)
@@ -242,21 +242,22 @@ def _source_fields(record: dict[str, Any], cut: Shortened) -> dict[str, str]:
     return fields
 
 
-def render_conversation(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+def render_conversation(messages: list[Message]) -> list[dict[str, str]]:
     """OpenAI-style messages as Argilla chat turns; every turn gets visible text (not
     yet escaped for the UI: Shortened.text does that)."""
     turns = []
     for message in messages:
-        parts = [_content_text(message.get("content"))]
-        for call in message.get("tool_calls") or []:
+        parts = [_content_text(message.content)]
+        for call in message.tool_calls or []:
             function = call.get("function", call)
             arguments = function.get("arguments", {})
             if not isinstance(arguments, str):
                 arguments = json.dumps(arguments, ensure_ascii=False)
             parts.append(f"→ call {function.get('name', '?')}({arguments})")
-        role = message.get("role", "?")
+        role = message.role
         if role == "tool":
-            parts[0] = f"[result of {message.get('name') or message.get('tool_call_id') or 'tool'}] {parts[0]}"
+            called = message.model_extra.get("name") or message.model_extra.get("tool_call_id") or "tool"
+            parts[0] = f"[result of {called}] {parts[0]}"
         text = "\n".join(p for p in parts if p).strip() or "(empty)"
         turns.append({"role": role, "content": text})
     return turns
@@ -303,29 +304,29 @@ def _split_row(row: str) -> list[str] | None:
     return [cell.strip() for cell in re.split(r"(?<!\\)\|", row[1:-1])]
 
 
-def checks_markdown(record: dict[str, Any]) -> str:
+def checks_markdown(record: Record) -> str:
     """The validators' verdict with every check's result and reason; each constraint's
     verdict (steerability); the calls the request was written for (tool use)."""
-    meta = record["meta"]
-    validators = meta["validators"]
+    validators = record.meta.validators
+    meta = record.meta.model_extra  # the pipelines' own keys: constraints, expected calls
     verdict, score, _ = validator_summary(validators)
     lines = [f"**Validators' verdict: {verdict}**" + (f" (mean score {score:g})" if score is not None else ""),
              "", "| check | result | score | reason |", "|---|---|---|---|"]
     for name, v in validators.items():
-        lines.append(f"| {md_literal(name)} | {_mark(v['passed'])} | "
-                     f"{'' if v.get('score') is None else format(v['score'], 'g')} | {md_literal(v.get('reason') or '')} |")
+        lines.append(f"| {md_literal(name)} | {_mark(v.passed)} | "
+                     f"{'' if v.score is None else format(v.score, 'g')} | {md_literal(v.reason or '')} |")
     constraints = meta.get("constraints")
     if isinstance(constraints, list) and constraints:
-        passed = (meta.get("scores") or {}).get("passed") or {}
+        passed = (record.meta.scores or {}).get("passed") or {}
         lines += ["", "**Constraints**", "", "| constraint | arguments | result |", "|---|---|---|"]
         for constraint in constraints:
             kind = constraint.get("kind", "?") if isinstance(constraint, dict) else str(constraint)
             args = constraint.get("args") if isinstance(constraint, dict) else None
             check = validators.get(f"constraint_{kind}")
-            result = check["passed"] if check else passed.get(kind)
+            result = check.passed if check else passed.get(kind)
             shown = ", ".join(f"{k}: {json.dumps(v, ensure_ascii=False)}" for k, v in (args or {}).items())
             lines.append(f"| {md_literal(kind)} | {md_literal(shown)} | {_mark(result)} |")
-    if record["pipeline"] == "tool_use" and "expected_calls" in meta:
+    if record.pipeline == "tool_use" and "expected_calls" in meta:
         expected = meta["expected_calls"]
         if isinstance(expected, str):
             try:

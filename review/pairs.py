@@ -26,12 +26,11 @@ holds is typed in pipeline.contract (Pair).
 
 from __future__ import annotations
 
-import copy
 import html
 from collections import Counter
 from typing import Any
 
-from pipeline.contract import check_pair
+from pipeline.contract import Pair, PairReview, check_pair
 from review.dataset import VERDICT, Shortened, json_block, render_conversation
 from review.guidelines import PAIR_QUESTIONS, pair_guidelines
 
@@ -74,28 +73,28 @@ def pair_settings(pipeline: str, min_submitted: int):
     )
 
 
-def pair_item(pair: dict[str, Any], display_chars: int) -> dict[str, Any]:
+def pair_item(pair: Pair, display_chars: int) -> dict[str, Any]:
     """One pair as the review UI gets it (review.dataset.review_item's shape)."""
-    meta = pair["meta"]
+    meta = pair.meta.model_extra  # what prefs records: checks, rejected_reason, teacher
     cut = Shortened(display_chars)
     fields: dict[str, Any] = {
         name: [{**t, "content": cut.text(f"{name}, the {t['role']} turn {i}", t["content"])}
-               for i, t in enumerate(render_conversation(pair[name]), 1)]
-        for name in ("prompt", "chosen", "rejected")
+               for i, t in enumerate(render_conversation(turns), 1)]
+        for name, turns in (("prompt", pair.prompt), ("chosen", pair.chosen), ("rejected", pair.rejected))
     }
-    for name, value in (("tools", pair.get("tools")), ("checks", meta.get("checks"))):
+    for name, value in (("tools", pair.tools), ("checks", meta.get("checks"))):
         if value:
             fields[name] = json_block(value)
     if cut.notes:
-        fields["shown"] = html.escape(cut.statement(pair["id"]), quote=False)
-    metadata = {"pipeline": pair["pipeline"], "rejected_reason": meta.get("rejected_reason"),
+        fields["shown"] = html.escape(cut.statement(pair.id), quote=False)
+    metadata = {"pipeline": pair.pipeline, "rejected_reason": meta.get("rejected_reason"),
                 "teacher": meta.get("teacher")}
-    return {"id": pair["id"], "fields": fields, "suggestions": [],
+    return {"id": pair.id, "fields": fields, "suggestions": [],
             "metadata": {k: str(v) for k, v in metadata.items() if v is not None}}
 
 
 # ---------------------------------------------------------------- from Argilla
-def human_decision(pair: dict[str, Any], by_user: dict[str, dict]) -> tuple[str, dict[str, Any]]:
+def human_decision(pair: Pair, by_user: dict[str, dict]) -> tuple[str, dict[str, Any]]:
     verdicts = [answers.get(VERDICT) for answers in by_user.values()]
     review: dict[str, Any] = {"by": "human", "reviewers": len(by_user),
                               "verdicts": dict(Counter(str(v) for v in verdicts))}
@@ -112,11 +111,11 @@ def human_decision(pair: dict[str, Any], by_user: dict[str, dict]) -> tuple[str,
     return "accepted", review
 
 
-def apply_decision(pair: dict[str, Any], bucket: str, review: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(pair)
+def apply_decision(pair: Pair, bucket: str, review: dict[str, Any]) -> Pair:
+    out = pair.model_copy(deep=True)
     if "swapped_by" in review:
-        out["chosen"], out["rejected"] = out["rejected"], out["chosen"]
+        out.chosen, out.rejected = out.rejected, out.chosen
     if bucket == "rejected":
-        out["reject_reason"] = "human_reject"
-    out["meta"]["review"] = {"decision": bucket, **review}
-    return check_pair(out, f"review pull ({bucket})")
+        out.reject_reason = "human_reject"
+    out.meta.review = PairReview.model_validate({"decision": bucket, **review})
+    return check_pair(out.dump(), f"review pull ({bucket})")

@@ -33,14 +33,24 @@ swap of chosen and rejected (review/pairs.py).
 
 from __future__ import annotations
 
-import copy
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.contract import ReviewStats, check_record, read_pairs, write_pairs, write_records, write_report
+from pipeline.contract import (
+    Message,
+    Pair,
+    Record,
+    Review,
+    ReviewStats,
+    check_record,
+    read_pairs,
+    write_pairs,
+    write_records,
+    write_report,
+)
 from pipeline.recipe import load_recipe
 from review import pairs
 from review.agreement import fleiss_by_question
@@ -129,17 +139,17 @@ def fetch_reviews(client, cfg, name: str) -> dict[str, dict[str, dict]]:
 
 
 def decide(
-    candidates: dict[str, list[dict[str, Any]]],
+    candidates: dict[str, list[Record | Pair]],
     reviews: dict[str, dict[str, dict[str, dict]]],
     cfg,
     server: bool,
-    judge: Callable[[dict, dict], tuple[str, dict]],
-    apply: Callable[[dict, str, dict], dict],
-) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+    judge: Callable[[Any, dict], tuple[str, dict]],
+    apply: Callable[[Any, str, dict], Any],
+) -> tuple[dict[str, list[Record | Pair]], dict[str, Any]]:
     """Every record into one bucket. `judge(record, answers by user)` -> (bucket, review)
     reads what reviewers said; `apply(record, bucket, review)` -> the output record
     (human_decision and apply_decision below for records, review.pairs' for pairs)."""
-    buckets: dict[str, list[dict[str, Any]]] = {b: [] for b in BUCKETS}
+    buckets: dict[str, list[Record | Pair]] = {b: [] for b in BUCKETS}
     per_pipeline: dict[str, Any] = {}
     several = unanimous = 0
     for pipeline, records in sorted(candidates.items()):
@@ -148,7 +158,7 @@ def decide(
         counts: Counter = Counter()
         why: Counter = Counter()
         for record in records:
-            by_user = on_server.get(record["id"], {})
+            by_user = on_server.get(record.id, {})
             if not server:
                 bucket, review = "accepted", {"by": "automatic", "reason": "no_server"}
             elif len(by_user) >= cfg.min_submitted:
@@ -158,7 +168,7 @@ def decide(
             elif by_user:
                 bucket, review = "pending", {"by": "nobody", "reason": "awaiting_reviewers",
                                              "reviewers": len(by_user), "required": cfg.min_submitted}
-            elif record["id"] not in chosen and record["id"] not in on_server:
+            elif record.id not in chosen and record.id not in on_server:
                 bucket, review = "accepted", {"by": "automatic", "reason": "not_sampled"}
             elif cfg.unreviewed == "keep":
                 bucket, review = "accepted", {"by": "automatic", "reason": "not_reviewed"}
@@ -174,7 +184,7 @@ def decide(
             "total": len(records),
             **{b: counts[b] for b in BUCKETS},
             "how": dict(sorted(why.items())),
-            "on_server_not_in_input": len(set(on_server) - {r["id"] for r in records}),
+            "on_server_not_in_input": len(set(on_server) - {r.id for r in records}),
         }
         if sum(counts.values()) != len(records):
             raise AssertionError(f"{pipeline}: {len(records)} records in, {sum(counts.values())} decided")
@@ -195,18 +205,18 @@ def decide(
     return buckets, stats
 
 
-def apply_decision(record: dict[str, Any], bucket: str, review: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(record)
+def apply_decision(record: Record, bucket: str, review: dict[str, Any]) -> Record:
+    out = record.model_copy(deep=True)
     if bucket == "corrected":
-        out["messages"][-1] = {"role": "assistant", "content": review["corrected_answer"]}
+        out.messages[-1] = Message(role="assistant", content=review["corrected_answer"])
         review = {k: v for k, v in review.items() if k != "corrected_answer"}
     if bucket == "rejected":
-        out["reject_reason"] = "human_reject"
-    out["meta"]["review"] = {"decision": bucket, **review}
-    return check_record(out, f"review pull ({bucket})")
+        out.reject_reason = "human_reject"
+    out.meta.review = Review.model_validate({"decision": bucket, **review})
+    return check_record(out.dump(), f"review pull ({bucket})")
 
 
-def human_decision(record: dict[str, Any], by_user: dict[str, dict]) -> tuple[str, dict[str, Any]]:
+def human_decision(record: Record, by_user: dict[str, dict]) -> tuple[str, dict[str, Any]]:
     verdicts = [answers.get(VERDICT) for answers in by_user.values()]
     qualities = [answers[QUALITY] for answers in by_user.values() if answers.get(QUALITY) is not None]
     review: dict[str, Any] = {
@@ -227,7 +237,7 @@ def human_decision(record: dict[str, Any], by_user: dict[str, dict]) -> tuple[st
         return "rejected", review
     if corrections:
         user, text = corrections[0]  # all the same text: the first by user id wrote it too
-        original = record["messages"][-1]
+        original = record.messages[-1]
         return "corrected", {**review, "corrected_answer": text, "corrected_by": user,
                              "corrections": len(corrections), "original_final_turn": original}
     return "accepted", review

@@ -24,7 +24,7 @@ import time
 import warnings
 from typing import Any
 
-from pipeline.contract import read_pairs
+from pipeline.contract import Pair, Record, read_pairs
 from pipeline.recipe import load_recipe
 from review import pairs
 from review.dataset import (
@@ -65,7 +65,7 @@ def main(args) -> int:
     return 0
 
 
-def push_pipeline(client, cfg, name: str, records: list[dict[str, Any]], settings, convert=review_item,
+def push_pipeline(client, cfg, name: str, records: list[Record | Pair], settings, convert=review_item,
                   ) -> dict[str, int]:
     """Add to dataset `name` the records it lacks. `settings(min_submitted)` builds the
     dataset if it is new; `convert(record, display_chars)` makes a review item."""
@@ -73,13 +73,13 @@ def push_pipeline(client, cfg, name: str, records: list[dict[str, Any]], setting
 
     dataset = ensure_dataset(client, cfg, name, settings)
     chosen = sample_for_review(records, cfg.sample_per_pipeline, cfg.seed)
-    wanted = [r for r in records if r["id"] in chosen]
+    wanted = [r for r in records if r.id in chosen]
     questions = {q.name: str(q.id) for q in dataset.settings.questions}
 
     def send_missing() -> int:
         # Read the ids on every attempt: what a failed call already stored stays.
         existing = existing_ids(client, dataset.id)
-        new = [r for r in wanted if r["id"] not in existing]
+        new = [r for r in wanted if r.id not in existing]
         for start in range(0, len(new), cfg.batch_size):
             records = new[start:start + cfg.batch_size]
             batch = [bulk_item(convert(r, cfg.display_chars), questions) for r in records]
@@ -113,20 +113,20 @@ class BulkError(RuntimeError):
         self.status_code = status_code
 
 
-def refused(reply, records: list[dict[str, Any]]) -> str:
+def refused(reply, records: list[Record | Pair]) -> str:
     """What the server's 422 says, naming the record (by id) it is about."""
     try:
         errors = reply.json()["detail"]["params"]["errors"]
         first = errors[0]
         where = first["loc"]
-        record = records[where[2]]["id"] if len(where) > 2 and isinstance(where[2], int) else None
+        record = records[where[2]].id if len(where) > 2 and isinstance(where[2], int) else None
         message = " ".join(f"{'.'.join(str(p) for p in where[3:])}: {first['msg']}".split())[:400]
         return (f"record {record!r}: {message}" if record else message) + (
             f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
     except (ValueError, KeyError, IndexError, TypeError):
         position = re.search(r"[Rr]ecord at position (\d+)", reply.text)
         if position and int(position[1]) < len(records):
-            return f"record {records[int(position[1])]['id']!r}: {reply.text[:400]}"
+            return f"record {records[int(position[1])].id!r}: {reply.text[:400]}"
         return reply.text[:500]
 
 

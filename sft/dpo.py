@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.contract import DpoMetrics, read_pairs, write_report
+from pipeline.contract import DpoMetrics, Message, read_pairs, write_report
 from pipeline.recipe import Recipe, RecipeError, add_recipe_arguments, load_recipe
 from pipeline.records import InputError, write_json
 
@@ -97,30 +97,29 @@ def load_pairs(path: Path):
         raise InputError(f"--pairs {path}: no such file (run posttrain prefs first)")
     rows = []
     for pair in read_pairs(path):
-        tools = pair.get("tools")
-        rows.append({"id": pair["id"],
-                     "prompt": [clean_turn(t) for t in pair["prompt"]],
-                     "chosen": [clean_turn(t) for t in pair["chosen"]],
-                     "rejected": [clean_turn(t) for t in pair["rejected"]],
-                     "tools": json.dumps(tools) if tools else None})
+        rows.append({"id": pair.id,
+                     "prompt": [clean_turn(t) for t in pair.prompt],
+                     "chosen": [clean_turn(t) for t in pair.chosen],
+                     "rejected": [clean_turn(t) for t in pair.rejected],
+                     "tools": json.dumps(pair.tools) if pair.tools else None})
     if not rows:
         raise InputError(f"--pairs {path}: no pairs (prefs found no prompt with a passing and a failing "
                          "response, or reviewers rejected every pair; see prefs_stats.json, review_stats.json)")
     return Dataset.from_list(rows)
 
 
-def clean_turn(turn: dict[str, Any]) -> dict[str, Any]:
+def clean_turn(turn: Message) -> dict[str, Any]:
     """A turn with the keys the chat template reads, the same keys and types in every
     turn (tool-call arguments as JSON text, OpenAI style) so Arrow can type them."""
     calls = None
-    if turn.get("tool_calls"):
+    if turn.tool_calls:
         calls = []
-        for call in turn["tool_calls"]:
+        for call in turn.tool_calls:
             arguments = call["function"]["arguments"]
             calls.append({"type": "function", "function": {
                 "name": call["function"]["name"],
                 "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments)}})
-    return {"role": turn["role"], "content": turn.get("content") or "", "tool_calls": calls}
+    return {"role": turn.role, "content": turn.content or "", "tool_calls": calls}
 
 
 # ------------------------------------------------------------------- config

@@ -132,12 +132,12 @@ def load_prompts(path: Path, recipe: Recipe, flag: str = "--prompts", required: 
     if not rows and required:
         raise InputError(f"{flag} {path}: no prompts (grpo.prompts asks for none, or every one was "
                          "contaminated; see prompt_stats.json)")
-    unknown = sorted({r["pipeline"] for r in rows} - set(GRPO_PIPELINES))
+    unknown = sorted({r.pipeline for r in rows} - set(GRPO_PIPELINES))
     if unknown:
         raise InputError(f"{flag} {path}: prompts of pipeline {unknown[0]!r}, which no reward scores")
-    return [{"id": r["id"], "pipeline": r["pipeline"], "prompt": r["prompt"],
-             "tools": json.dumps(r.get("tools")) if r.get("tools") else None,
-             "verifier": json.dumps({**r["verifier"], **({"tools": r["tools"]} if r.get("tools") else {})})}
+    return [{"id": r.id, "pipeline": r.pipeline, "prompt": r.turns(),
+             "tools": json.dumps(r.tools) if r.tools else None,
+             "verifier": json.dumps({**r.verifier, **({"tools": r.tools} if r.tools else {})})}
             for r in rows]
 
 

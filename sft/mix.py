@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pipeline.categories import category_of
 from pipeline.recipe import add_recipe_arguments, load_recipe
-from pipeline.contract import MixStats, read_records, write_records, write_report
+from pipeline.contract import MixStats, Record, read_records, write_records, write_report
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +40,10 @@ def main(args) -> int:
     return 0
 
 
-def build_mix(records: list[dict], cfg, out: Path) -> dict:
+def build_mix(records: list[Record], cfg, out: Path) -> dict:
     rng = random.Random(cfg.seed)
-    by_category: dict[str, list[dict]] = defaultdict(list)
-    for record in sorted(records, key=lambda r: r["id"]):  # input order never matters
+    by_category: dict[str, list[Record]] = defaultdict(list)
+    for record in sorted(records, key=lambda r: r.id):  # input order never matters
         by_category[category_of(record, cfg)].append(record)
     for group in by_category.values():
         rng.shuffle(group)
@@ -65,7 +65,7 @@ def build_mix(records: list[dict], cfg, out: Path) -> dict:
                 chosen.append(record)
             else:
                 reason = "category_not_in_mix" if category not in ratios else "over_ratio"
-                unused.append({**record, "unused_reason": reason})
+                unused.append(record.model_copy(update={"unused_reason": reason}))
 
     rng.shuffle(chosen)
     n_eval = int(round(len(chosen) * cfg.eval_fraction))
@@ -90,8 +90,8 @@ def build_mix(records: list[dict], cfg, out: Path) -> dict:
             }
             for c in sorted(set(by_category) | set(ratios))
         },
-        "per_pipeline": dict(Counter(r["pipeline"] for r in chosen)),
-        "unused_reasons": dict(Counter(r["unused_reason"] for r in unused)),
+        "per_pipeline": dict(Counter(r.pipeline for r in chosen)),
+        "unused_reasons": dict(Counter(r.unused_reason for r in unused)),
     }
     if stats["train"] + stats["eval"] + stats["unused"] != stats["input"]:
         raise AssertionError(f"mix lost records: {stats}")

@@ -14,7 +14,6 @@ recipe has no `lora:` section. Writes into the output folder:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import torch
 
 from pipeline.contract import (
     ActivationStats,
+    Conversation,
     LossCurve,
     TrainMetrics,
     read_conversations,
@@ -66,9 +66,9 @@ def check_recipe(recipe: Recipe) -> None:
                  and not Path(f).read_text(encoding="utf-8").strip()]
         if empty:
             raise InputError(f"data.{key}: {', '.join(empty)}: no records (empty file)")
-        bad = bad_records(getattr(recipe.data, key))
+        _, bad = load_conversations(getattr(recipe.data, key))
         if bad and recipe.data.on_bad_record == "error":
-            shown = "; ".join(f"{where}: {problem}" for where, problem, _ in bad[:5])
+            shown = "; ".join(f"{where}: {problem}" for where, problem in bad[:5])
             more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
             raise InputError(f"data.{key}: {len(bad)} record(s) cannot train: {shown}{more} "
                              "(fix them, or set data.on_bad_record: skip)")
@@ -102,19 +102,16 @@ def check_recipe(recipe: Recipe) -> None:
             )
 
 
-def bad_records(files: list[str]) -> list[tuple[str, str, int]]:
-    """(where, problem, index in the loaded dataset) for every record that cannot train
-    (the contract's Conversation); `where` names the file, line and record id. Parquet
-    files are checked by `datasets` itself."""
-    bad, index = [], 0
+def load_conversations(files: list[str], limit: int | None = None) -> tuple[list[Conversation], list[tuple[str, str]]]:
+    """(the first `limit` conversations that can train, (where, problem) for every
+    record that cannot): the contract's Conversation, JSONL or parquet; `where` names
+    the file, line (or row) and record id."""
+    good, bad = [], []
     for name in files:
-        if name.endswith(".parquet"):
-            continue
         found: list[tuple[str, str, int]] = []
-        good = read_conversations(name, bad=found)
-        bad += [(where, problem, index + i) for where, problem, i in found]
-        index += len(good) + len(found)
-    return bad
+        good += read_conversations(name, bad=found)
+        bad += [(where, problem) for where, problem, _ in found]
+    return (good if limit is None else good[:limit]), bad
 
 
 def student_config(recipe: Recipe):
@@ -143,27 +140,7 @@ def sft_config(recipe: Recipe, output_dir: Path):
     )
 
 
-def load_conversations(files: list[str], limit: int | None, skip: set[int] = frozenset()):
-    """JSONL/parquet records -> a datasets.Dataset with `messages` (+ `tools`), without
-    the records at the indices in `skip`."""
-    from datasets import load_dataset
-
-    if not files:
-        return None
-    kind = "parquet" if all(f.endswith(".parquet") for f in files) else "json"
-    dataset = load_dataset(kind, data_files=files, split="train")
-    if "messages" not in dataset.column_names:
-        raise InputError(f"{', '.join(files)}: records need a `messages` column (OpenAI style)")
-    keep = [c for c in ("id", "messages", "tools") if c in dataset.column_names]
-    dataset = dataset.select_columns(keep)
-    if skip:
-        dataset = dataset.select([i for i in range(len(dataset)) if i not in skip])
-    if limit is not None:
-        dataset = dataset.select(range(min(limit, len(dataset))))
-    return dataset
-
-
-def tokenize_conversations(dataset, tokenizer, recipe: Recipe, name: str = "train"):
+def tokenize_conversations(conversations: list[Conversation], tokenizer, recipe: Recipe, name: str = "train"):
     """Records -> input_ids in the student's own chat template, plus assistant_masks
     (from which TRL builds labels: -100 outside the assistant turns) and the record's
     id. Returns (dataset, skipped records as {"id", "reason"}). A record the template
@@ -171,16 +148,14 @@ def tokenize_conversations(dataset, tokenizer, recipe: Recipe, name: str = "trai
     data.on_bad_record is `skip`."""
     from pipeline.chat_template import BadRecord, encode_conversation, template_source, turn_end
 
-    if dataset is None:
+    if not conversations:
         return None, []
     marker = turn_end(tokenizer)
     rows, skipped = {"id": [], "input_ids": [], "assistant_masks": []}, []
-    for index, record in enumerate(dataset):
-        tools = record.get("tools")
-        tools = json.loads(tools) if isinstance(tools, str) else tools
-        label = record.get("id") or f"#{index}"
+    for index, record in enumerate(conversations):
+        label = record.id or f"#{index}"
         try:
-            encoded = encode_conversation(tokenizer, record["messages"], tools, marker)
+            encoded = encode_conversation(tokenizer, record.turns(), record.tools, marker)
         except BadRecord as exc:
             if recipe.data.on_bad_record == "error":
                 raise RecipeError(
@@ -194,10 +169,10 @@ def tokenize_conversations(dataset, tokenizer, recipe: Recipe, name: str = "trai
         rows["assistant_masks"].append(encoded["assistant_masks"])
     if skipped:
         log.warning("%s: skipped %d of %d records the chat template cannot render (%s): %s",
-                    name, len(skipped), len(dataset), template_source(tokenizer), skipped[0]["reason"])
+                    name, len(skipped), len(conversations), template_source(tokenizer), skipped[0]["reason"])
     if not rows["input_ids"]:
         raise RecipeError(f"data.{name}: the chat template ({template_source(tokenizer)}) "
-                          f"renders none of the {len(dataset)} records: {skipped[0]['reason']}")
+                          f"renders none of the {len(conversations)} records: {skipped[0]['reason']}")
     from datasets import Dataset
 
     return Dataset.from_dict(rows), skipped
@@ -235,14 +210,12 @@ def train(recipe: Recipe, output_dir: Path, resume: str | None = None) -> dict[s
     from sft.trainer import build_trainer, finish, save
 
     # ------------------------------------------------------------------ data
-    unfit = {key: bad_records(getattr(recipe.data, key)) for key in ("train", "eval")}
+    train_set, unfit_train = load_conversations(recipe.data.train, recipe.data.max_train_samples)
+    eval_set, unfit_eval = load_conversations(recipe.data.eval, recipe.data.max_eval_samples)
+    unfit = {"train": unfit_train, "eval": unfit_eval}
     for key, bad in unfit.items():
-        for where, problem, _ in bad:  # only with data.on_bad_record: skip (check_recipe)
+        for where, problem in bad:  # only with data.on_bad_record: skip (check_recipe)
             log.warning("data.%s: skipping %s: %s", key, where, problem)
-    train_set = load_conversations(recipe.data.train, recipe.data.max_train_samples,
-                                   {i for *_, i in unfit["train"]})
-    eval_set = load_conversations(recipe.data.eval, recipe.data.max_eval_samples,
-                                  {i for *_, i in unfit["eval"]})
     if len(train_set) == 0:
         raise InputError(f"data.train: {', '.join(recipe.data.train)}: no record left to train on")
 
@@ -309,7 +282,7 @@ def train(recipe: Recipe, output_dir: Path, resume: str | None = None) -> dict[s
             # what the chat template cannot render.
             "skipped_records": {"train": len(unfit["train"]) + len(skipped),
                                 "eval": len(unfit["eval"]) + len(eval_skipped),
-                                "examples": ([{"id": w, "reason": p} for w, p, _ in unfit["train"] + unfit["eval"]]
+                                "examples": ([{"id": w, "reason": p} for w, p in unfit["train"] + unfit["eval"]]
                                              + skipped + eval_skipped)[:5]},
             # Records longer than sft.max_length, and of them those with no answer token
             # left: skipped (and so, with data.on_truncated: skip, every truncated one).

@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import Field
 
 from pipeline.recipe import Section
-from pipeline.contract import make_record
+from pipeline.contract import Record, make_record
 from pipeline import sources
 from pipeline.engines import sampling_for
 from synth_data.four_steps import candidate, first_failure, rejected_if_malformed, verdict
@@ -215,7 +215,7 @@ def validate(candidates, cfg: Config) -> list[dict[str, Any]]:
     return candidates
 
 
-def post_edit(c: dict[str, Any], cfg: Config) -> dict[str, Any]:
+def post_edit(c: dict[str, Any], cfg: Config) -> Record:
     text, actions = strip_label(c["messages"][-1]["content"])
     messages = [*c["messages"][:-1], {"role": "assistant", "content": text}]
     return make_record(NAME, messages, {**c["meta"], "scores": c["scores"], "post_edit": actions,

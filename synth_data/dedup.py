@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from pipeline.recipe import RecipeError, add_recipe_arguments, load_recipe
-from pipeline.contract import DedupStats, read_records, write_records, write_report
+from pipeline.contract import DedupStats, Message, Record, read_records, write_records, write_report
 
 # LSH bands of 4 MinHash rows (16 bands at 64 permutations) propose a pair at Jaccard
 # 0.8 with probability 0.9998 (0.64 at 0.5); each proposal is then checked on the exact
@@ -32,12 +32,12 @@ from pipeline.contract import DedupStats, read_records, write_records, write_rep
 ROWS_PER_BAND = 4
 
 
-def record_text(record: dict[str, Any]) -> str:
+def record_text(messages: list[Message]) -> str:
     """All turns' text, tool calls included: what makes two records the same."""
     parts = []
-    for m in record.get("messages", []):
-        parts.append(m.get("content") or "")
-        for call in m.get("tool_calls") or []:
+    for m in messages:
+        parts.append(m.content or "")
+        for call in m.tool_calls or []:
             fn = call.get("function", call)
             parts.append(f"{fn.get('name')} {fn.get('arguments')}")
     return "\n".join(parts)
@@ -59,7 +59,7 @@ def jaccard(a: set[str], b: set[str]) -> float:
 
 
 def find_duplicates(
-    records: list[dict[str, Any]], shingle: int = 5, num_perm: int = 64, threshold: float = 0.8
+    records: list[Record], shingle: int = 5, num_perm: int = 64, threshold: float = 0.8
 ) -> dict[int, tuple[str, int, float]]:
     """index -> (reason, index of the kept record it repeats, similarity) for every
     record that repeats an earlier one."""
@@ -70,7 +70,7 @@ def find_duplicates(
     kept_shingles: dict[int, set[str]] = {}
     found: dict[int, tuple[str, int, float]] = {}
     for i, record in enumerate(records):
-        words = normalise(record_text(record))
+        words = normalise(record_text(record.messages))
         key = " ".join(words)
         if key in exact:
             found[i] = ("duplicate", exact[key], 1.0)
@@ -161,28 +161,31 @@ def _strings(value: Any) -> Iterable[str]:
 
 
 def dedup(
-    inputs: dict[str, list[dict[str, Any]]], decontaminator: Decontaminator | None,
+    inputs: dict[str, list[Record]], decontaminator: Decontaminator | None,
     shingle: int = 5, num_perm: int = 64, threshold: float = 0.8,
-) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]], dict[str, Any]]:
+) -> tuple[dict[str, list[Record]], list[Record], dict[str, Any]]:
     """(kept per pipeline, removed records with reasons, stats)."""
     order = [(name, r) for name in sorted(inputs) for r in inputs[name]]
     removed_at: dict[int, dict[str, Any]] = {}
     if decontaminator is not None:
         for i, (_, r) in enumerate(order):
-            hit = decontaminator.match(record_text(r))
+            hit = decontaminator.match(record_text(r.messages))
             if hit:
                 removed_at[i] = {"reject_reason": "contaminated", "matched_ngram": hit}
     clean = [i for i in range(len(order)) if i not in removed_at]
     for j, (reason, of, sim) in find_duplicates([order[i][1] for i in clean], shingle, num_perm, threshold).items():
-        removed_at[clean[j]] = {"reject_reason": reason, "duplicate_of": order[clean[of]][1]["id"], "similarity": sim}
-    kept: dict[str, list[dict[str, Any]]] = {name: [] for name in inputs}
+        removed_at[clean[j]] = {"reject_reason": reason, "duplicate_of": order[clean[of]][1].id, "similarity": sim}
+    kept: dict[str, list[Record]] = {name: [] for name in inputs}
     removed = []
     per: dict[str, dict[str, Any]] = {n: {"input": len(inputs[n]), "kept": 0, "removed": {}} for n in inputs}
     for i, (name, r) in enumerate(order):
         if i in removed_at:
             info = removed_at.pop(i)
             reason = info.pop("reject_reason")
-            removed.append({**r, "meta": {**r.get("meta", {}), "dedup": info}, "reject_reason": reason})
+            copy = r.model_copy(deep=True)
+            copy.meta.dedup = info
+            copy.reject_reason = reason
+            removed.append(copy)
             per[name]["removed"][reason] = per[name]["removed"].get(reason, 0) + 1
         else:
             kept[name].append(r)

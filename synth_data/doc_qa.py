@@ -30,7 +30,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from pipeline.recipe import RecipeError, Section
-from pipeline.contract import make_record
+from pipeline.contract import Record, make_record
 from pipeline import sources
 from synth_data.chat import repeated_lines, repetition, strip_label
 from pipeline.engines import sampling_for
@@ -368,7 +368,7 @@ def validate(candidates, cfg: Config) -> list[dict[str, Any]]:
     return candidates
 
 
-def post_edit(c: dict[str, Any], cfg: Config) -> dict[str, Any]:
+def post_edit(c: dict[str, Any], cfg: Config) -> Record:
     question, answer = c["qa"]
     messages = record_messages(c["meta"], question, answer)
     actions = ["extract_qa"]

@@ -26,7 +26,7 @@ A pipeline is one module `synth_data/<name>.py` that defines, in this order:
             c["scores"] = {...}
         return candidates
 
-    def post_edit(candidate, cfg) -> dict:                          # (iv) fix format -> record
+    def post_edit(candidate, cfg) -> Record:                        # (iv) fix format -> record
         messages = strip_artifacts(candidate["messages"])
         return make_record(NAME, messages, {**candidate["meta"], "post_edit": [...],
                                             "validators": candidate["validators"]})
@@ -47,6 +47,7 @@ from __future__ import annotations
 import importlib
 import random
 import time
+from collections import Counter
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -54,8 +55,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from pipeline.recipe import RecipeError
-from pipeline.contract import GenerateStats, make_record, write_records, write_report
-from pipeline.records import conservation_stats, validation_problems
+from pipeline.contract import GenerateStats, Record, make_record, write_records, write_report
+from pipeline.records import validation_problems
 
 # name -> module path; imported only when that pipeline runs.
 PIPELINES: dict[str, str] = {
@@ -135,9 +136,28 @@ def _check_verdicts(name: str, c: dict[str, Any]) -> None:
             f"{name}: reject_reason {c['reject_reason']!r} disagrees with its validators {validators}")
 
 
-def _rejected_record(name: str, c: dict[str, Any]) -> dict[str, Any]:
+def _rejected_record(name: str, c: dict[str, Any]) -> Record:
     meta = {**c.get("meta", {}), "scores": c.get("scores", {}), "validators": c["validators"]}
     return make_record(name, c["messages"], meta, c.get("tools"), reject_reason=c["reject_reason"])
+
+
+def conservation_stats(accepted: list[Record], rejected: list[Record], generated: int) -> dict[str, Any]:
+    """Counts per reject reason; raises if generated != accepted + rejected."""
+    if generated != len(accepted) + len(rejected):
+        raise AssertionError(
+            f"counts not conserved: generated {generated} != accepted {len(accepted)}"
+            f" + rejected {len(rejected)}"
+        )
+    missing = [r.id for r in rejected if not r.reject_reason]
+    if missing:
+        raise AssertionError(f"rejected records without reject_reason: {missing[:5]}")
+    return {
+        "generated": generated,
+        "accepted": len(accepted),
+        "rejected": len(rejected),
+        "acceptance_rate": round(len(accepted) / generated, 4) if generated else 0.0,
+        "reject_reasons": dict(Counter(r.reject_reason for r in rejected).most_common()),
+    }
 
 
 def run(module: ModuleType, cfg: Any, engine: Any, out_dir: Path) -> dict[str, Any]:
@@ -161,16 +181,16 @@ def run(module: ModuleType, cfg: Any, engine: Any, out_dir: Path) -> dict[str, A
         _check_verdicts(name, c)
         if c["reject_reason"] is None:
             record = module.post_edit(c, cfg)  # (iv); may still reject (unfixable)
-            if record.get("reject_reason"):
-                validators = {**c["validators"], "post_edit": verdict(record["reject_reason"])}
-                c = {**c, "reject_reason": record["reject_reason"], "validators": validators}
-            elif record["id"] in kept_ids:
+            if record.reject_reason:
+                validators = {**c["validators"], "post_edit": verdict(record.reject_reason)}
+                c = {**c, "reject_reason": record.reject_reason, "validators": validators}
+            elif record.id in kept_ids:
                 # Two samples of one prompt can come out identical; the contract wants
                 # one record per id, and a second copy teaches nothing new.
                 c = {**c, "reject_reason": "duplicate_sample",
                      "validators": {**c["validators"], "duplicate_sample": verdict("duplicate_sample")}}
             else:
-                kept_ids.add(record["id"])
+                kept_ids.add(record.id)
                 accepted.append(record)
                 continue
         if c["reject_reason"] not in allowed:

@@ -34,7 +34,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from pipeline.contract import GrpoPromptStats, record_id, write_grpo_prompts, write_report
+from pipeline.contract import GrpoPrompt, GrpoPromptStats, record_id, write_grpo_prompts, write_report
 from pipeline.recipe import RecipeError, add_recipe_arguments, load_recipe
 from synth_data import four_steps
 from synth_data.dedup import Decontaminator, heldout_reference
@@ -65,9 +65,9 @@ def main(args) -> int:
         sampled = sample(recipe, name, 3 * count, own.seed + 1, "grpo.heldout")
         clean = [p for p in sampled if decontaminator is None or not decontaminator.match(prompt_text(p))]
         untrained = [p for p in clean if prompt_text(p) not in trained]
-        new = list({p["id"]: p for p in untrained}.values())  # each once
+        new = list({p.id: p for p in untrained}.values())  # each once
         for p in new[:count]:
-            p["id"] = f"heldout-{p['id']}"
+            p.id = f"heldout-{p.id}"
         heldout += new[:count]
         stats["heldout"][name] = {"sampled": len(sampled), "contaminated": len(sampled) - len(clean),
                                   "trained": len(clean) - len(untrained), "kept": len(new[:count])}
@@ -83,7 +83,7 @@ def main(args) -> int:
     return 0
 
 
-def sample(recipe, name: str, count: int, seed: int, key: str) -> list[dict[str, Any]]:
+def sample(recipe, name: str, count: int, seed: int, key: str) -> list[GrpoPrompt]:
     """`count` of the pipeline's step-1 prompts with its `generate.<name>` settings and
     `seed`, as GRPO prompts (what `posttrain plan` sizes, too)."""
     raw = {**((recipe.raw.get("generate") or {}).get(name) or {}), "count": count, "seed": seed}
@@ -91,11 +91,11 @@ def sample(recipe, name: str, count: int, seed: int, key: str) -> list[dict[str,
     return [as_grpo_prompt(name, p) for p in four_steps.load_pipeline(name).sample_prompts(cfg, random.Random(seed))]
 
 
-def prompt_text(prompt: dict[str, Any]) -> str:
-    return "\n".join(turn["content"] for turn in prompt["prompt"])
+def prompt_text(prompt: GrpoPrompt) -> str:
+    return "\n".join(turn.content for turn in prompt.prompt)
 
 
-def as_grpo_prompt(pipeline: str, p: dict[str, Any]) -> dict[str, Any]:
+def as_grpo_prompt(pipeline: str, p: dict[str, Any]) -> GrpoPrompt:
     """One pipeline's step-1 prompt as chat turns + its verifier's needs."""
     tools = None
     if pipeline == "tool_use":
@@ -123,5 +123,5 @@ def as_grpo_prompt(pipeline: str, p: dict[str, Any]) -> dict[str, Any]:
                 "source": p["table_markdown"]}
     else:
         raise RecipeError(f"grpo.prompts: no GRPO prompts for pipeline {pipeline!r}")
-    return {"id": record_id(pipeline, turns, tools), "pipeline": pipeline, "prompt": turns, "tools": tools,
-            "verifier": verifier, "meta": meta}
+    return GrpoPrompt.model_validate({"id": record_id(pipeline, turns, tools), "pipeline": pipeline,
+                                      "prompt": turns, "tools": tools, "verifier": verifier, "meta": meta})

@@ -24,7 +24,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from pipeline.recipe import Section
-from pipeline.contract import make_record
+from pipeline.contract import Record, make_record
 from pipeline import sources
 from pipeline.engines import Completion
 from synth_data.four_steps import candidate, first_failure, verdict
@@ -159,7 +159,7 @@ def validate(candidates, cfg: Config) -> list[dict[str, Any]]:
     return candidates
 
 
-def post_edit(c: dict[str, Any], cfg: Config) -> dict[str, Any]:
+def post_edit(c: dict[str, Any], cfg: Config) -> Record:
     meta = dict(c["meta"])
     meta.update(scores=c["scores"], tokens=c["scores"]["tokens"], post_edit=[], validators=c["validators"])
     return make_record(NAME, c["messages"], meta)

@@ -43,7 +43,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipeline.contract import PrefsStats, read_records, write_pairs, write_report
+from pipeline.contract import Pair, PrefsStats, Record, read_records, write_pairs, write_report
 from pipeline.recipe import RecipeError, add_recipe_arguments, load_recipe
 from pipeline.records import stable_hash
 from synth_data.dedup import Decontaminator, heldout_reference, record_text
@@ -89,7 +89,7 @@ def main(args) -> int:
     for name in cfg.pipelines:
         accepted = read_records(synth / name / "accepted.jsonl")
         rejected = read_records(synth / name / "rejected.jsonl")
-        survivors = {r["id"] for r in read_records(kept / f"{name}.jsonl")}
+        survivors = {r.id for r in read_records(kept / f"{name}.jsonl")}
         made, counts = build_pairs(name, accepted, rejected, survivors, decontaminator,
                                    code_rejected=cfg.code_rejected if name == "tool_use" else [])
         pairs += made
@@ -108,44 +108,47 @@ def is_response_failure(pipeline: str, reason: str | None) -> bool:
     return bool(reason) and (reason in RESPONSE_FAILURES[pipeline] or reason.startswith("violates_"))
 
 
-def failed_count(record: dict[str, Any]) -> int:
-    return sum(not v["passed"] for v in record["meta"]["validators"].values())
+def failed_count(record: Record) -> int:
+    return sum(not v.passed for v in record.meta.validators.values())
 
 
-def rank(record: dict[str, Any]) -> tuple:
+def sample_of(record: Record) -> int:
+    """Which of the prompt's samples the record is (pipelines that sample once say none)."""
+    return getattr(record.meta, "sample", 0)
+
+
+def rank(record: Record) -> tuple:
     """Best first: the pipeline's own rank (steerability's scorer), then the mean
     validator score, then the sample index."""
-    meta = record["meta"]
-    scores = [v["score"] for v in meta["validators"].values() if v.get("score") is not None]
-    return ((meta.get("scores") or {}).get("rank", 0), -(sum(scores) / len(scores) if scores else 0.0),
-            meta.get("sample", 0))
+    meta = record.meta
+    scores = [v.score for v in meta.validators.values() if v.score is not None]
+    return ((meta.scores or {}).get("rank", 0), -(sum(scores) / len(scores) if scores else 0.0), sample_of(record))
 
 
-def checks_of(pipeline: str, record: dict[str, Any]) -> dict[str, Any]:
+def checks_of(pipeline: str, record: Record) -> dict[str, Any]:
     """What the validators checked, enough to re-verify either response."""
-    meta = record["meta"]
     if pipeline == "steerability":
-        return {"constraints": meta["constraints"]}
-    return {"expected_calls": json.loads(meta["expected_calls"])}
+        return {"constraints": record.meta.constraints}
+    return {"expected_calls": json.loads(record.meta.expected_calls)}
 
 
 def build_pairs(
-    pipeline: str, accepted: list[dict], rejected: list[dict], survivors: set[str], decontaminator,
+    pipeline: str, accepted: list[Record], rejected: list[Record], survivors: set[str], decontaminator,
     code_rejected: Sequence[str] = (),
-) -> tuple[list[dict], dict[str, Any]]:
-    by_prompt: dict[str, dict[str, list[dict]]] = defaultdict(lambda: {"pass": [], "fail": [], "other": []})
+) -> tuple[list[Pair], dict[str, Any]]:
+    by_prompt: dict[str, dict[str, list[Record]]] = defaultdict(lambda: {"pass": [], "fail": [], "other": []})
     for record in accepted:
-        by_prompt[record["meta"]["seed_id"]]["pass"].append(record)
+        by_prompt[record.meta.seed_id]["pass"].append(record)
     for record in rejected:
-        kind = "fail" if is_response_failure(pipeline, record.get("reject_reason")) else "other"
-        if record.get("reject_reason") == "not_selected":
+        kind = "fail" if is_response_failure(pipeline, record.reject_reason) else "other"
+        if record.reject_reason == "not_selected":
             kind = "other"  # it passed, but the ranking preferred another sample
-        by_prompt[record["meta"]["seed_id"]][kind].append(record)
+        by_prompt[record.meta.seed_id][kind].append(record)
 
     pairs, no_pair = [], Counter()
     for seed_id, group in sorted(by_prompt.items()):
         samples = len(group["pass"]) + len(group["fail"]) + len(group["other"])
-        passing = sorted((r for r in group["pass"] if r["id"] in survivors), key=rank)
+        passing = sorted((r for r in group["pass"] if r.id in survivors), key=rank)
         built = code_rejected and passing and not group["fail"] and rejected_by_code(passing[0], code_rejected)
         if built:
             pair = make_pair(pipeline, seed_id, passing[0], built)
@@ -165,60 +168,58 @@ def build_pairs(
             no_pair["chosen_removed"] += 1
         else:
             chosen = passing[0]
-            loser = sorted(group["fail"], key=lambda r: (-failed_count(r), r["meta"].get("sample", 0)))[0]
+            loser = sorted(group["fail"], key=lambda r: (-failed_count(r), sample_of(r)))[0]
             pair = make_pair(pipeline, seed_id, chosen, loser)
             if decontaminator is not None and decontaminator.match(pair_text(pair)):
                 no_pair["contaminated"] += 1
             else:
                 pairs.append(pair)
     counts = {"prompts": len(by_prompt), "pairs": len(pairs),
-              "code_rejected": sum(p["meta"]["rejected_source"] == "code" for p in pairs),
+              "code_rejected": sum(p.meta.rejected_source == "code" for p in pairs),
               "no_pair": {reason: no_pair[reason] for reason in NO_PAIR_REASONS if no_pair[reason]}}
     if counts["pairs"] + sum(counts["no_pair"].values()) != counts["prompts"]:
         raise AssertionError(f"prefs: counts not conserved for {pipeline}: {counts}")
     return pairs, counts
 
 
-def make_pair(pipeline: str, seed_id: str, chosen: dict, loser: dict) -> dict[str, Any]:
-    prompt = chosen["messages"][:-1]
+def make_pair(pipeline: str, seed_id: str, chosen: Record, loser: Record) -> Pair:
     pair: dict[str, Any] = {
-        "id": stable_hash("prefs", pipeline, chosen["id"], loser["id"]),
+        "id": stable_hash("prefs", pipeline, chosen.id, loser.id),
         "pipeline": pipeline,
-        "prompt": prompt,
-        "chosen": [chosen["messages"][-1]],
-        "rejected": [loser["messages"][-1]],
+        "prompt": chosen.messages[:-1],
+        "chosen": [chosen.messages[-1]],
+        "rejected": [loser.messages[-1]],
     }
-    if chosen.get("tools"):
-        pair["tools"] = chosen["tools"]
+    if chosen.tools:
+        pair["tools"] = chosen.tools
     pair["meta"] = {
         "seed_id": seed_id,
-        "chosen_id": chosen["id"],
-        "rejected_id": loser["id"],
-        "rejected_reason": loser["reject_reason"],
-        "rejected_source": loser["meta"].get("rejected_source", "sample"),
-        "rejected_failed": sorted(n for n, v in loser["meta"]["validators"].items() if not v["passed"]),
+        "chosen_id": chosen.id,
+        "rejected_id": loser.id,
+        "rejected_reason": loser.reject_reason,
+        "rejected_source": getattr(loser.meta, "rejected_source", "sample"),
+        "rejected_failed": sorted(n for n, v in loser.meta.validators.items() if not v.passed),
         "checks": checks_of(pipeline, chosen),
-        "teacher": chosen["meta"].get("teacher"),
+        "teacher": chosen.meta.teacher,
     }
-    return pair
+    return Pair.model_validate(pair)
 
 
-def pair_text(pair: dict[str, Any]) -> str:
-    turns = pair["prompt"] + pair["chosen"] + pair["rejected"]
-    return record_text({"messages": turns})
+def pair_text(pair: Pair) -> str:
+    return record_text(pair.prompt + pair.chosen + pair.rejected)
 
 
 # ------------------------------------------------------------ rejected by code
-def rejected_by_code(chosen: dict[str, Any], faults: Sequence[str]) -> dict[str, Any] | None:
+def rejected_by_code(chosen: Record, faults: Sequence[str]) -> Record | None:
     """A failing answer to a tool_use record's request with one of `faults`, built by
     code and failed by the pipeline's validator (`match_calls`), as a rejected sample;
     None if the record's kind has no fault named, or no answer fails."""
-    expected = json.loads(chosen["meta"]["expected_calls"])
+    expected = json.loads(chosen.meta.expected_calls)
     named = [f for f in (("wrong_arguments", "no_call") if expected else ("call_when_irrelevant",)) if f in faults]
     if not named:
         return None
-    tools, request = chosen["tools"], chosen["messages"][-2]["content"]
-    rng = random.Random(chosen["id"])
+    tools, request = chosen.tools, chosen.messages[-2].content
+    rng = random.Random(chosen.id)
     fault = rng.choice(named) if len(named) > 1 else named[0]
     if fault == "no_call":
         options = [[]]
@@ -239,9 +240,10 @@ def rejected_by_code(chosen: dict[str, Any], faults: Sequence[str]) -> dict[str,
     else:
         return None
     turn = calls_turn(calls) if calls else {"role": "assistant", "content": REFUSAL}
-    return {"id": stable_hash("prefs-code-rejected", chosen["id"], turn), "messages": [*chosen["messages"][:-1], turn],
-            "reject_reason": reason,
-            "meta": {"rejected_source": "code", "validators": {"calls": verdict(reason)}}}
+    return Record.model_validate({
+        "id": stable_hash("prefs-code-rejected", chosen.id, turn), "pipeline": chosen.pipeline,
+        "messages": [*chosen.messages[:-1], turn], "reject_reason": reason,
+        "meta": {"rejected_source": "code", "validators": {"calls": verdict(reason)}}})
 
 
 def made_up_arguments(function: dict[str, Any], request: str, rng: random.Random) -> dict[str, Any]:

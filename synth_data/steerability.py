@@ -22,7 +22,7 @@ from typing import Any, Callable, Literal
 from pydantic import Field
 
 from pipeline.recipe import Section
-from pipeline.contract import make_record
+from pipeline.contract import Record, make_record
 from synth_data.constraints import CONSTRAINTS, check, describe, edit, sample_constraints, words
 from pipeline.engines import Completion, Sampling, sampling_for
 from synth_data.four_steps import candidate, first_failure, rejected_if_malformed, verdict
@@ -202,7 +202,7 @@ def validate(candidates: list[dict[str, Any]], cfg: Config) -> list[dict[str, An
 
 
 # ----------------------------------------------------------------------- (iv)
-def post_edit(c: dict[str, Any], cfg: Config) -> dict[str, Any]:
+def post_edit(c: dict[str, Any], cfg: Config) -> Record:
     actions = []
     messages = []
     for m in c["messages"]:

@@ -27,7 +27,7 @@ import pandas as pd
 from pydantic import Field
 
 from pipeline.recipe import Section
-from pipeline.contract import make_record
+from pipeline.contract import Record, make_record
 from pipeline import sources
 from synth_data.chat import repeated_lines, repetition, strip_label
 from pipeline.engines import sampling_for
@@ -312,7 +312,7 @@ def validate(candidates, cfg: Config) -> list[dict[str, Any]]:
     return candidates
 
 
-def post_edit(c: dict[str, Any], cfg: Config) -> dict[str, Any]:
+def post_edit(c: dict[str, Any], cfg: Config) -> Record:
     paragraph, actions = strip_label(c["messages"][-1]["content"])
     collapsed = " ".join(paragraph.split())
     if collapsed != paragraph:

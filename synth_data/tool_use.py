@@ -44,7 +44,7 @@ from pydantic import Field
 from pipeline.bfcl import openai_tool, tool_name
 from pipeline.chat_template import parse_tool_calls
 from pipeline.recipe import Section
-from pipeline.contract import make_record
+from pipeline.contract import Record, make_record
 from pipeline.bfcl import (
     CATALOGUE_FILES, HELDOUT_FRACTION, IRRELEVANCE_FILES, bfcl_answers, bfcl_items, is_heldout,
 )
@@ -638,7 +638,7 @@ def calls_turn(calls: list[dict[str, Any]]) -> dict[str, Any]:
         for call in calls]}
 
 
-def post_edit(c: dict[str, Any], cfg: Config) -> dict[str, Any]:
+def post_edit(c: dict[str, Any], cfg: Config) -> Record:
     meta = {**c["meta"], "scores": c["scores"], "validators": c["validators"]}
     user = c["messages"][0]
     if c["expected"]:

@@ -2,7 +2,7 @@
 
 `chat_records()` gives a few dozen deterministic OpenAI-style records (plain turns,
 multi-turn, system prompts, tool definitions with tool calls and tool results), built
-with pipeline.contract.make_record. `write_chat_data(folder)` writes train/eval JSONL;
+with pipeline.contract.make_record, as the file holds them. `write_chat_data(folder)` writes train/eval JSONL;
 `write_tiny_recipe(folder, ...)` writes a recipe that trains the tiny hybrid on them
 in seconds. Import from tests: `from fixtures_chat import ...` (pytest puts tests/ on sys.path).
 """
@@ -78,7 +78,7 @@ def chat_records(n: int = 32) -> list[dict[str, Any]]:
             tools = None
         # Written by code, so the one check is that code's: it always passes.
         meta = {"index": i, "validators": {"by_code": {"passed": True, "score": None, "reason": None}}}
-        records.append(make_record("fixture", messages, meta=meta, tools=tools))
+        records.append(make_record("fixture", messages, meta=meta, tools=tools).dump())
     return records
 
 

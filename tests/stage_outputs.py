@@ -3,8 +3,10 @@ by hand, so a test cannot hold a record shape that no stage produces.
 
 `needle_records(folder, count)` runs the needle pipeline's four steps (its answers are
 written by code, so it needs no teacher and takes seconds) and returns the accepted
-records as read back through the record contract. `run_pipeline(name, cfg, engine,
-folder)` runs any pipeline and returns (accepted, rejected). Import from tests:
+records, read back through the record contract, as their file holds them (dicts: a
+test edits and plants faults in them; a stage function takes `check_record(r)`).
+`run_pipeline(name, cfg, engine, folder)` runs any pipeline and returns (accepted,
+rejected) so. Import from tests:
 `from stage_outputs import ...` (pytest puts tests/ on sys.path).
 """
 
@@ -23,7 +25,7 @@ NO_TEACHER = SimpleNamespace(name="none", model="none")
 
 def run_pipeline(name: str, cfg: Any, engine: Any, folder: Path) -> tuple[list[dict], list[dict]]:
     four_steps.run(four_steps.load_pipeline(name), cfg, engine, Path(folder))
-    return read_records(Path(folder) / "accepted.jsonl"), read_records(Path(folder) / "rejected.jsonl")
+    return tuple([r.dump() for r in read_records(Path(folder) / f"{part}.jsonl")] for part in ("accepted", "rejected"))
 
 
 def needle_records(folder: Path, count: int, length_buckets: tuple[int, ...] = (1024,), seed: int = 0) -> list[dict]:
@@ -33,3 +35,8 @@ def needle_records(folder: Path, count: int, length_buckets: tuple[int, ...] = (
     accepted, rejected = run_pipeline("needle", cfg, NO_TEACHER, folder)
     assert not rejected, [r["reject_reason"] for r in rejected]
     return accepted
+
+
+def records_as_written(path: Path, trainable: bool = False) -> list[dict]:
+    """A file's records, each checked by the record contract, as the file holds them."""
+    return [r.dump() for r in read_records(path, trainable)]

@@ -53,7 +53,7 @@ def parallel_record():
         {"role": "assistant", "content": "Paris 18C, Rome 25C."},
     ]
     meta = {"index": "parallel", "validators": {"by_code": {"passed": True, "score": None, "reason": None}}}
-    return make_record("fixture", messages, meta=meta, tools=[WEATHER_TOOL])
+    return make_record("fixture", messages, meta=meta, tools=[WEATHER_TOOL]).dump()
 
 
 def folder_of(name):
@@ -106,7 +106,7 @@ def prepared(name, folder, data_dir, tmp_path, on_bad_record="skip"):
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", recipe))
     tokenizer = load_tokenizer(recipe.model)
     train_set, skipped = tokenize_conversations(
-        load_conversations(recipe.data.train, None), tokenizer, recipe)
+        load_conversations(recipe.data.train)[0], tokenizer, recipe)
     trainer = with_activation_loss(SFTTrainer)(
         model=load_student(recipe.model, tokenizer), args=sft_config(recipe, tmp_path / "out"),
         train_dataset=train_set, processing_class=tokenizer)

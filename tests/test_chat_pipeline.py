@@ -48,7 +48,7 @@ def test_answers_about_real_text_must_not_invent_numbers():
 def test_post_edit_strips_labels_and_whitespace():
     conv = [{"role": "user", "content": "How do I boil an egg?"}]
     (c,) = chat.validate([candidate(conv, Completion(f"\nAssistant: {GOOD}\n", 20, "stop"), {})], chat.Config())
-    record = chat.post_edit(c, chat.Config())
+    record = chat.post_edit(c, chat.Config()).dump()
     assert record["messages"][-1]["content"] == GOOD
     assert record["meta"]["post_edit"] == ["strip_whitespace", "strip_role_label"]
 

@@ -14,7 +14,7 @@ import statistics
 import pytest
 from test_review import argilla, prefix, submit  # noqa: F401  (argilla is a fixture)
 
-from pipeline.contract import read_records
+from stage_outputs import records_as_written
 from pipeline.records import read_json, read_jsonl
 from review import pull, push, server
 from sft import mix
@@ -37,8 +37,8 @@ def test_generation_to_mix_keeps_the_contract(pipeline_outputs, argilla, tmp_pat
     # ---- generation: every record, accepted or rejected, carries its validators' verdicts.
     generated = {}
     for name in four_steps.PIPELINES:
-        accepted = read_records(pipeline_outputs / name / "accepted.jsonl")
-        rejected = read_records(pipeline_outputs / name / "rejected.jsonl")
+        accepted = records_as_written(pipeline_outputs / name / "accepted.jsonl")
+        rejected = records_as_written(pipeline_outputs / name / "rejected.jsonl")
         assert read_json(pipeline_outputs / name / "stats.json")["generated"] == len(accepted) + len(rejected)
         for record in accepted:
             assert all(v["passed"] for v in record["meta"]["validators"].values()), record["id"]
@@ -59,8 +59,8 @@ def test_generation_to_mix_keeps_the_contract(pipeline_outputs, argilla, tmp_pat
     )
     out = tmp_path / "dedup"
     assert dedup.main(ns(recipe, input=str(pipeline_outputs), out=str(out))) == 0
-    kept = {p.stem: read_records(p) for p in sorted((out / "accepted").glob("*.jsonl"))}
-    removed = read_records(out / "removed.jsonl") if (out / "removed.jsonl").exists() else []
+    kept = {p.stem: records_as_written(p) for p in sorted((out / "accepted").glob("*.jsonl"))}
+    removed = records_as_written(out / "removed.jsonl") if (out / "removed.jsonl").exists() else []
     assert sum(len(r) for r in kept.values()) + len(removed) == total
     inputs = [str(out / "accepted" / f"{p}.jsonl") for p in kept if kept[p]]
     records = {r["id"]: r for group in kept.values() for r in group}
@@ -114,9 +114,9 @@ def test_generation_to_mix_keeps_the_contract(pipeline_outputs, argilla, tmp_pat
     assert pull.main(ns(recipe, input=inputs, out=str(review_out))) == 0
     stats = read_json(review_out / "review_stats.json")
     assert (stats["total"], stats["rejected"], stats["corrected"], stats["pending"]) == (len(records), 1, 1, 0)
-    reviewed = read_records(review_out / "reviewed.jsonl", trainable=True)
+    reviewed = records_as_written(review_out / "reviewed.jsonl", trainable=True)
     assert {r["id"] for r in reviewed} == set(records) - {rejected_id}
-    [gone] = read_records(review_out / "rejected.jsonl")
+    [gone] = records_as_written(review_out / "rejected.jsonl")
     assert gone["id"] == rejected_id and gone["reject_reason"] == "human_reject"
 
     # ---- mix: conserves counts and trains exactly on what review accepted.

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.contract import read_records
+from stage_outputs import records_as_written
 from pipeline.records import read_json, read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,8 +93,8 @@ def test_dvc_repro_runs_every_stage_and_conserves_counts(tiny_dag):
     accepted_total = 0
     for name in PIPELINES:
         stats = read_json(repo / f"data/synth/{name}/stats.json")
-        accepted = read_records(repo / f"data/synth/{name}/accepted.jsonl")  # checks the contract
-        rejected = read_records(repo / f"data/synth/{name}/rejected.jsonl")
+        accepted = records_as_written(repo / f"data/synth/{name}/accepted.jsonl")  # checks the contract
+        rejected = records_as_written(repo / f"data/synth/{name}/rejected.jsonl")
         assert stats["generated"] == len(accepted) + len(rejected), name
         assert all(v["passed"] for r in accepted for v in r["meta"]["validators"].values()), name
         assert all(r["reject_reason"] in {v["reason"] for v in r["meta"]["validators"].values() if not v["passed"]}
@@ -109,7 +109,7 @@ def test_dvc_repro_runs_every_stage_and_conserves_counts(tiny_dag):
 
     # Review (off: automatic verdicts) passes every kept record on, in one bucket each.
     review = read_json(repo / "data/review/review_stats.json")
-    reviewed = read_records(repo / "data/review/reviewed.jsonl", trainable=True)
+    reviewed = records_as_written(repo / "data/review/reviewed.jsonl", trainable=True)
     assert len(reviewed) == kept, review
 
     # The mix places every reviewed-accepted record in train, eval or unused.

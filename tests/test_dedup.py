@@ -11,7 +11,7 @@ import sys
 import pytest
 from stage_outputs import needle_records
 
-from pipeline.contract import make_record
+from pipeline.contract import make_record, write_records
 from pipeline.records import read_jsonl, write_jsonl
 from synth_data.dedup import Decontaminator, dedup, find_duplicates
 
@@ -68,8 +68,8 @@ def test_dedup_across_pipelines_conserves_counts(rec):
     inputs = {"steerability": [rec("steerability", BASE), rec("steerability", "Unique one.")],
               "tool_use": [rec("tool_use", BASE), rec("tool_use", "What is the weather like in Boston today?")]}
     kept, removed, stats = dedup(inputs, Decontaminator(["what is the weather like in Boston today"], n=13))
-    assert [r["reject_reason"] for r in removed] == ["duplicate", "contaminated"]
-    assert removed[0]["meta"]["dedup"]["duplicate_of"] == inputs["steerability"][0]["id"]
+    assert [r.reject_reason for r in removed] == ["duplicate", "contaminated"]
+    assert removed[0].meta.dedup["duplicate_of"] == inputs["steerability"][0].id
     assert stats["input"] == 4 and stats["kept"] == 2
     assert stats["removed"] == {"duplicate": 1, "contaminated": 1}
     assert [len(kept[n]) for n in sorted(kept)] == [2, 0]
@@ -77,8 +77,8 @@ def test_dedup_across_pipelines_conserves_counts(rec):
 
 def test_dedup_stage_writes_kept_and_removed_files(rec, needle, tmp_path):
     root = tmp_path / "synth"
-    write_jsonl(root / "steerability" / "accepted.jsonl", [rec("steerability", BASE), rec("steerability", BASE)])
-    write_jsonl(root / "tool_use" / "accepted.jsonl", [rec("tool_use", "Fine.")])
+    write_records(root / "steerability" / "accepted.jsonl", [rec("steerability", BASE), rec("steerability", BASE)])
+    write_records(root / "tool_use" / "accepted.jsonl", [rec("tool_use", "Fine.")])
     heldout = tmp_path / "heldout.jsonl"
     heldout.write_text(json.dumps({"question": "Fine."}) + "\n")
     recipe = tmp_path / "r.yaml"

@@ -96,7 +96,7 @@ def test_several_paragraphs_cite_the_paragraph_the_answer_comes_from():
     c = _cand("Question: Who is the chairman?\nAnswer: allan Fels", paragraphs=["Other text here.", PARAGRAPH], cited=1)
     (c,) = dq.validate([c], dq.Config())
     assert c["reject_reason"] is None
-    record = dq.post_edit(c, dq.Config())
+    record = dq.post_edit(c, dq.Config()).dump()
     assert record["messages"][0]["content"].startswith("Paragraph 1: Other text here.\n\nParagraph 2: The Australian")
     assert record["messages"][1]["content"] == "Allan Fels (paragraph 2)."
     # grounding is judged against the cited paragraph only
@@ -127,7 +127,7 @@ def test_long_context_records_fall_inside_their_bucket(bucket):
                        "length_bucket": p["length_bucket"], "context_ids": p["context_ids"]})
         (c,) = dq.validate([c], cfg)
         assert c["reject_reason"] is None, c["scores"]
-        record = dq.post_edit(c, cfg)
+        record = dq.post_edit(c, cfg).dump()
         tokens = sources.conversation_tokens(record["messages"])
         assert lower < tokens <= upper and record["meta"]["tokens"] == tokens
         assert record["meta"]["length_bucket"] == bucket
@@ -146,7 +146,7 @@ def test_a_bucket_larger_than_the_corpus_fails_with_one_clear_error():
 def test_cloze_questions_on_the_real_teacher_keep_the_code_picked_answer(tmp_path, teacher_dir):
     from test_steerability import assert_pipeline_output
 
-    from pipeline.contract import read_records
+    from stage_outputs import records_as_written
     from synth_data import four_steps
     from pipeline.engines import TransformersEngine
 
@@ -154,9 +154,9 @@ def test_cloze_questions_on_the_real_teacher_keep_the_code_picked_answer(tmp_pat
     cfg = dq.Config(count=8, long_fraction=0, max_paragraphs=1, max_tokens=48, questions="cloze", seed=3)
     stats = four_steps.run(dq, cfg, engine, tmp_path / "out")
     assert_pipeline_output(tmp_path / "out", stats, dq.REJECT_REASONS, teacher_dir)
-    accepted = read_records(tmp_path / "out" / "accepted.jsonl")
+    accepted = records_as_written(tmp_path / "out" / "accepted.jsonl")
     assert accepted, stats
-    for record in accepted + read_records(tmp_path / "out" / "rejected.jsonl"):
+    for record in accepted + records_as_written(tmp_path / "out" / "rejected.jsonl"):
         assert record["meta"]["questions"] == "cloze" and record["meta"]["answer_source"] == "code"
     for record in accepted:
         meta = record["meta"]

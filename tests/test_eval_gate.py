@@ -324,12 +324,13 @@ def test_heldout_loss_is_the_sft_loss_in_a_template_without_generation_markers(t
     from evals import heldout_loss
     from fixtures_chat import chat_records
     from pipeline.chat_template import apply_training_template
+    from pipeline.contract import Conversation
     from sft.train import tokenize_conversations
 
     recipe = load_recipe(ROOT / "recipes/smollm2-lora-cpu.yaml")
     tokenizer = apply_training_template(AutoTokenizer.from_pretrained(teacher_dir))
     model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
-    records = chat_records(8)
+    records = [Conversation.model_validate(r) for r in chat_records(8)]
     result = heldout_loss.evaluate(model, tokenizer, records, recipe.mix, max_length=512)
 
     rows, skipped = tokenize_conversations(records, tokenizer, recipe, "eval")

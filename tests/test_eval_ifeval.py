@@ -176,10 +176,10 @@ def test_dedup_drops_records_that_copy_an_ifeval_prompt(tmp_path):
     prompt = ifeval_prompts()[1]
     planted = make_record("steerability", [{"role": "user", "content": "Here is a task for you. " + prompt},
                                            {"role": "assistant", "content": "A fine itinerary."}],
-                          copy.deepcopy(real["meta"]))
+                          copy.deepcopy(real["meta"])).dump()
     clean = make_record("steerability", [{"role": "user", "content": "Write a memo about a charity run."},
                                          {"role": "assistant", "content": "The run starts at nine."}],
-                        copy.deepcopy(real["meta"]))
+                        copy.deepcopy(real["meta"])).dump()
     root = tmp_path / "synth"
     write_jsonl(root / "steerability" / "accepted.jsonl", [planted, clean])
     recipe = tmp_path / "r.yaml"

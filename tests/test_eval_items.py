@@ -14,6 +14,7 @@ import yaml
 from stage_outputs import needle_records
 
 from evals import heldout_loss, standard_error
+from pipeline.contract import Conversation
 from pipeline.recipe import load_recipe
 from pipeline.records import read_json, write_jsonl
 
@@ -28,12 +29,12 @@ def test_heldout_rows_and_the_standard_error_of_a_token_weighted_loss(tmp_path, 
 
     from pipeline.chat_template import apply_training_template
 
-    records = needle_records(tmp_path / "needle", 3)
+    records = [Conversation.model_validate(r) for r in needle_records(tmp_path / "needle", 3)]
     tokenizer = apply_training_template(AutoTokenizer.from_pretrained(teacher_dir))
     model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
     result = heldout_loss.evaluate(model, tokenizer, records, load_recipe(TINY).mix, max_length=2048)
     rows = result["items"]
-    assert [r["id"] for r in rows] == [r["id"] for r in records]
+    assert [r["id"] for r in rows] == [r.id for r in records]
     assert all(set(r) == {"id", "category", "tokens", "loss"} for r in rows)  # needle haystacks are their own
     sums, counts = [r["loss"] * r["tokens"] for r in rows], [r["tokens"] for r in rows]
     err = result["metrics"]["stderr"]
@@ -59,11 +60,11 @@ def test_heldout_records_sharing_a_source_share_a_cluster(pipeline_outputs, teac
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.chat_template import apply_training_template
-    from pipeline.contract import read_records
+    from pipeline.contract import read_conversations
 
     records = [r for name in ("doc_qa", "table_qa", "chat", "steerability")
                for kind in ("accepted", "rejected")
-               for r in read_records(pipeline_outputs / name / f"{kind}.jsonl")]
+               for r in read_conversations(pipeline_outputs / name / f"{kind}.jsonl")]
     clusters = [heldout_loss.cluster_of(r) for r in records]
     assert all(clusters)
     prefixes = {c.split(":")[0] for c in clusters}

@@ -34,7 +34,7 @@ def step_one(pipeline: str, count: int = 12, **fields) -> list[dict]:
     """GRPO prompts from the pipeline's own step (i), as grpo-prompts builds them."""
     cfg = four_steps.validate_config(pipeline, {"count": count, "seed": 7, **fields})
     module = four_steps.load_pipeline(pipeline)
-    return [as_grpo_prompt(pipeline, p) for p in module.sample_prompts(cfg, random.Random(7))]
+    return [as_grpo_prompt(pipeline, p).dump() for p in module.sample_prompts(cfg, random.Random(7))]
 
 
 def score(name: str, prompts: list[dict], texts: list[str], ids=None, partial_credit=False, log=None):
@@ -154,21 +154,21 @@ def test_prompts_come_from_each_pipelines_prompt_step_decontaminated(tmp_path):
     assert posttrain(["grpo-prompts", str(recipe), "--out", str(tmp_path / "clean")]) == 0
     clean = read_grpo_prompts(tmp_path / "clean" / "prompts.jsonl")
     # A held-out item that shares a 13-word run with one prompt removes that prompt.
-    victim = next(p for p in clean if p["pipeline"] == "steerability")
-    held_out.write_text(" ".join(victim["prompt"][-1]["content"].split()[:13]) + "\n")
+    victim = next(p for p in clean if p.pipeline == "steerability")
+    held_out.write_text(" ".join(victim.prompt[-1].content.split()[:13]) + "\n")
     assert posttrain(["grpo-prompts", str(recipe), "--out", str(tmp_path / "out")]) == 0
     stats = read_json(tmp_path / "out" / "prompt_stats.json")
     kept = read_grpo_prompts(tmp_path / "out" / "prompts.jsonl")
-    assert victim["id"] not in {p["id"] for p in kept}
+    assert victim.id not in {p.id for p in kept}
     assert stats["pipelines"]["steerability"]["contaminated"] >= 1
     for name, counts in stats["pipelines"].items():
         assert counts["sampled"] == counts["contaminated"] + counts["kept"]
-        assert counts["kept"] == sum(p["pipeline"] == name for p in kept)
+        assert counts["kept"] == sum(p.pipeline == name for p in kept)
     assert stats["pipelines"]["table_qa"]["sampled"] == 5
     # No teacher answer anywhere: the last turn is the user's, and the verifier's needs ride along.
-    assert all(p["prompt"][-1]["role"] == "user" for p in kept)
-    assert all("calls" in p["verifier"] for p in kept if p["pipeline"] == "tool_use")
-    assert all(p["verifier"]["stated"] for p in kept if p["pipeline"] == "table_qa")
+    assert all(p.prompt[-1].role == "user" for p in kept)
+    assert all("calls" in p.verifier for p in kept if p.pipeline == "tool_use")
+    assert all(p.verifier["stated"] for p in kept if p.pipeline == "table_qa")
 
 
 # ---------------------------------------------------------------- bad input
@@ -185,10 +185,10 @@ def test_heldout_prompts_are_sampled_apart_from_the_training_prompts(tmp_path):
     # three times the count sampled; kept never more than what is neither contaminated nor trained
     assert all(v["sampled"] == 3 * v["kept"] and v["kept"] <= v["sampled"] - v["contaminated"] - v["trained"]
                for v in stats["heldout"].values())
-    texts = {json.dumps(p["prompt"]) for p in trained}
-    assert not texts & {json.dumps(p["prompt"]) for p in heldout}
-    assert len({p["id"] for p in heldout}) == len(heldout) == 7
-    assert all(p["id"].startswith("heldout-") for p in heldout)
+    texts = {json.dumps(p.turns()) for p in trained}
+    assert not texts & {json.dumps(p.turns()) for p in heldout}
+    assert len({p.id for p in heldout}) == len(heldout) == 7
+    assert all(p.id.startswith("heldout-") for p in heldout)
 
 
 @pytest.mark.slow
@@ -410,16 +410,16 @@ def test_tiny_jamba_trains_grpo_in_the_dag_with_the_activation_loss(tmp_path):
     heldout = read_grpo_prompts(repo / "data/grpo/heldout.jsonl")
     trained = read_grpo_prompts(repo / "data/grpo/prompts.jsonl")
     assert {k: v["kept"] for k, v in stats["heldout"].items()} == GRPO["heldout"]
-    assert not {json.dumps(p["prompt"]) for p in heldout} & {json.dumps(p["prompt"]) for p in trained}
+    assert not {json.dumps(p.turns()) for p in heldout} & {json.dumps(p.turns()) for p in trained}
     answers = read_json(repo / "outputs/grpo/heldout_answers.json")
-    assert [a["id"] for a in answers] == [p["id"] for p in heldout]
+    assert [a["id"] for a in answers] == [p.id for p in heldout]
     [fn] = rewards.reward_functions(["tool_calls"], max_completion_length=GRPO["max_completion_length"],
                                     eos_ids=[0], partial_credit=False)
     for side in ("before", "after"):
         got = fn(prompts=[None] * len(heldout), completions=[a[side]["answer"] for a in answers],
-                 completion_ids=[[0]] * len(heldout), id=[p["id"] for p in heldout],
-                 pipeline=[p["pipeline"] for p in heldout],
-                 verifier=[json.dumps({**p["verifier"], "tools": p.get("tools")}) for p in heldout])
+                 completion_ids=[[0]] * len(heldout), id=[p.id for p in heldout],
+                 pipeline=[p.pipeline for p in heldout],
+                 verifier=[json.dumps({**p.verifier, "tools": p.tools}) for p in heldout])
         # well_formed adds at most 1; tool_calls is exact: the sum holds both
         assert all(v is None or v <= a[side]["reward"] <= v + 1 for v, a in zip(got, answers))
     effect = metrics["heldout_reward"]

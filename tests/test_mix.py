@@ -21,7 +21,7 @@ def reviewed(tmp_path, inputs: list[str]) -> list[dict]:
     out = tmp_path / "review"
     ns = argparse.Namespace(recipe=str(recipe), overrides=[], input=inputs, out=str(out))
     assert pull.main(ns) == 0
-    return read_records(out / "reviewed.jsonl", trainable=True)
+    return [r.dump() for r in read_records(out / "reviewed.jsonl", trainable=True)]
 
 
 @pytest.fixture(scope="module")

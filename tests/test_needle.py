@@ -23,7 +23,7 @@ def test_records_fall_inside_their_bucket_with_the_planted_answer(tmp_path, buck
     stats = four_steps.run(nd, cfg, NO_TEACHER, tmp_path)
     assert stats["accepted"] == 3, stats["reject_reasons"]
     lower, upper = sources.bucket_bounds([bucket])[bucket]
-    for record in read_records(tmp_path / "accepted.jsonl"):
+    for record in (r.dump() for r in read_records(tmp_path / "accepted.jsonl")):
         meta, (user, reply) = record["meta"], record["messages"]
         assert set(meta["validators"]) == {"needles_unique", "values_not_in_filler", "length_bucket"}
         assert all(v["passed"] for v in meta["validators"].values())

@@ -60,7 +60,7 @@ def test_counts_are_conserved_per_prompt(prefs_run):
     stats = read_json(prefs_run / "prefs" / "prefs_stats.json")
     pairs = read_jsonl(prefs_run / "prefs" / "pairs.jsonl")
     for name, counts in stats["pipelines"].items():
-        seeds = {r["meta"]["seed_id"] for f in ("accepted", "rejected")
+        seeds = {r.meta.seed_id for f in ("accepted", "rejected")
                  for r in read_records(prefs_run / "synth" / name / f"{f}.jsonl")}
         assert counts["prompts"] == len(seeds)
         assert counts["pairs"] + sum(counts["no_pair"].values()) == counts["prompts"]
@@ -84,12 +84,12 @@ def test_prompts_whose_samples_all_pass_or_all_fail_give_no_pair(prefs_run):
     for name in ("steerability", "tool_use"):
         outcome, samples = defaultdict(set), defaultdict(int)
         for record in read_records(prefs_run / "synth" / name / "accepted.jsonl"):
-            outcome[record["meta"]["seed_id"]].add("pass")
-            samples[record["meta"]["seed_id"]] += 1
+            outcome[record.meta.seed_id].add("pass")
+            samples[record.meta.seed_id] += 1
         for record in read_records(prefs_run / "synth" / name / "rejected.jsonl"):
-            failed = is_response_failure(name, record["reject_reason"])
-            outcome[record["meta"]["seed_id"]].add("fail" if failed else "other")
-            samples[record["meta"]["seed_id"]] += 1
+            failed = is_response_failure(name, record.reject_reason)
+            outcome[record.meta.seed_id].add("fail" if failed else "other")
+            samples[record.meta.seed_id] += 1
         # One sample (the system-message variant's conversation) cannot make a pair at all.
         several = {s for s, n in samples.items() if n >= 2}
         all_failed = {s for s in several if "fail" in outcome[s] and "pass" not in outcome[s]}
@@ -139,21 +139,21 @@ def test_a_rejected_answer_is_built_for_every_accepted_tool_use_record(prefs_run
     kinds = set()
     for record in records:
         built = rejected_by_code(record, FAULTS)
-        expected = json.loads(record["meta"]["expected_calls"])
+        expected = json.loads(record.meta.expected_calls)
         kinds.add(bool(expected))
-        reason = tool_use.match_calls(as_text(built["messages"][-1]), expected, record["tools"])
-        assert reason is not None and reason == built["reject_reason"], record["id"]
+        reason = tool_use.match_calls(as_text(built.messages[-1].dump()), expected, record.tools)
+        assert reason is not None and reason == built.reject_reason, record.id
         assert reason in (("wrong_arguments", "no_call") if expected else ("call_when_irrelevant",))
-        assert built["messages"][:-1] == record["messages"][:-1]
+        assert built.messages[:-1] == record.messages[:-1]
     assert kinds == {True, False}, "the session's output lacks call or irrelevance records"
     # Only the faults named are built.
-    assert all((rejected_by_code(r, ["call_when_irrelevant"]) is None) == bool(json.loads(r["meta"]["expected_calls"]))
+    assert all((rejected_by_code(r, ["call_when_irrelevant"]) is None) == bool(json.loads(r.meta.expected_calls))
                for r in records)
     # no_call, the mirror of call_when_irrelevant: the SFT data's own refusal where calls fit.
     for record in records:
         built = rejected_by_code(record, ["no_call"])
-        if not json.loads(record["meta"]["expected_calls"]):
+        if not json.loads(record.meta.expected_calls):
             assert built is None
             continue
-        assert built["messages"][-1] == {"role": "assistant", "content": tool_use.REFUSAL}
-        assert built["reject_reason"] == "no_call", record["id"]
+        assert built.messages[-1].dump() == {"role": "assistant", "content": tool_use.REFUSAL}
+        assert built.reject_reason == "no_call", record.id

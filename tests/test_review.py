@@ -134,17 +134,17 @@ def test_round_trip_accept_reject_correct_and_pending(argilla, sdk, candidates, 
     assert stats["agreement"] == {"records_with_several_reviewers": 2, "unanimous_verdict": 2, "rate": 1.0}
 
     # Pull's outputs keep the record contract, with review's decision typed in meta.review.
-    reviewed = {r["id"]: r for r in read_records(out / "reviewed.jsonl", trainable=True)}
+    reviewed = {r.id: r for r in read_records(out / "reviewed.jsonl", trainable=True)}
     assert set(reviewed) == {accepted, corrected}
-    assert reviewed[corrected]["messages"][-1] == {"role": "assistant", "content": fixed}
-    assert reviewed[corrected]["meta"]["review"]["original_final_turn"] == original
-    assert reviewed[corrected]["meta"]["review"]["decision"] == "corrected"
-    assert reviewed[accepted]["meta"]["review"]["quality"] == 4.5
+    assert reviewed[corrected].messages[-1].dump() == {"role": "assistant", "content": fixed}
+    assert reviewed[corrected].meta.review.original_final_turn.dump() == original
+    assert reviewed[corrected].meta.review.decision == "corrected"
+    assert reviewed[accepted].meta.review.quality == 4.5
     [rej] = read_records(out / "rejected.jsonl")
-    assert rej["id"] == rejected and rej["reject_reason"] == "human_reject"
-    assert rej["meta"]["review"]["decision"] == "rejected"
+    assert rej.id == rejected and rej.reject_reason == "human_reject"
+    assert rej.meta.review.decision == "rejected"
     pending = read_records(out / "pending.jsonl")
-    assert len(pending) == 3 and {r["meta"]["review"]["decision"] for r in pending} == {"pending"}
+    assert len(pending) == 3 and {r.meta.review.decision for r in pending} == {"pending"}
 
     # The recipe decides about unreviewed records: keep the automatic verdict.
     assert pull.main(args(path, inputs, out, ["review.unreviewed=keep"])) == 0

@@ -17,6 +17,7 @@ from test_prefs import prefs_run  # noqa: F401  (a fixture)
 from test_review import argilla, free_port, prefix, sdk, submit  # noqa: F401  (argilla, sdk: fixtures)
 
 from pipeline.cli import main as posttrain
+from pipeline.contract import check_pair
 from pipeline.records import read_json, read_jsonl, write_jsonl
 from review import pull, push, server
 from review.dataset import render_conversation
@@ -75,7 +76,7 @@ def test_push_twice_holds_each_pair_once_showing_prompt_chosen_rejected(
             for field in ("prompt", "chosen", "rejected"):
                 # Escaped for the UI (which drops tag-shaped text): it shows the exact text.
                 shown = [{"role": t.role, "content": html.unescape(t.content)} for t in record.fields[field]]
-                assert shown == render_conversation(pair[field]), field
+                assert shown == render_conversation(getattr(check_pair(pair), field)), field
             assert pair["rejected"][0]["content"] in html.unescape(record.fields["rejected"][0].content)
             assert (record.fields.get("tools") is not None) == bool(pair.get("tools"))
             assert record.metadata["rejected_reason"] == pair["meta"]["rejected_reason"]

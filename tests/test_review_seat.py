@@ -37,7 +37,7 @@ import pytest
 from test_prefs import prefs_run  # noqa: F401  (a fixture)
 from test_review import ARTIFACTS, argilla, args, free_port, prefix, recipe, sdk, submit, write_inputs  # noqa: F401
 
-from pipeline.contract import make_record, read_records
+from pipeline.contract import check_record, make_record, read_records
 from pipeline.records import read_json, read_jsonl, write_jsonl
 from review import pairs, pull, push, server
 from review.dataset import render_conversation
@@ -163,7 +163,7 @@ def real_records(pipeline_outputs):
     found = {}
     for pipeline in PIPELINES:
         records = [r for part in ("accepted", "rejected")
-                   for r in read_records(pipeline_outputs / pipeline / f"{part}.jsonl")]
+                   for r in (x.dump() for x in read_records(pipeline_outputs / pipeline / f"{part}.jsonl"))]
         assert records, f"{pipeline} wrote no records"
         found[pipeline] = records
     return found
@@ -189,7 +189,7 @@ def push_one(tmp_path, records: list[dict], **review) -> str:
 
 
 def final_answer(record: dict) -> str:
-    return render_conversation(record["messages"])[-1]["content"]
+    return render_conversation(check_record(record).messages)[-1]["content"]
 
 
 @pytest.mark.parametrize("pipeline", PIPELINES)
@@ -206,7 +206,7 @@ def test_every_pipelines_record_shows_what_a_reviewer_must_judge(pipeline, argil
     page = words(reviewer.text())
 
     # Every turn, the final answer included, as written.
-    for turn in render_conversation(record["messages"]):
+    for turn in render_conversation(check_record(record).messages):
         assert words(turn["content"]) in page, turn
     # The validators' verdict, and every check's result and reason, in one table row each.
     verdict = "reject" if any(not v["passed"] for v in meta["validators"].values()) else "accept"
@@ -294,7 +294,7 @@ def with_markup(records: dict[str, list[dict]]) -> list[dict]:
     steer = copy.deepcopy(records["steerability"][0])
     steer["meta"]["constraints"].append({"kind": "exclude_keywords", "args": {"keywords": ["<b>", "a < b"]}})
     out.append(steer)
-    return [make_record(r["pipeline"], r["messages"], r["meta"], r.get("tools")) for r in out]
+    return [make_record(r["pipeline"], r["messages"], r["meta"], r.get("tools")).dump() for r in out]
 
 
 def test_markup_reaches_the_page_intact_and_a_typed_correction_comes_back_byte_identical(
@@ -461,7 +461,7 @@ def test_a_256k_token_document_is_pushed_shortened_and_comes_back_whole(argilla,
     messages = copy.deepcopy(base["messages"])
     messages[0]["content"] = document + "\n\n" + messages[0]["content"].rsplit("\n\n", 1)[-1]
     meta = {**copy.deepcopy(base["meta"]), "source": document}
-    record = make_record("doc_qa", messages, meta)
+    record = make_record("doc_qa", messages, meta).dump()
 
     # Past the server's limit (a display_chars above 20,000): one error naming the record.
     from review import cli
@@ -506,7 +506,7 @@ def test_a_server_killed_mid_push_loses_nothing_and_a_rerun_adds_only_what_is_mi
     for i in range(200):  # the session's records, each asked again with its own number
         record = copy.deepcopy(real_records["table_qa"][i % len(real_records["table_qa"])])
         record["messages"][0]["content"] += f" (review copy {i})"
-        records.append(make_record("table_qa", record["messages"], record["meta"]))
+        records.append(make_record("table_qa", record["messages"], record["meta"]).dump())
     name = prefix()
     path = recipe(tmp_path, mode="server", dataset_prefix=name, batch_size=4)
     inputs = write_inputs(tmp_path, records)

@@ -42,12 +42,12 @@ def test_jsonl_reader_returns_objects_or_names_the_bad_line(tmp_path, lines):
 @given(records=st.lists(RECORDISH, min_size=1, max_size=4))
 def test_train_and_review_readers_name_the_bad_record(tmp_path, records):
     from review.dataset import load_candidates
-    from sft.train import bad_records
+    from sft.train import load_conversations
 
     path = tmp_path / "records.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     try:
-        for where, problem, _ in bad_records([str(path)]):
+        for where, problem in load_conversations([str(path)])[1]:
             assert f"{path}:" in where and problem
     except InputError as exc:  # a line that is not a JSON object
         assert f"{path}:" in str(exc)

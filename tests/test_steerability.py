@@ -117,7 +117,7 @@ def test_finished_drafts_never_fail_an_instruction_of_form_with_format_edits(tmp
     an instruction code can apply; a cut-off draft is never edited; meta says what code
     changed."""
     from synth_data import four_steps, steerability as st
-    from pipeline.contract import read_records
+    from stage_outputs import records_as_written
     from pipeline.engines import CachedEngine, TransformersEngine
 
     engine = CachedEngine(TransformersEngine("teacher", batch_size=8, threads=1), tmp_path / "cache",
@@ -126,7 +126,7 @@ def test_finished_drafts_never_fail_an_instruction_of_form_with_format_edits(tmp
                     format_edits=True, kinds=sorted(constraints.EDITS), seed=1)
     stats = four_steps.run(st, cfg, engine, tmp_path / "out")
     assert_pipeline_output(tmp_path / "out", stats, st.REJECT_REASONS, teacher_dir)
-    records = read_records(tmp_path / "out" / "accepted.jsonl") + read_records(tmp_path / "out" / "rejected.jsonl")
+    records = records_as_written(tmp_path / "out" / "accepted.jsonl") + records_as_written(tmp_path / "out" / "rejected.jsonl")
     assert any(r["meta"]["format_edits"] for r in records)
     for r in records:
         # the request asks for brevity (the instructions, when listed, follow it)
@@ -162,10 +162,10 @@ def assert_pipeline_output(out, stats, reasons, teacher_dir):
     from transformers import AutoTokenizer
 
     from pipeline.chat_template import CHATML_TOOLS_TEMPLATE
-    from pipeline.contract import read_records
+    from stage_outputs import records_as_written
 
     # Read through the record contract; a rejected record's reason is a failed validator's.
-    accepted, rejected = read_records(out / "accepted.jsonl"), read_records(out / "rejected.jsonl")
+    accepted, rejected = records_as_written(out / "accepted.jsonl"), records_as_written(out / "rejected.jsonl")
     assert all(v["passed"] for r in accepted for v in r["meta"]["validators"].values())
     assert all(r["reject_reason"] in {v["reason"] for v in r["meta"]["validators"].values() if not v["passed"]}
                for r in rejected)

@@ -109,7 +109,7 @@ def test_malformed_teacher_output_is_rejected_with_a_reason():
 
 def test_post_edit_pairs_the_paragraph_with_the_computed_answer():
     (c,) = tq.validate(_cands(Completion("\nAnswer:  Shop 1 sold   12 units. ", 9, "stop")), tq.Config())
-    record = tq.post_edit(c, tq.Config())
+    record = tq.post_edit(c, tq.Config()).dump()
     assert record["messages"][0]["content"] == "Shop 1 sold 12 units.\n\nQuestion: What is the units of shop 1?"
     assert record["messages"][1]["content"] == "The units of shop 1 is 12."
     assert {"strip_whitespace", "strip_role_label", "collapse_whitespace"} <= set(record["meta"]["post_edit"])

@@ -179,13 +179,13 @@ def test_mismatch_near_miss_and_irrelevance_answered_by_code_are_one_refusal_wit
     with `irrelevance_answers: code` every no-call answer is REFUSAL: the teacher is
     asked nothing, each record is accepted and says how it was made."""
     from synth_data import four_steps
-    from pipeline.contract import read_records
+    from stage_outputs import records_as_written
 
     items = {item["id"]: item for category in bfcl.CATALOGUE_FILES for item in bfcl.bfcl_items(category)}
     cfg = tu.Config(count=60, seed=3, requests="bfcl", answers="code", irrelevance_answers="code",
                     mix={"single": 0.3, "irrelevance": 0.2, "mismatch": 0.3, "near_miss": 0.2})
     stats = four_steps.run(tu, cfg, ScriptedTeacher([]), tmp_path)
-    records = read_records(tmp_path / "accepted.jsonl")
+    records = records_as_written(tmp_path / "accepted.jsonl")
     by_kind = Counter(r["meta"]["kind"] for r in records)
     assert by_kind["mismatch"] >= 10 and by_kind["near_miss"] >= 5 and by_kind["irrelevance"] >= 5
     assert by_kind["single"] >= 10
@@ -289,7 +289,7 @@ def test_code_answers_on_bfcl_requests_are_the_sampled_calls_on_the_real_teacher
     gets its code-built answer, and the records say which made each answer; parallel
     and multiple calls come through."""
     from synth_data import four_steps
-    from pipeline.contract import read_records
+    from stage_outputs import records_as_written
     from pipeline.engines import CachedEngine, TransformersEngine
 
     engine = CachedEngine(TransformersEngine("teacher", batch_size=8, threads=1), tmp_path / "cache",
@@ -298,8 +298,8 @@ def test_code_answers_on_bfcl_requests_are_the_sampled_calls_on_the_real_teacher
     cfg = tu.Config(count=4, n=1, max_tokens=48, requests="bfcl", answers="auto",
                     mix={"parallel": 0.4, "multiple": 0.4, "irrelevance": 0.2}, seed=0)
     stats = four_steps.run(tu, cfg, engine, tmp_path / "out")
-    accepted = read_records(tmp_path / "out" / "accepted.jsonl")
-    rejected = read_records(tmp_path / "out" / "rejected.jsonl")
+    accepted = records_as_written(tmp_path / "out" / "accepted.jsonl")
+    rejected = records_as_written(tmp_path / "out" / "rejected.jsonl")
     calls = sum(len(json.loads(r["meta"]["expected_calls"])) > 0 for r in accepted + rejected
                 if r["meta"]["answer_source"] == "code")
     assert stats["generated"] == 4 + calls  # one teacher answer each, one code answer per call set
@@ -334,7 +334,7 @@ def test_paraphrased_requests_state_every_value_on_the_real_teacher(tmp_path, te
     """requests: paraphrase: the teacher rewrites a request code stated; an accepted
     record's request is the teacher's text and states every sampled value."""
     from synth_data import four_steps
-    from pipeline.contract import read_records
+    from stage_outputs import records_as_written
     from pipeline.engines import CachedEngine, TransformersEngine
 
     engine = CachedEngine(TransformersEngine("teacher", batch_size=8, threads=1), tmp_path / "cache",
@@ -343,9 +343,9 @@ def test_paraphrased_requests_state_every_value_on_the_real_teacher(tmp_path, te
                     mix={"single": 1.0}, seed=0)
     stats = four_steps.run(tu, cfg, engine, tmp_path / "out")
     assert stats["generated"] == 4  # code answers only: one per call set
-    accepted = read_records(tmp_path / "out" / "accepted.jsonl")
+    accepted = records_as_written(tmp_path / "out" / "accepted.jsonl")
     assert accepted, stats
-    for record in accepted + read_records(tmp_path / "out" / "rejected.jsonl"):
+    for record in accepted + records_as_written(tmp_path / "out" / "rejected.jsonl"):
         meta = record["meta"]
         assert meta["request_source"] == "paraphrase" and meta["answer_source"] == "code"
         assert meta["request_seed"] and 0 <= meta["request_sample"] < 3

@@ -74,7 +74,7 @@ def test_only_assistant_turns_are_trained(tmp_path, data_dir):
     recipe = load_recipe(path)
     tokenizer = load_tokenizer(recipe.model)
     train_set, skipped = tokenize_conversations(
-        load_conversations(recipe.data.train, None), tokenizer, recipe)
+        load_conversations(recipe.data.train)[0], tokenizer, recipe)
     assert skipped == []
     trainer = with_activation_loss(SFTTrainer)(
         model=load_student(recipe.model, tokenizer), args=sft_config(recipe, tmp_path / "out"),
