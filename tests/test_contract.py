@@ -289,6 +289,165 @@ def test_the_dict_check_finds_a_planted_dict_read():
         "evals.gate:3", "evals.gate:5", "evals.gate:6", "evals.gate:8"]
 
 
+# -------------------------- records, pairs, prompts, conversations are typed too
+ROW_MODELS = {"Record", "Pair", "GrpoPrompt", "Conversation"}
+# Calls that give a row, or a list of rows: the contract's readers and builders, and
+# the stage functions built on them.
+ROW_MAKERS = {"make_record", "check_record", "check_pair", "check_grpo_prompt", "make_pair", "as_grpo_prompt",
+              "rejected_by_code", "apply_decision", "post_edit", *ROW_MODELS}
+ROWS_READERS = {"read_records", "read_pairs", "read_grpo_prompts", "read_conversations", "load_candidates"}
+
+
+def row_indexing(module: str, source: str) -> list[str]:
+    """Where a stage treats a record, pair, GRPO prompt or conversation as a dict
+    (`r["id"]`, `r.get("tools")`, `"meta" in r`): r a name bound to what a row maker
+    gives, a parameter annotated with a row model, a loop or lambda variable over a list
+    of rows (what a reader or a function annotated so gives, a parameter annotated so,
+    a list rows are appended to), or such a list's element itself (`rows[0]["id"]`)."""
+    tree = ast.parse(source)
+    functions = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+    def callee(node: ast.AST) -> str | None:
+        if isinstance(node, ast.Call):
+            func = node.func
+            if isinstance(func, ast.Attribute) and func.attr == "model_validate":
+                func = func.value
+            return func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
+        return None
+
+    def names_in(annotation: ast.AST) -> set[str]:
+        return {n.id for n in ast.walk(annotation) if isinstance(n, ast.Name)}
+
+    def is_row_type(annotation: ast.AST) -> bool:  # Record, Record | Pair
+        if isinstance(annotation, ast.BinOp):
+            return is_row_type(annotation.left) and is_row_type(annotation.right)
+        return isinstance(annotation, ast.Name) and annotation.id in ROW_MODELS
+
+    def is_rows_type(annotation: ast.AST) -> bool:  # list[Record], dict[str, list[Record | Pair]]
+        return isinstance(annotation, ast.Subscript) and bool(names_in(annotation) & ROW_MODELS)
+
+    makers = ROW_MAKERS | {f.name for f in functions if f.returns is not None and is_row_type(f.returns)}
+    readers = ROWS_READERS | {f.name for f in functions if f.returns is not None and is_rows_type(f.returns)}
+
+    def is_rows(node: ast.AST, lists: set[str]) -> bool:
+        if isinstance(node, ast.BinOp):  # accepted + rejected
+            return is_rows(node.left, lists) or is_rows(node.right, lists)
+        if isinstance(node, ast.Call) and callee(node) in ("sorted", "enumerate", "reversed", "list") and node.args:
+            return is_rows(node.args[0], lists)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "values":
+            return is_rows(node.func.value, lists)
+        if isinstance(node, ast.Subscript):  # rows[:n], by_pipeline[name]
+            return is_rows(node.value, lists)
+        return (isinstance(node, ast.Name) and node.id in lists) or callee(node) in readers
+
+    def is_row(node: ast.AST, rows: set[str], lists: set[str]) -> bool:
+        if isinstance(node, ast.Subscript) and isinstance(node.slice, (ast.Constant, ast.Name, ast.UnaryOp)) and not (
+                isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str)):
+            return is_rows(node.value, lists)  # rows[0], rows[i]
+        return (isinstance(node, ast.Name) and node.id in rows) or callee(node) in makers
+
+    found = []
+    for function in functions:
+        args = function.args.posonlyargs + function.args.args + function.args.kwonlyargs
+        rows = {a.arg for a in args if a.annotation is not None and is_row_type(a.annotation)}
+        lists = {a.arg for a in args if a.annotation is not None and is_rows_type(a.annotation)}
+        for _ in range(3):  # a name bound later in the walk than its use
+            for node in ast.walk(function):
+                if isinstance(node, ast.Assign):
+                    targets = {t.id for t in node.targets if isinstance(t, ast.Name)}
+                    if is_row(node.value, rows, lists):
+                        rows |= targets
+                    elif is_rows(node.value, lists) or isinstance(node.value, (ast.ListComp, ast.List)) and any(
+                            is_rows(g.iter, lists) for g in ast.walk(node.value) if isinstance(g, ast.comprehension)):
+                        lists |= targets
+                elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                    if is_row_type(node.annotation):
+                        rows.add(node.target.id)
+                    elif is_rows_type(node.annotation):
+                        lists.add(node.target.id)
+                elif isinstance(node, (ast.For, ast.comprehension)) and is_rows(node.iter, lists):
+                    target = node.target
+                    if isinstance(target, ast.Tuple):  # for i, r in enumerate(rows)
+                        target = target.elts[-1]
+                    if isinstance(target, ast.Name):
+                        rows.add(target.id)
+                elif isinstance(node, (ast.For, ast.comprehension)) and isinstance(node.target, ast.Tuple) and \
+                        isinstance(node.iter, ast.Call) and isinstance(node.iter.func, ast.Attribute) and \
+                        node.iter.func.attr == "items" and is_rows(node.iter.func.value, lists):
+                    value = node.target.elts[-1]  # for name, group in by_pipeline.items()
+                    if isinstance(value, ast.Name):
+                        lists.add(value.id)
+                elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                        node.func.attr == "append" and isinstance(node.func.value, ast.Name) and node.args and \
+                        is_row(node.args[0], rows, lists):
+                    lists.add(node.func.value.id)  # chosen.append(record)
+                elif isinstance(node, ast.Call) and callee(node) in ("sorted", "max", "min") and node.args and \
+                        is_rows(node.args[0], lists):
+                    for key in node.keywords:  # sorted(rows, key=lambda r: ...)
+                        if key.arg == "key" and isinstance(key.value, ast.Lambda):
+                            rows |= {a.arg for a in key.value.args.args}
+        for node in ast.walk(function):
+            if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and isinstance(
+                    node.slice.value, str):
+                target = node.value
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in DICT_ACCESS:
+                target = node.func.value
+            elif isinstance(node, ast.Compare) and isinstance(node.ops[0], (ast.In, ast.NotIn)) and isinstance(
+                    node.left, ast.Constant):
+                target = node.comparators[0]
+            else:
+                continue
+            if is_row(target, rows, lists):
+                found.append(f"{module}:{node.lineno} {ast.unparse(node)[:60]}")
+    return sorted(set(found))
+
+
+def test_no_stage_reads_a_record_pair_prompt_or_conversation_as_a_dict():
+    """Records, pairs, GRPO prompts and training conversations reach a stage as their
+    models: the stage reads attributes (a pipeline's own meta keys from model_extra)."""
+    found = [hit for m in sorted(stage_modules()) for hit in row_indexing(m, module_file(m).read_text())]
+    assert not found, found
+
+
+def test_the_row_check_finds_a_planted_dict_read():
+    planted = ('def dedup(inputs: dict[str, list[Record]]):\n'
+               '    for name in inputs:\n'
+               '        pass\n'
+               'def main(path):\n'
+               '    for r in read_records(path):\n'
+               '        print(r["id"])\n'
+               '    pairs = read_pairs(path)\n'
+               '    for i, pair in enumerate(pairs):\n'
+               '        tools = pair.get("tools")\n'
+               '    record = make_record("x", [], {})\n'
+               '    return "meta" in record\n'
+               'def rank(record: Record) -> tuple:\n'
+               '    return record["meta"]["scores"], record.meta.validators["calls"]\n'
+               'def fine(rows: list[dict], items):\n'
+               '    return rows[0]["id"], [i["id"] for i in items]\n')
+    assert [hit.split(" ", 1)[0] for hit in row_indexing("synth_data.prefs", planted)] == [
+        "synth_data.prefs:11", "synth_data.prefs:13", "synth_data.prefs:6", "synth_data.prefs:9"]
+
+
+# An attribute read in a real stage put back as the dict read it replaced.
+PLANTED_IN_STAGES = [
+    ("synth_data.prefs", "{r.id for r in read_records", '{r["id"] for r in read_records'),
+    ("synth_data.dedup", "record_text(r.messages))", 'record_text(r["messages"]))'),
+    ("sft.mix", "Counter(r.pipeline for r in chosen)", 'Counter(r["pipeline"] for r in chosen)'),
+    ("sft.dpo", "json.dumps(pair.tools) if", 'json.dumps(pair.get("tools")) if'),
+    ("review.pull", "original = record.messages[-1]", 'original = record["messages"][-1]'),
+    ("synth_data.grpo_prompts", 'p.id = f"heldout-{p.id}"', 'p["id"] = f"heldout-{p.id}"'),
+    ("evals.heldout_loss", '"id": record.id,', '"id": record["id"],'),
+]
+
+
+@pytest.mark.parametrize("module, attribute, planted", PLANTED_IN_STAGES, ids=[c[0] for c in PLANTED_IN_STAGES])
+def test_the_row_check_finds_a_dict_read_planted_in_a_stage(module, attribute, planted):
+    source = module_file(module).read_text()
+    assert attribute in source
+    assert row_indexing(module, source.replace(attribute, planted, 1))
+
+
 # ---------------------------------------------------------- planted faults
 @pytest.fixture(scope="module")
 def specimens(tmp_path_factory) -> dict[str, Path]:
