@@ -82,7 +82,7 @@ def check_vllm_int8(work: Path) -> str:
     for args in (["train", str(path)],
                  ["export", str(path), "--model", str(work / "sft" / "final"), "--out", str(work / "export"),
                   "--report", str(work / "export_report.json")]):
-        done = run([sys.executable, "-m", "pipeline.cli", *args], 240)
+        done = run([sys.executable, "-m", "posttrain.cli", *args], 240)
         assert done.returncode == 0, done.stderr[-2000:]
     base, adapter = work / "export" / "base", work / "export" / "vllm"
 

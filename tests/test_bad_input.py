@@ -4,7 +4,7 @@ stage's previous outputs left exactly as they were.
 
 One table: each row is a subcommand, a kind of bad input, what the message must
 name, and the output that must survive. Each run goes through the real CLI entry
-point (`pipeline.cli.main`) with the real stage code; every check that can happen
+point (`posttrain.cli.main`) with the real stage code; every check that can happen
 before a model is built or data is generated happens there, so these runs are quick.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main as posttrain
+from posttrain.cli import main as posttrain
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny-cpu.yaml"
 SENTINEL = "previous output, must survive\n"

@@ -19,7 +19,7 @@ import pytest
 
 from chat_tokenizers import gemma3_dir, qwen3_dir
 from fixtures_chat import TEST_TINY, WEATHER_TOOL, chat_records, tiny_recipe, write_recipe
-from pipeline.cli import main as cli
+from posttrain.cli import main as cli
 from pipeline.contract import make_record
 from pipeline.records import read_json, write_jsonl
 

@@ -114,7 +114,7 @@ def uses(artifact: contract.Artifact, how: str, names: set[str]) -> bool:
 
 # ---------------------------------------------------------------- the table
 def test_every_output_another_stage_the_summary_or_the_plots_read_is_in_the_contract():
-    from pipeline.summary import GENERATE, REPORTS
+    from posttrain.summary import GENERATE, REPORTS
 
     missing = []
     for name, _, _, outs in STAGES:
@@ -186,7 +186,7 @@ def raw_io(module: str, source: str) -> list[str]:
 
 def stage_modules() -> set[str]:
     modules = set().union(*(stage_code(cmd, deps) for _, cmd, deps, _ in STAGES))
-    return (modules | {"pipeline.summary", "pipeline.plots"}) - {"pipeline.contract", "pipeline.records"}
+    return (modules | {"posttrain.summary", "posttrain.plots"}) - {"pipeline.contract", "pipeline.records"}
 
 
 def test_no_stage_reads_json_around_the_contract_or_writes_an_owned_file_raw():
@@ -645,7 +645,7 @@ def test_a_writer_refuses_a_report_that_breaks_the_contract(tmp_path):
 
 
 def test_the_summary_names_a_broken_report_on_its_own_line(specimens, tmp_path):
-    from pipeline.summary import summary
+    from posttrain.summary import summary
 
     gate = read_json(specimens["gate_report"])
     del gate["passed"]

@@ -84,7 +84,7 @@ def test_dedup_stage_writes_kept_and_removed_files(rec, needle, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"dedup:\n  heldout_files: [{heldout}]\n  bfcl_heldout: true\n")
     out = tmp_path / "dedup"
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "dedup", str(recipe), "--input", str(root),
+    proc = subprocess.run([sys.executable, "-m", "posttrain.cli", "dedup", str(recipe), "--input", str(root),
                            "--out", str(out)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     stats = json.loads((out / "dedup_stats.json").read_text())
@@ -93,7 +93,7 @@ def test_dedup_stage_writes_kept_and_removed_files(rec, needle, tmp_path):
     assert len(read_jsonl(out / "removed.jsonl")) == 1 and len(read_jsonl(out / "accepted" / "steerability.jsonl")) == 1
 
     recipe.write_text("dedup:\n  heldout_files: [/nonexistent.jsonl]\n")
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "dedup", str(recipe), "--input", str(root),
+    proc = subprocess.run([sys.executable, "-m", "posttrain.cli", "dedup", str(recipe), "--input", str(root),
                            "--out", str(out)], capture_output=True, text=True)
     assert proc.returncode == 2 and "/nonexistent.jsonl: no such file" in proc.stderr
 
@@ -102,7 +102,7 @@ def test_dedup_stage_writes_kept_and_removed_files(rec, needle, tmp_path):
     del broken["meta"]["validators"]
     write_jsonl(root / "needle" / "accepted.jsonl", [needle, broken])
     recipe.write_text("dedup:\n  bfcl_heldout: false\n")
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "dedup", str(recipe), "--input", str(root),
+    proc = subprocess.run([sys.executable, "-m", "posttrain.cli", "dedup", str(recipe), "--input", str(root),
                            "--out", str(out)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert f"needle/accepted.jsonl:2: record '{needle['id']}': meta.validators: Field required" in proc.stderr

@@ -28,10 +28,10 @@ def launch(recipe_path: Path, launcher: str = "torchrun") -> subprocess.Complete
     port = str(free_port())
     if launcher == "torchrun":
         cmd = [str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port", port,
-               "-m", "pipeline.cli", "train", str(recipe_path)]
+               "-m", "posttrain.cli", "train", str(recipe_path)]
     else:
         cmd = [str(bin_dir / "deepspeed"), "--num_gpus", "2", "--master_port", port,
-               "--module", "pipeline.cli", "train", str(recipe_path)]
+               "--module", "posttrain.cli", "train", str(recipe_path)]
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return run

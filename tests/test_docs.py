@@ -114,7 +114,7 @@ def test_every_stage_page_starts_with_the_command_that_runs_it():
         commands = [line.strip() for line in block
                     if line.strip() and not line.lstrip().startswith(("#", "export "))]
         assert commands and commands[0].startswith(COMMANDS), f"{page}: first command {commands[:1]}"
-        assert any("posttrain " in c or "pipeline.cli" in c or c.startswith(("make ", "dvc ")) for c in commands), (
+        assert any("posttrain " in c or "posttrain.cli" in c or c.startswith(("make ", "dvc ")) for c in commands), (
             f"{page}: the block does not run a stage")
 
 

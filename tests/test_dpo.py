@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.cli import main as posttrain
+from posttrain.cli import main as posttrain
 from pipeline.records import read_json, read_jsonl
 from planted_outlier import PLANTED, scale_residual_stream, site_peak
 
@@ -228,7 +228,7 @@ def test_dpo_trains_under_deepspeed_zero2_with_2_cpu_processes(dpo_run, tmp_path
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
            "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions")}
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port",
-           str(free_port()), "-m", "pipeline.cli", "dpo", str(recipe), "--sft", str(root / "sft" / "final"),
+           str(free_port()), "-m", "posttrain.cli", "dpo", str(recipe), "--sft", str(root / "sft" / "final"),
            "--pairs", str(root / "prefs" / "pairs.jsonl"), "--output-dir", str(out),
            "--set", f"dpo.deepspeed={ROOT / 'recipes' / 'accelerate' / 'zero2.json'}",
            "--set", "dpo.max_steps=4", "--set", "dpo.per_device_train_batch_size=1"]

@@ -19,10 +19,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipeline", "synth_data", "review", "sft", "activation_loss", "evals", "plan")
+PACKAGES = ("pipeline", "posttrain", "synth_data", "review", "sft", "activation_loss", "evals", "plan")
 # What each package may import besides itself.
 MAY_IMPORT = {
-    "pipeline": set(),
+    "pipeline": set(),  # the ground floor: foundations only
+    # The commands above the stages (CLI, teacher, plots, summary): the CLI reaches a
+    # stage's module by name when its subcommand runs; the rest read the contract.
+    "posttrain": {"pipeline"},
     "synth_data": {"pipeline"},
     "review": {"pipeline"},
     "sft": {"pipeline", "activation_loss"},
@@ -106,7 +109,7 @@ def dvc_stages():
 
 def entry_modules(cmd: str) -> set[str]:
     """The modules a stage's `posttrain <subcommand> ...` command runs."""
-    from pipeline.cli import COMMANDS
+    from posttrain.cli import COMMANDS
     from synth_data.four_steps import PIPELINES
 
     words = shlex.split(cmd)
@@ -149,7 +152,7 @@ def project_modules():
             yield ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def test_no_stage_imports_another_stage_and_pipeline_imports_no_stage():
+def test_no_stage_imports_another_stage_and_pipeline_imports_no_stage_or_command():
     broken = []
     for name in project_modules():
         package = name.split(".")[0]

@@ -39,7 +39,7 @@ TINY = ROOT / "recipes/tiny-cpu.yaml"
 
 
 def posttrain(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd,
+    result = subprocess.run([sys.executable, "-m", "posttrain.cli", *args], cwd=cwd,
                             capture_output=True, text=True, check=False)
     if check:
         assert result.returncode == 0, f"posttrain {' '.join(args)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"

@@ -187,7 +187,7 @@ def test_dedup_drops_records_that_copy_an_ifeval_prompt(tmp_path):
     def run(flag):
         recipe.write_text(f"dedup:\n  bfcl_heldout: false\n  ifeval_heldout: {flag}\n")
         out = tmp_path / f"dedup-{flag}"
-        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "dedup", str(recipe), "--input", str(root),
+        proc = subprocess.run([sys.executable, "-m", "posttrain.cli", "dedup", str(recipe), "--input", str(root),
                                "--out", str(out)], capture_output=True, text=True, check=False)
         assert proc.returncode == 0, proc.stderr
         return out, json.loads((out / "dedup_stats.json").read_text())

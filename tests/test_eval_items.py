@@ -111,7 +111,7 @@ def test_the_eval_stage_writes_the_per_item_contract_for_every_suite(tmp_path):
     outs = {}
     for seed in (0, 1):
         out = tmp_path / f"out-{seed}"
-        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "eval", str(eval_recipe(tmp_path, seed)),
+        proc = subprocess.run([sys.executable, "-m", "posttrain.cli", "eval", str(eval_recipe(tmp_path, seed)),
                                "--model", "base", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
                               check=False)
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from fixtures_chat import tiny_recipe, write_chat_data, write_recipe
-from pipeline.cli import main as cli
+from posttrain.cli import main as cli
 from pipeline.records import read_json
 
 pytestmark = pytest.mark.slow  # three short trainings (tiny LoRA, tiny full, SmolLM2) + exports

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from pipeline.cli import main as cli
+from posttrain.cli import main as cli
 from planted_outlier import PLANTED, planted_model, planted_runs
 
 torch.set_num_threads(2)

@@ -65,7 +65,7 @@ def gpu_recipe(tmp_path: Path, name: str, steps: int, **tiny) -> Path:
 
 def cli(args: list[str]) -> int:
     """Each stage in its own process, as DVC runs them: the GPU starts empty."""
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT).returncode
+    return subprocess.run([sys.executable, "-m", "posttrain.cli", *args], cwd=ROOT).returncode
 
 
 def summary(out: Path) -> dict:

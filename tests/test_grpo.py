@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cli import main as posttrain
+from posttrain.cli import main as posttrain
 from pipeline.contract import read_grpo_prompts
 from pipeline.records import read_json
 from synth_data import four_steps, rewards, table_qa, tool_use
@@ -491,7 +491,7 @@ def test_grpo_trains_under_deepspeed_zero2_with_2_cpu_processes(tmp_path):
            "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions")}
     out = tmp_path / "grpo"
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "pipeline.cli", "grpo", str(recipe), "--model", str(tmp_path / "sft" / "final"),
+           "-m", "posttrain.cli", "grpo", str(recipe), "--model", str(tmp_path / "sft" / "final"),
            "--prompts", str(tmp_path / "prompts.jsonl"), "--output-dir", str(out),
            "--set", f"grpo.deepspeed={ROOT / 'recipes' / 'accelerate' / 'zero2.json'}"]
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)

@@ -36,7 +36,7 @@ def run_mix(tmp_path, recs, *overrides):
     write_jsonl(src, recs)
     recipe = tmp_path / "r.yaml"
     recipe.write_text("mix:\n  eval_fraction: 0.1\n  seed: 3\n")
-    cmd = [sys.executable, "-m", "pipeline.cli", "mix", str(recipe), "--input", str(src),
+    cmd = [sys.executable, "-m", "posttrain.cli", "mix", str(recipe), "--input", str(src),
            "--out", str(tmp_path / "mix"), *[a for o in overrides for a in ("--set", o)]]
     return subprocess.run(cmd, capture_output=True, text=True)
 

@@ -260,7 +260,7 @@ def test_padding_free_sft_matches_padded_sft_step_by_step(tmp_path):
     assistant mask and the activation term (over real tokens only) are the same."""
     from fixtures_chat import tiny_recipe, write_chat_data, write_recipe
 
-    from pipeline.cli import main as cli
+    from posttrain.cli import main as cli
     from pipeline.records import read_json
 
     write_chat_data(tmp_path)

@@ -80,7 +80,7 @@ def test_grpo_planned_samples_the_prompts_and_runs_the_steps_the_grpo_stages_do(
     """GRPO switched on by its one line: the plan's prompts per pipeline are what
     `posttrain grpo-prompts` samples, its steps and completions per step what the
     grpo stage's own GRPOConfig runs."""
-    from pipeline.cli import main as posttrain
+    from posttrain.cli import main as posttrain
     from pipeline.contract import GrpoPromptStats, read_report
     from sft.grpo import grpo_config
 
@@ -211,7 +211,7 @@ def test_plan_json_on_stdout_is_the_plan_alone():
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "plan", str(TINY), "--json"], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "posttrain.cli", "plan", str(TINY), "--json"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["train"]["steps"] == 40

@@ -12,7 +12,7 @@ from collections import defaultdict
 
 import pytest
 
-from pipeline.cli import main as posttrain
+from posttrain.cli import main as posttrain
 from pipeline.contract import read_records
 from pipeline.records import read_json, read_jsonl
 from synth_data import constraints, tool_use

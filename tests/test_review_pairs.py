@@ -16,7 +16,7 @@ import pytest
 from test_prefs import prefs_run  # noqa: F401  (a fixture)
 from test_review import argilla, free_port, prefix, sdk, submit  # noqa: F401  (argilla, sdk: fixtures)
 
-from pipeline.cli import main as posttrain
+from posttrain.cli import main as posttrain
 from pipeline.contract import check_pair
 from pipeline.records import read_json, read_jsonl, write_jsonl
 from review import pull, push, server

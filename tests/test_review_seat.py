@@ -380,7 +380,7 @@ def fleiss(table: list[list[int]]) -> float:
 def test_two_reviewers_per_record_agreement_disputes_and_the_summary(argilla, sdk, real_records, tmp_path, capsys):  # noqa: F811
     import argilla as rg
 
-    from pipeline.summary import summary
+    from posttrain.summary import summary
 
     records = real_records["needle"] + real_records["table_qa"][:2]  # 6 + 2 records in two datasets
     name = push_one(tmp_path, records, min_submitted=2, unreviewed="pending")
@@ -511,7 +511,7 @@ def test_a_server_killed_mid_push_loses_nothing_and_a_rerun_adds_only_what_is_mi
     path = recipe(tmp_path, mode="server", dataset_prefix=name, batch_size=4)
     inputs = write_inputs(tmp_path, records)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "pipeline.cli", "review", "push", path, "--input", *inputs]
+    command = [sys.executable, "-m", "posttrain.cli", "review", "push", path, "--input", *inputs]
     pushing = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def held() -> list[str]:  # what the dataset holds (nothing while push has not made it yet)

@@ -4,7 +4,7 @@ stages really write; a stage that has not run says so instead of failing."""
 import pytest
 import yaml
 
-from pipeline.cli import main as cli
+from posttrain.cli import main as cli
 from pipeline.records import read_json
 
 ROOT_RECIPE = "recipes/tiny-cpu.yaml"
@@ -78,7 +78,7 @@ def test_summary_of_a_real_run_fits_a_screen_and_carries_the_key_numbers(tmp_pat
 
 
 def test_the_grpo_lines_carry_the_heldout_reward_with_its_interval():
-    from pipeline import summary
+    from posttrain import summary
     from pipeline.contract import GrpoMetrics
 
     metrics = {"enabled": True, "global_step": 24, "prompts": 96, "reward_first": 0.4, "reward_last": 0.6}

@@ -12,7 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from fixtures_chat import tiny_recipe, write_chat_data, write_recipe
-from pipeline.cli import main as cli
+from posttrain.cli import main as cli
 from pipeline.records import read_json, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +156,7 @@ def test_a_bad_recipe_fails_at_once_naming_key_and_file(tmp_path, data_dir, case
         recipe[section] = values if section == "model" else {**recipe[section], **values}
     path = write_recipe(tmp_path / "bad.yaml", recipe)
     before = set(tmp_path.iterdir())
-    run = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", str(path)],
+    run = subprocess.run([sys.executable, "-m", "posttrain.cli", "train", str(path)],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 2, run.stderr[-2000:]
     error = [line for line in run.stderr.splitlines() if "error" in line]

