@@ -141,6 +141,37 @@ def test_every_record_the_mix_writes_is_a_conversation_sft_reads(tmp_path):
         contract.Conversation.model_validate(record)
 
 
+def test_a_parquet_training_file_reads_as_the_same_conversations_as_its_jsonl(tmp_path):
+    """A user's data.train may be parquet, tools as JSON text (one Arrow type cannot hold
+    every schema): SFT, the audit and the held-out loss read it as the JSONL; a row that
+    breaks the contract is named by file and row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from fixtures_chat import chat_records
+
+    from pipeline.records import write_jsonl
+
+    records = chat_records(6)
+    write_jsonl(tmp_path / "train.jsonl", records)
+    table = pa.Table.from_pylist([{"id": r["id"], "messages": r["messages"], "tools": json.dumps(r.get("tools"))}
+                                  for r in records])
+    pq.write_table(table, tmp_path / "train.parquet")
+    jsonl = contract.read_conversations(tmp_path / "train.jsonl")
+    parquet = contract.read_conversations(tmp_path / "train.parquet")
+    assert any(c.tools for c in jsonl) and any(not c.tools for c in jsonl)
+    assert [c.id for c in parquet] == [c.id for c in jsonl] and [c.tools for c in parquet] == [c.tools for c in jsonl]
+    # Arrow gives every turn every key of the column (tool_calls: None where a turn has
+    # none), which the chat templates read as absent.
+    assert [[{k: v for k, v in t.items() if v is not None} for t in c.turns()] for c in parquet] == [
+        c.turns() for c in jsonl]
+    broken = table.to_pylist()
+    broken[1]["messages"] = broken[1]["messages"][:-1][:1]  # a user turn, no answer
+    pq.write_table(pa.Table.from_pylist(broken), tmp_path / "broken.parquet")
+    with pytest.raises(InputError) as exc:
+        contract.read_conversations(tmp_path / "broken.parquet")
+    assert f"broken.parquet:row 2: record {records[1]['id']!r}: messages: " in one_line(exc)
+
+
 @pytest.mark.parametrize("name, cmd, deps, outs", STAGES, ids=[s[0] for s in STAGES])
 def test_each_stage_writes_and_reads_its_artifacts_through_the_contract(name, cmd, deps, outs):
     names = names_in(stage_code(cmd, deps))
