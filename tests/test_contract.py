@@ -699,6 +699,37 @@ def test_a_report_read_and_written_again_is_the_same_file(specimens, kind, tmp_p
     assert (tmp_path / specimens[kind].name).read_bytes() == specimens[kind].read_bytes()
 
 
+@pytest.mark.parametrize("kind", sorted(JSONL_FAULTS))
+def test_a_jsonl_file_read_as_models_and_written_again_is_the_same_file(specimens, kind, tmp_path):
+    """Records (dedup's output), training conversations (the mix's, carrying review's
+    decision), pairs and GRPO prompts keep their layout through their models: what a
+    stage reads and writes unchanged is byte for byte what was there."""
+    read, _ = JSONL_FAULTS[kind]
+    write = {"pairs": contract.write_pairs, "grpo_prompts": contract.write_grpo_prompts}.get(kind, contract.write_records)
+    rows = read(specimens[kind])
+    assert rows and all(isinstance(row, contract.Layout) for row in rows)
+    write(tmp_path / specimens[kind].name, rows)
+    assert (tmp_path / specimens[kind].name).read_bytes() == specimens[kind].read_bytes()
+
+
+def test_a_record_changed_by_a_stage_is_written_as_a_dict_edit_would_write_it(specimens, tmp_path):
+    """A key a stage sets comes last, where `{**record, key: value}` put it; 1 stays 1."""
+    [record, *_] = contract.read_records(specimens["records"])
+    raw = read_jsonl(specimens["records"])[0]
+    changed = record.model_copy(deep=True)
+    changed.meta.dedup = {"duplicate_of": "x", "similarity": 1}
+    changed.reject_reason = "duplicate"
+    contract.write_records(tmp_path / "removed.jsonl", [changed])
+    expected = {**raw, "meta": {**raw["meta"], "dedup": {"duplicate_of": "x", "similarity": 1}},
+                "reject_reason": "duplicate"}
+    assert (tmp_path / "removed.jsonl").read_text() == json.dumps(expected, ensure_ascii=False) + "\n"
+    assert "dedup" not in record.meta.model_fields_set  # the deep copy left the original alone
+    graded = {**raw, "meta": {**raw["meta"], "validators": {
+        **raw["meta"]["validators"], "graded": {"passed": True, "score": 1, "reason": None}}}}
+    contract.write_records(tmp_path / "graded.jsonl", [contract.check_record(graded)])
+    assert (tmp_path / "graded.jsonl").read_text() == json.dumps(graded, ensure_ascii=False) + "\n"
+
+
 def test_a_report_model_keeps_the_layout_it_was_given(tmp_path):
     check = contract.GateCheck(detail="max |activation| 812", name="fp16_safe", passed=True, status="passed",
                                max_abs=812, offending=[])
