@@ -26,6 +26,7 @@ from torch import nn
 
 from activation_loss.sites import SITE_KINDS, Site, SiteRecorder
 from pipeline.contract import Fp16Audit, read_conversations, write_report
+from pipeline.plotting import figure
 from pipeline.recipe import Recipe, RecipeError, add_recipe_arguments, check_paths, load_recipe
 
 log = logging.getLogger(__name__)
@@ -212,11 +213,6 @@ def _json_float(value: float) -> float | None:
 def plot(per_layer: dict[str, dict[str, float | None]], limit: float, path: Path, title: str) -> None:
     """Bars: per layer, the max |activation| of each site kind (experts: the max over
     the layer's experts), log scale, with FP16's limit drawn across."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     kinds = [k for k in SITE_KINDS if k in per_layer]
     layer_max: dict[str, dict[int, float]] = {}
     for kind in kinds:
@@ -225,19 +221,16 @@ def plot(per_layer: dict[str, dict[str, float | None]], limit: float, path: Path
             shown = limit * 10 if value is None else max(value, 1e-8)  # non-finite: above the line
             layer_max.setdefault(kind, {})[layer] = max(layer_max.get(kind, {}).get(layer, 0.0), shown)
     layers = sorted({layer for values in layer_max.values() for layer in values})
-    fig, ax = plt.subplots(figsize=(max(6, len(layers) * 0.6), 4))
-    width = 0.8 / max(1, len(kinds))
-    for i, kind in enumerate(kinds):
-        xs = [layer + (i - (len(kinds) - 1) / 2) * width for layer in layers if layer in layer_max[kind]]
-        ys = [layer_max[kind][layer] for layer in layers if layer in layer_max[kind]]
-        ax.bar(xs, ys, width=width, label=kind)
-    ax.axhline(limit, color="red", linestyle="--", label=f"fp16 max {limit:,.0f}")
-    ax.set_yscale("log")
-    ax.set_xticks(layers)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("max |activation| (fp32)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, (max(6, len(layers) * 0.6), 4)) as (fig, ax):
+        width = 0.8 / max(1, len(kinds))
+        for i, kind in enumerate(kinds):
+            xs = [layer + (i - (len(kinds) - 1) / 2) * width for layer in layers if layer in layer_max[kind]]
+            ys = [layer_max[kind][layer] for layer in layers if layer in layer_max[kind]]
+            ax.bar(xs, ys, width=width, label=kind)
+        ax.axhline(limit, color="red", linestyle="--", label=f"fp16 max {limit:,.0f}")
+        ax.set_yscale("log")
+        ax.set_xticks(layers)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("max |activation| (fp32)")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)

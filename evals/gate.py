@@ -60,6 +60,7 @@ from pipeline.contract import (
     read_report,
     write_report,
 )
+from pipeline.plotting import figure
 from pipeline.recipe import add_recipe_arguments, load_recipe
 from pipeline.records import InputError, write_json
 
@@ -474,11 +475,6 @@ def write_plots(report: EvalReport, out: Path) -> None:
     """DVC plot data (JSON rows) and PNGs, every number with its 95 % error bar:
     retention vs length, skill scores before and after, and each change with its
     interval."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out.mkdir(parents=True, exist_ok=True)
     comparisons = report.comparisons
     z = 1.96
@@ -498,38 +494,29 @@ def write_plots(report: EvalReport, out: Path) -> None:
     write_json(out / "skills.json", skills)
     write_json(out / "deltas.json", deltas)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for side, style in (("before", "o--"), ("after", "o-")):
-        ax.errorbar([r["length"] for r in retention], [r[side] for r in retention],
-                    yerr=[r[f"{side}_err"] for r in retention], fmt=style, capsize=3, label=side)
-    ax.set(xlabel="context length (student tokens)", ylabel="task average (%), 95% error bars",
-           ylim=(-5, 105), title="Retention vs length")
-    if retention:
-        ax.set_xscale("log", base=2)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "retention.png", dpi=100)
-    plt.close(fig)
+    with figure(out / "retention.png", (6, 4)) as (_, ax):
+        for side, style in (("before", "o--"), ("after", "o-")):
+            ax.errorbar([r["length"] for r in retention], [r[side] for r in retention],
+                        yerr=[r[f"{side}_err"] for r in retention], fmt=style, capsize=3, label=side)
+        ax.set(xlabel="context length (student tokens)", ylabel="task average (%), 95% error bars",
+               ylim=(-5, 105), title="Retention vs length")
+        if retention:
+            ax.set_xscale("log", base=2)
+        ax.legend()
 
-    fig, ax = plt.subplots(figsize=(max(6, len(skills) * 0.6), 4))
-    xs = range(len(skills))
-    for offset, side in ((-0.2, "before"), (0.2, "after")):
-        ax.bar([x + offset for x in xs], [r[side] for r in skills], 0.4,
-               yerr=[r[f"{side}_err"] for r in skills], capsize=2, label=side)
-    ax.set_xticks(list(xs), [r["metric"] for r in skills], rotation=45, ha="right", fontsize=8)
-    ax.set(ylabel="score (%), 95% error bars", ylim=(0, 105), title="Skill scores, before and after")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "skills.png", dpi=100)
-    plt.close(fig)
+    with figure(out / "skills.png", (max(6, len(skills) * 0.6), 4)) as (_, ax):
+        xs = range(len(skills))
+        for offset, side in ((-0.2, "before"), (0.2, "after")):
+            ax.bar([x + offset for x in xs], [r[side] for r in skills], 0.4,
+                   yerr=[r[f"{side}_err"] for r in skills], capsize=2, label=side)
+        ax.set_xticks(list(xs), [r["metric"] for r in skills], rotation=45, ha="right", fontsize=8)
+        ax.set(ylabel="score (%), 95% error bars", ylim=(0, 105), title="Skill scores, before and after")
+        ax.legend()
 
-    fig, ax = plt.subplots(figsize=(7, max(3, 0.3 * len(deltas) + 1)))
-    ys = range(len(deltas))
-    ax.errorbar([r["delta"] for r in deltas], list(ys), capsize=3, fmt="o",
-                xerr=[[r["delta"] - r["low"] for r in deltas], [r["high"] - r["delta"] for r in deltas]])
-    ax.axvline(0, color="grey", lw=0.8)
-    ax.set_yticks(list(ys), [r["metric"] for r in deltas], fontsize=8)
-    ax.set(xlabel="after - before (points; nats/token for losses), 95% CI", title="Change per gated check")
-    fig.tight_layout()
-    fig.savefig(out / "deltas.png", dpi=100)
-    plt.close(fig)
+    with figure(out / "deltas.png", (7, max(3, 0.3 * len(deltas) + 1))) as (_, ax):
+        ys = range(len(deltas))
+        ax.errorbar([r["delta"] for r in deltas], list(ys), capsize=3, fmt="o",
+                    xerr=[[r["delta"] - r["low"] for r in deltas], [r["high"] - r["delta"] for r in deltas]])
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set_yticks(list(ys), [r["metric"] for r in deltas], fontsize=8)
+        ax.set(xlabel="after - before (points; nats/token for losses), 95% CI", title="Change per gated check")

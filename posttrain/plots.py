@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from pipeline.contract import ActivationStats, GenerateStats, LossCurve, LossPoint, read_report
+from pipeline.plotting import figure
 from pipeline.records import write_json
 
 log = logging.getLogger(__name__)
@@ -28,9 +29,6 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    import matplotlib
-
-    matplotlib.use("Agg")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -58,57 +56,43 @@ def main(args) -> int:
 
 
 def plot_loss(rows: list[LossPoint], path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r.step for r in rows], [r.loss for r in rows], marker="o", ms=3)
-    ax.set(xlabel="step", ylabel="training loss", title="SFT loss")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, (6, 3.5), dpi=110) as (_, ax):
+        ax.plot([r.step for r in rows], [r.loss for r in rows], marker="o", ms=3)
+        ax.set(xlabel="step", ylabel="training loss", title="SFT loss")
+        ax.grid(alpha=0.3)
     return path
 
 
 def plot_activations(stats: dict[str, dict[str, float | None]], path: Path) -> Path:
     """One bar group per site kind; log scale, with FP16's maximum as a line."""
-    import matplotlib.pyplot as plt
-
     kinds = [k for k, v in stats.items() if v]
-    fig, axes = plt.subplots(len(kinds) or 1, 1, figsize=(7, 2.4 * max(1, len(kinds))), squeeze=False)
-    for ax, kind in zip(axes[:, 0], kinds):
-        keys = sorted(stats[kind], key=lambda k: [int(x) for x in k.split(".")] if k.replace(".", "").isdigit() else [k])
-        values = [stats[kind][k] if stats[kind][k] is not None else FP16_MAX * 10 for k in keys]
-        colors = ["tab:red" if v >= FP16_MAX else "tab:blue" for v in values]
-        ax.bar(range(len(keys)), values, color=colors)
-        ax.axhline(FP16_MAX, color="tab:red", ls="--", lw=1, label="fp16 max 65,504")
-        ax.set_yscale("log")
-        ax.set_xticks(range(len(keys)), keys, fontsize=7, rotation=90 if len(keys) > 16 else 0)
-        ax.set_ylabel(f"{kind}\nmax |act|")
-        ax.legend(fontsize=7, loc="upper left")
-    axes[0, 0].set_title("max |activation| per layer during training")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, (7, 2.4 * max(1, len(kinds))), rows=len(kinds) or 1, dpi=110, squeeze=False) as (_, axes):
+        for ax, kind in zip(axes[:, 0], kinds):
+            keys = sorted(stats[kind],
+                          key=lambda k: [int(x) for x in k.split(".")] if k.replace(".", "").isdigit() else [k])
+            values = [stats[kind][k] if stats[kind][k] is not None else FP16_MAX * 10 for k in keys]
+            colors = ["tab:red" if v >= FP16_MAX else "tab:blue" for v in values]
+            ax.bar(range(len(keys)), values, color=colors)
+            ax.axhline(FP16_MAX, color="tab:red", ls="--", lw=1, label="fp16 max 65,504")
+            ax.set_yscale("log")
+            ax.set_xticks(range(len(keys)), keys, fontsize=7, rotation=90 if len(keys) > 16 else 0)
+            ax.set_ylabel(f"{kind}\nmax |act|")
+            ax.legend(fontsize=7, loc="upper left")
+        axes[0, 0].set_title("max |activation| per layer during training")
     return path
 
 
 def plot_acceptance(stats: dict[str, GenerateStats], path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
     names = sorted(stats)
     accepted = [stats[n].accepted for n in names]
     rejected = [stats[n].rejected for n in names]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(names, accepted, label="accepted", color="tab:green")
-    ax.bar(names, rejected, bottom=accepted, label="rejected", color="tab:gray")
-    for i, n in enumerate(names):
-        rate = stats[n].acceptance_rate
-        if rate is not None:
-            ax.text(i, accepted[i] + rejected[i], f"{rate:.0%}", ha="center", va="bottom", fontsize=8)
-    ax.set(ylabel="records", title="synthetic data: acceptance per pipeline")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, (6, 3.5), dpi=110) as (_, ax):
+        ax.bar(names, accepted, label="accepted", color="tab:green")
+        ax.bar(names, rejected, bottom=accepted, label="rejected", color="tab:gray")
+        for i, n in enumerate(names):
+            rate = stats[n].acceptance_rate
+            if rate is not None:
+                ax.text(i, accepted[i] + rejected[i], f"{rate:.0%}", ha="center", va="bottom", fontsize=8)
+        ax.set(ylabel="records", title="synthetic data: acceptance per pipeline")
+        ax.legend()
     return path

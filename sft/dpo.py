@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.contract import DpoMetrics, Message, read_pairs, write_report
+from pipeline.plotting import figure
 from pipeline.recipe import Recipe, RecipeError, add_recipe_arguments, load_recipe
 from pipeline.records import InputError, write_json
 
@@ -251,22 +252,13 @@ def train(recipe: Recipe, sft_dir: Path, pairs, output_dir: Path) -> dict[str, A
 
 
 def plot_curve(curve: list[dict], path: Path, note: str | None = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
-    steps = [r["step"] for r in curve]
-    top.plot(steps, [r.get("rewards/margins") for r in curve], marker="o")
-    top.set_ylabel("reward margin")
-    top.axhline(0, color="grey", linewidth=0.5)
-    bottom.plot(steps, [r.get("rewards/accuracies") for r in curve], marker="o", color="tab:green")
-    bottom.set_ylabel("reward accuracy")
-    bottom.set_xlabel("step")
-    bottom.set_ylim(-0.05, 1.05)
-    top.set_title(note or "DPO: chosen vs rejected implicit reward")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, (6, 5), rows=2, dpi=110, sharex=True) as (_, (top, bottom)):
+        steps = [r["step"] for r in curve]
+        top.plot(steps, [r.get("rewards/margins") for r in curve], marker="o")
+        top.set_ylabel("reward margin")
+        top.axhline(0, color="grey", linewidth=0.5)
+        bottom.plot(steps, [r.get("rewards/accuracies") for r in curve], marker="o", color="tab:green")
+        bottom.set_ylabel("reward accuracy")
+        bottom.set_xlabel("step")
+        bottom.set_ylim(-0.05, 1.05)
+        top.set_title(note or "DPO: chosen vs rejected implicit reward")
