@@ -22,13 +22,14 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from pipeline.ports import port_is_free
 
 REPO = Path(__file__).resolve().parents[1]
 SERVER_VENV = REPO / ".venv-argilla"
@@ -146,7 +147,7 @@ def serve(
         check_health(conn)
         return conn
     for wanted in (port, redis_port):
-        if not _port_free(wanted):
+        if not port_is_free(wanted):
             raise ReviewServerError(f"port 127.0.0.1:{wanted} is already in use; pick another with --port/--redis-port")
 
     env = _server_env(state_dir, creds, redis_port)
@@ -254,11 +255,6 @@ def _wait_until_up(conn: Connection, state_dir: Path, pids: dict, timeout: float
                     f" see {state_dir / 'logs'}"
                 ) from None
             time.sleep(0.5)
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
 # ------------------------------------------------------------------------ stop
