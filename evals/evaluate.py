@@ -42,6 +42,7 @@ from pipeline.chat_template import prompt_text
 from pipeline.engines import CachedEngine, Sampling
 from pipeline.recipe import Recipe, RecipeError, add_recipe_arguments, load_recipe
 from pipeline.contract import EvalScores, SuiteItems, read_conversations, write_report
+from pipeline.records import validation_problems
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +96,7 @@ def suite_configs(recipe: Recipe) -> dict[str, Any]:
         try:
             cfg = module.Config.model_validate(raw.get(name) or {})
         except ValidationError as exc:
-            problems += [f"eval.{name}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
-                         f" (got {err.get('input')!r})" for err in exc.errors()]
+            problems += validation_problems(exc, prefix=f"eval.{name}")
             continue
         if getattr(cfg, "enabled", True):
             configs[name] = (module, cfg)

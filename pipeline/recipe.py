@@ -550,8 +550,7 @@ def check_library_fields(
         try:
             out[key] = adapter.validate_python(value)
         except ValidationError as exc:
-            msg = exc.errors()[0]["msg"]
-            problems.append(f"{section}.{key}: {msg} (got {value!r})")
+            problems.append(validation_problems(exc, prefix=f"{section}.{key}")[0])
     return out, problems
 
 
