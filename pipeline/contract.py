@@ -443,8 +443,7 @@ class Conversation(Layout):
 def read_conversations(path: str | Path, bad: list | None = None) -> list[Conversation]:
     """Conversations from a JSONL file, each checked. One that breaks the contract raises
     RecordError naming the file, line, id and problem; given a list `bad`, it is left out
-    and appended there as (where, problem, line's index among the file's records)
-    instead: SFT's data.on_bad_record: skip. A .parquet file (a user's own data) is
+    and appended there as (where, problem) instead: SFT's data.on_bad_record: skip. A .parquet file (a user's own data) is
     read by rows; its places are row numbers."""
     parquet = str(path).endswith(".parquet")
     conversations = []
@@ -457,7 +456,7 @@ def read_conversations(path: str | Path, bad: list | None = None) -> list[Conver
             problem = "; ".join(validation_problems(exc, whole="record", show_input=False))
             if bad is None:
                 raise RecordError(f"{where}: {problem}") from None
-            bad.append((where, problem, index))
+            bad.append((where, problem))
     return conversations
 
 

@@ -106,11 +106,10 @@ def load_conversations(files: list[str], limit: int | None = None) -> tuple[list
     """(the first `limit` conversations that can train, (where, problem) for every
     record that cannot): the contract's Conversation, JSONL or parquet; `where` names
     the file, line (or row) and record id."""
-    good, bad = [], []
+    good: list[Conversation] = []
+    bad: list[tuple[str, str]] = []
     for name in files:
-        found: list[tuple[str, str, int]] = []
-        good += read_conversations(name, bad=found)
-        bad += [(where, problem) for where, problem, _ in found]
+        good += read_conversations(name, bad=bad)
     return (good if limit is None else good[:limit]), bad
 
 

@@ -165,6 +165,31 @@ def test_a_bad_recipe_fails_at_once_naming_key_and_file(tmp_path, data_dir, case
     assert set(tmp_path.iterdir()) == before and not out.exists()
 
 
+def test_a_record_that_cannot_train_is_named_then_left_out_or_stops_the_run(tmp_path):
+    """A record without an answer in data.train: load_conversations names it by file,
+    line and id and keeps the rest (data.on_bad_record: skip); with the default
+    (error) `posttrain train` stops before any model is built, naming it."""
+    from fixtures_chat import chat_records
+
+    from pipeline.records import write_jsonl
+    from sft.train import load_conversations
+
+    records = chat_records(3)
+    broken = {**records[1], "messages": records[1]["messages"][:1]}  # the user's turn alone
+    write_jsonl(tmp_path / "data" / "train.jsonl", [records[0], broken, records[2]])
+    good, bad = load_conversations([str(tmp_path / "data" / "train.jsonl")])
+    assert [c.id for c in good] == [records[0]["id"], records[2]["id"]]
+    assert bad == [(f"{tmp_path / 'data' / 'train.jsonl'}:2: record {broken['id']!r}",
+                    "messages: does not end with an assistant turn (nothing to learn)")]
+    assert [c.id for c in load_conversations([str(tmp_path / "data" / "train.jsonl")], 1)[0]] == [records[0]["id"]]
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "data", tmp_path / "out"))
+    run = subprocess.run([sys.executable, "-m", "posttrain.cli", "train", str(path)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and not (tmp_path / "out").exists(), run.stderr[-2000:]
+    assert f"data.train: 1 record(s) cannot train: {tmp_path / 'data' / 'train.jsonl'}:2: record {broken['id']!r}" \
+        in run.stderr and "on_bad_record: skip" in run.stderr
+
+
 # ------------------------------------------------------------------ max_length
 TURN_RE = r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)"
 
