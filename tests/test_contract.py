@@ -16,6 +16,7 @@ import copy
 import fnmatch
 import json
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from test_dvc_deps import ROOT, closure, entry_modules, module_file
@@ -240,17 +241,37 @@ REPORT_MODELS = {name for name, obj in vars(contract).items() if isinstance(obj,
 DICT_ACCESS = {"get", "keys", "items", "values", "setdefault", "pop", "update"}
 
 
+def callee(node: ast.AST) -> str | None:
+    """The name a call calls (`f(...)`, `x.f(...)`; `Model.model_validate(...)`: Model)."""
+    if isinstance(node, ast.Call):
+        func = node.func
+        if isinstance(func, ast.Attribute) and func.attr == "model_validate":
+            func = func.value
+        return func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
+    return None
+
+
+def dict_reads(function: ast.AST, string_keys: bool = False) -> Iterator[tuple[ast.AST, ast.AST]]:
+    """(node, what it reads as a dict) for every `x[...]`, `x.get(...)` (and the other
+    dict methods), `... in x` in a function; `string_keys`: only `x["key"]` and
+    `"key" in x` (a list's `rows[0]` is no dict read)."""
+    for node in ast.walk(function):
+        if isinstance(node, ast.Subscript) and (not string_keys or (
+                isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str))):
+            yield node, node.value
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in DICT_ACCESS:
+            yield node, node.func.value
+        elif isinstance(node, ast.Compare) and isinstance(node.ops[0], (ast.In, ast.NotIn)) and (
+                not string_keys or isinstance(node.left, ast.Constant)):
+            yield node, node.comparators[0]
+
+
 def report_indexing(module: str, source: str) -> list[str]:
     """Where a stage treats a report as a dict (`r["key"]`, `r.get("key")`, `"key" in r`,
     `r.items()`): r a name bound, in that function, to what read_report (or a function
     of the module that returns its result) gave, to a report model built there, or a
     parameter annotated with a report model; or such a call itself."""
     tree = ast.parse(source)
-
-    def callee(node: ast.AST) -> str | None:
-        if isinstance(node, ast.Call):
-            return node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", None)
-        return None
 
     def gives_report(node: ast.AST | None, readers: set[str]) -> bool:
         if isinstance(node, ast.IfExp):
@@ -281,15 +302,7 @@ def report_indexing(module: str, source: str) -> list[str]:
             elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and (
                     gives_report(node.value, readers) or is_report_type(node.annotation)):
                 reports.add(node.target.id)
-        for node in ast.walk(function):
-            if isinstance(node, ast.Subscript):
-                target = node.value
-            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in DICT_ACCESS:
-                target = node.func.value
-            elif isinstance(node, ast.Compare) and isinstance(node.ops[0], (ast.In, ast.NotIn)):
-                target = node.comparators[0]
-            else:
-                continue
+        for node, target in dict_reads(function):
             if (isinstance(target, ast.Name) and target.id in reports) or gives_report(target, readers):
                 found.append(f"{module}:{node.lineno} {ast.unparse(node)[:60]}")
     return sorted(set(found))
@@ -337,14 +350,6 @@ def row_indexing(module: str, source: str) -> list[str]:
     a list rows are appended to), or such a list's element itself (`rows[0]["id"]`)."""
     tree = ast.parse(source)
     functions = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
-
-    def callee(node: ast.AST) -> str | None:
-        if isinstance(node, ast.Call):
-            func = node.func
-            if isinstance(func, ast.Attribute) and func.attr == "model_validate":
-                func = func.value
-            return func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
-        return None
 
     def names_in(annotation: ast.AST) -> set[str]:
         return {n.id for n in ast.walk(annotation) if isinstance(n, ast.Name)}
@@ -417,17 +422,7 @@ def row_indexing(module: str, source: str) -> list[str]:
                     for key in node.keywords:  # sorted(rows, key=lambda r: ...)
                         if key.arg == "key" and isinstance(key.value, ast.Lambda):
                             rows |= {a.arg for a in key.value.args.args}
-        for node in ast.walk(function):
-            if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and isinstance(
-                    node.slice.value, str):
-                target = node.value
-            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in DICT_ACCESS:
-                target = node.func.value
-            elif isinstance(node, ast.Compare) and isinstance(node.ops[0], (ast.In, ast.NotIn)) and isinstance(
-                    node.left, ast.Constant):
-                target = node.comparators[0]
-            else:
-                continue
+        for node, target in dict_reads(function, string_keys=True):
             if is_row(target, rows, lists):
                 found.append(f"{module}:{node.lineno} {ast.unparse(node)[:60]}")
     return sorted(set(found))
