@@ -221,8 +221,13 @@ def stage_modules() -> set[str]:
     return (modules | {"posttrain.summary", "posttrain.plots"}) - {"pipeline.contract", "pipeline.records"}
 
 
+def stage_hits(scan) -> list[str]:
+    """What `scan(module, source)` finds in every stage module, the summary and the plots."""
+    return [hit for m in sorted(stage_modules()) for hit in scan(m, module_file(m).read_text())]
+
+
 def test_no_stage_reads_json_around_the_contract_or_writes_an_owned_file_raw():
-    found = [hit for m in sorted(stage_modules()) for hit in raw_io(m, module_file(m).read_text())]
+    found = stage_hits(raw_io)
     assert not found, found
 
 
@@ -311,7 +316,7 @@ def report_indexing(module: str, source: str) -> list[str]:
 def test_no_stage_reads_a_report_as_a_dict():
     """A report reaches a stage as its model: the stage reads attributes the model
     types (a key it left to model_extra is read there, deliberately)."""
-    found = [hit for m in sorted(stage_modules()) for hit in report_indexing(m, module_file(m).read_text())]
+    found = stage_hits(report_indexing)
     assert not found, found
 
 
@@ -431,7 +436,7 @@ def row_indexing(module: str, source: str) -> list[str]:
 def test_no_stage_reads_a_record_pair_prompt_or_conversation_as_a_dict():
     """Records, pairs, GRPO prompts and training conversations reach a stage as their
     models: the stage reads attributes (a pipeline's own meta keys from model_extra)."""
-    found = [hit for m in sorted(stage_modules()) for hit in row_indexing(m, module_file(m).read_text())]
+    found = stage_hits(row_indexing)
     assert not found, found
 
 
