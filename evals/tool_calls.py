@@ -6,7 +6,9 @@ function they use, so the model meets these functions for the first time here. F
 non-live categories, `count` items each: simple, multiple (one call, several functions
 offered), parallel (several calls of one function), parallel_multiple (several calls
 across functions) and irrelevance (no function fits). Simple is BFCL's three languages,
-`count` items of each: simple_python, simple_java and simple_javascript.
+`count` items of each: simple_python, simple_java and simple_javascript. The dev split
+(`--split dev`) draws the same categories from BFCL's dev slice (`is_dev`: as large,
+as unseen by generation), which the gate never scores.
 
 The model sees the question with the functions as OpenAI-style tools, rendered by the
 student's chat template as in training (`pipeline.bfcl.openai_tool`), each function doc
@@ -49,6 +51,7 @@ from pipeline.bfcl import (
     bfcl_answers,
     bfcl_items,
     heldout_fraction,
+    is_dev,
     is_heldout,
     language,
     language_function_doc,
@@ -67,16 +70,6 @@ CATEGORIES = {
     "parallel_multiple": ("parallel_multiple",),
     "irrelevance": ("irrelevance",),
 }
-# The dev split: BFCL's live categories (user-contributed items), from the same held-out
-# slice, so generation never sampled their functions either. Learning rates, steps and
-# mixes are chosen on these; the categories above are only ever gated.
-DEV_CATEGORIES = {
-    "simple": ("live_simple",),
-    "multiple": ("live_multiple",),
-    "parallel": ("live_parallel",),
-    "parallel_multiple": ("live_parallel_multiple",),
-    "irrelevance": ("live_irrelevance",),
-}
 AST_CATEGORIES = ("simple", "multiple", "parallel", "parallel_multiple")
 Category = Literal["simple", "multiple", "parallel", "parallel_multiple", "irrelevance"]
 
@@ -91,7 +84,7 @@ class Config(Section):
     # Items per category (simple: per language), drawn (seeded) from the held-out slice
     # and capped at its size (at the default heldout_fraction 0.1: simple python 43,
     # java 10, javascript 7; multiple 10, parallel 21, parallel_multiple 26,
-    # irrelevance 25).
+    # irrelevance 25; the dev slice: 36, 9, 7; 18, 28, 26, 24).
     count: int = Field(4, ge=0)
     categories: list[Category] = Field(default_factory=lambda: list(CATEGORIES))
     # Room for up to four calls with their arguments.
@@ -102,11 +95,11 @@ class Config(Section):
 # ---------------------------------------------------------------------------- items
 def build_items(cfg: Config, tokenizer, context: dict) -> list[dict[str, Any]]:
     fraction = heldout_fraction(context.get("recipe"))
-    files = DEV_CATEGORIES if context.get("split", "test") == "dev" else CATEGORIES
+    in_split = is_dev if context.get("split", "test") == "dev" else is_heldout
     items = []
     for name in cfg.categories:
-        for category in files[name]:
-            pool = [it for it in bfcl_items(category) if is_heldout(it["id"], fraction)]
+        for category in CATEGORIES[name]:
+            pool = [it for it in bfcl_items(category) if in_split(it["id"], fraction)]
             # simple_python keeps the draw it had when it was all of simple
             draw = "simple" if category == "simple_python" else category
             picks = random.Random(f"{cfg.seed}-{draw}").sample(range(len(pool)), min(cfg.count, len(pool)))
@@ -204,8 +197,6 @@ def score(items: list[dict[str, Any]], answers: list[str], cfg: Config) -> dict[
     cell_err = {c: standard_error.of_mean(v) for c, v in right.items()}
     per, per_err, languages = {}, {}, {}
     for name, files in CATEGORIES.items():
-        if not any(c in cell for c in files):  # a run scores one split: the dev split's files
-            files = DEV_CATEGORIES[name]
         scored = [c for c in files if c in cell]
         if scored:
             per[name] = _mean([cell[c] for c in scored])
@@ -223,7 +214,7 @@ def score(items: list[dict[str, Any]], answers: list[str], cfg: Config) -> dict[
     if per:
         metrics["overall"] = _mean(list(per.values()))
         stderr["overall"] = standard_error.of_mean_of_means(list(per_err.values()))
-    metrics["counts"] = {name: sum(len(right[c]) for c in CATEGORIES[name] + DEV_CATEGORIES[name] if c in right)
+    metrics["counts"] = {name: sum(len(right[c]) for c in CATEGORIES[name] if c in right)
                          for name in per} | {
         c: len(right[c]) for c in languages}
     metrics["stderr"] = stderr

@@ -1,6 +1,7 @@
 """BFCL's function-calling data (PyPI `bfcl-eval`, read as data, never imported) and
-the held-out slice: shared by tool_use generation (which never samples it), dedup
-(which decontaminates against it) and the tool-use eval (which scores on it), plus
+its held-out and dev slices: shared by tool_use generation (which samples neither),
+dedup (which decontaminates against both) and the tool-use eval (which gates on the
+held-out slice and scores the dev split on the other), plus
 the one way both show a BFCL function to a model (`openai_tool`) and BFCL's own
 language-specific form of a function doc the eval shows (`language_function_doc`).
 """
@@ -56,21 +57,42 @@ HELDOUT_FRACTION = 0.1
 
 
 def heldout_fraction(recipe) -> float:
-    """The recipe's held-out share of BFCL items (the slice generation never samples)."""
+    """The recipe's held-out share of BFCL items (the gated slice; the dev slice is as large)."""
     raw = recipe.raw if recipe is not None else {}
     return float(((raw.get("generate") or {}).get("tool_use") or {}).get("heldout_fraction", HELDOUT_FRACTION))
 
 
+# Two slices of BFCL, by a stable hash of the item id: the held-out slice (`fraction` of
+# the items), which the gate scores, and the dev slice (the next `fraction`), on which
+# steps and mixes are chosen. The dev slice is of the same categories as the gated one:
+# BFCL's live categories, the dev split before, did not track the gated items (the base
+# SmolLM2 separates call from no-call items on them far worse: AUC 0.62 against 0.90),
+# so choices made there did not carry over. Generation samples neither slice.
+def _slot(item_id: str) -> int:
+    return int(stable_hash("bfcl-heldout", item_id, length=8), 16) % 10_000
+
+
 def is_heldout(item_id: str, fraction: float) -> bool:
-    return int(stable_hash("bfcl-heldout", item_id, length=8), 16) % 10_000 < fraction * 10_000
+    """In the held-out slice: the gated items."""
+    return _slot(item_id) < fraction * 10_000
 
 
-def heldout_questions(fraction: float) -> list[str]:
-    """User turns of the held-out BFCL items (the decontamination reference)."""
+def is_dev(item_id: str, fraction: float) -> bool:
+    """In the dev slice: never gated, never sampled by generation."""
+    return fraction * 10_000 <= _slot(item_id) < 2 * fraction * 10_000
+
+
+def is_reserved(item_id: str, fraction: float) -> bool:
+    """In either slice: generation never samples the item nor any function it offers."""
+    return _slot(item_id) < 2 * fraction * 10_000
+
+
+def reserved_questions(fraction: float) -> list[str]:
+    """User turns of the held-out and dev BFCL items (the decontamination reference)."""
     out = []
     for category in (*CATALOGUE_FILES, *LANGUAGE_FILES, *IRRELEVANCE_FILES):
         for item in bfcl_items(category):
-            if is_heldout(item["id"], fraction):
+            if is_reserved(item["id"], fraction):
                 out += [t["content"] for turn in item["question"] for t in turn if t["role"] == "user"]
     return out
 

@@ -111,13 +111,13 @@ class Decontaminator:
 
 
 def heldout_items(paths: list[str], bfcl_fraction: float | None, ifeval: bool = False) -> list[str]:
-    """Text of held-out evaluation items: BFCL's held-out slice, IFEval's prompts, plus
+    """Text of held-out evaluation items: BFCL's held-out and dev slices, IFEval's prompts, plus
     files (JSONL, JSON or plain text, one item per line); every string inside JSON counts."""
     items: list[str] = []
     if bfcl_fraction is not None:
-        from pipeline.bfcl import heldout_questions
+        from pipeline.bfcl import reserved_questions
 
-        items += heldout_questions(bfcl_fraction)
+        items += reserved_questions(bfcl_fraction)
     if ifeval:
         from pipeline.ifeval_data import ifeval_prompts
 

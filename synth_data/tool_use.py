@@ -3,8 +3,9 @@ them, and teacher answers kept only when their calls equal the sampled ones.
 
 The function catalogue is BFCL's (PyPI `bfcl-eval`, Apache-2.0): the python-style
 categories' function schemas, with argument values drawn from BFCL's ground-truth
-answers where they exist and from the schema (enums, types) otherwise. A fixed slice
-of BFCL items is held out: their functions are never sampled, and the dedup stage
+answers where they exist and from the schema (enums, types) otherwise. Two fixed slices
+of BFCL items are reserved, the held-out slice the gate scores and the dev slice
+choices are made on: their functions are never sampled, and the dedup stage
 decontaminates against their questions.
 
 (i)   sample_prompts: call sets (one call; parallel calls of one function; calls across
@@ -46,7 +47,7 @@ from pipeline.chat_template import parse_tool_calls
 from pipeline.recipe import Section
 from pipeline.contract import Record, make_record
 from pipeline.bfcl import (
-    CATALOGUE_FILES, HELDOUT_FRACTION, IRRELEVANCE_FILES, bfcl_answers, bfcl_items, is_heldout,
+    CATALOGUE_FILES, HELDOUT_FRACTION, IRRELEVANCE_FILES, bfcl_answers, bfcl_items, is_reserved,
 )
 from pipeline import sources
 from pipeline.engines import sampling_for
@@ -73,7 +74,8 @@ class Config(Section):
     max_parallel: int = Field(3, ge=2)
     distractors: int = Field(1, ge=0)  # extra tools in context that must not be called
     optional_p: float = Field(0.3, ge=0, le=1)  # chance an optional argument is set
-    heldout_fraction: float = Field(HELDOUT_FRACTION, ge=0, lt=1)  # BFCL items never sampled
+    # BFCL's held-out slice (gated); the dev slice is as large; generation samples neither.
+    heldout_fraction: float = Field(HELDOUT_FRACTION, ge=0, lt=0.5)
     # Who writes a call set's request. teacher: from the calls. paraphrase: code states
     # the request from the function's description and the values, and the teacher
     # rewrites it as a user would (a 135M teacher rewrites a sentence far more often
@@ -121,7 +123,7 @@ def plain(option: Any) -> Any:
 @functools.cache
 def catalogue(fraction: float) -> dict[str, dict[str, Any]]:
     """name -> {"function": BFCL schema, "pool": {param: [real values]}}, without any
-    function that appears in a held-out item."""
+    function that appears in a held-out or dev item."""
     functions: dict[str, dict[str, Any]] = {}
     pools: dict[str, dict[str, list[Any]]] = {}
     banned: set[str] = set()
@@ -129,7 +131,7 @@ def catalogue(fraction: float) -> dict[str, dict[str, Any]]:
         answers = bfcl_answers(category)
         for item in bfcl_items(category):
             names = {fn["name"] for fn in item["function"]}
-            if is_heldout(item["id"], fraction):
+            if is_reserved(item["id"], fraction):
                 banned |= names
                 continue
             for fn in item["function"]:
@@ -227,7 +229,7 @@ def sample_prompts(cfg: Config, rng: random.Random) -> list[dict[str, Any]]:
     cat = catalogue(cfg.heldout_fraction)
     names = list(cat)
     irrelevant = [it for f in IRRELEVANCE_FILES for it in bfcl_items(f)
-                  if not is_heldout(it["id"], cfg.heldout_fraction)]
+                  if not is_reserved(it["id"], cfg.heldout_fraction)]
     kinds, weights = zip(*[(k, w) for k, w in cfg.mix.items() if w > 0])
     # BFCL items in a seeded order per kind, taken in turn: no item repeats before all are used.
     pools = {"irrelevance": irrelevant, **(bfcl_call_sets(cfg.heldout_fraction) if cfg.requests == "bfcl" else {})}
@@ -312,7 +314,7 @@ def _record_tokens(prompt: dict[str, Any]) -> int:
 
 @functools.cache
 def bfcl_call_sets(fraction: float) -> dict[str, list[tuple[dict[str, Any], list[dict[str, Any]]]]]:
-    """kind -> [(BFCL item, its call set)] for the items outside the held-out slice whose
+    """kind -> [(BFCL item, its call set)] for the items outside the reserved slices whose
     functions are all in the catalogue. Each argument takes the first ground-truth
     option the question states, else is left out where BFCL allows that, else takes
     the first option (the request check then rejects it)."""

@@ -12,7 +12,8 @@ import pytest
 from pathlib import Path
 
 from evals import tool_calls
-from pipeline.bfcl import HELDOUT_FRACTION, LANGUAGE_FILES, bfcl_items, heldout_questions, is_heldout, tool_name
+from pipeline.bfcl import (HELDOUT_FRACTION, LANGUAGE_FILES, bfcl_items, is_dev, is_heldout, reserved_questions,
+                           tool_name)
 from pipeline.chat_template import apply_training_template
 from pipeline.recipe import load_recipe
 from synth_data import tool_use
@@ -42,14 +43,18 @@ def test_items_are_the_heldout_slice_that_generation_never_samples(tmp_path):
         heldout = [it for f in files for it in bfcl_items(f) if is_heldout(it["id"], 0.2)]
         assert sum(it["category"] == name for it in items) == len(heldout) > 0
 
-    # No function of a call item is in generation's catalogue, and generation's
-    # irrelevance requests never come from an eval item.
+    # No function of a call item, gated or dev, is in generation's catalogue, and
+    # generation's irrelevance requests never come from an eval item of either split.
+    dev = tool_calls.build_items(tool_calls.Config(count=10_000), None, {**context, "split": "dev"})
+    assert dev and all(is_dev(it["id"].removeprefix("bfcl/"), 0.2) for it in dev)
     catalogue = set(tool_use.catalogue(0.2))
-    offered = {fn["name"] for it in items if it["category"] != "irrelevance" for fn in it["functions"]}
-    assert catalogue and not catalogue & offered
+    for split in (items, dev):
+        offered = {fn["name"] for it in split if it["category"] != "irrelevance" for fn in it["functions"]}
+        assert catalogue and offered and not catalogue & offered
     prompts = tool_use.sample_prompts(
         tool_use.Config(count=300, heldout_fraction=0.2, mix={"irrelevance": 1.0}), __import__("random").Random(0))
-    assert prompts and not {p["source"] for p in prompts} & sources
+    dev_sources = {it["id"].removeprefix("bfcl/") for it in dev}
+    assert prompts and not {p["source"] for p in prompts} & (sources | dev_sources)
 
 
 def test_items_are_deterministic_and_the_default_fraction_is_generations():
@@ -77,7 +82,7 @@ def test_simple_covers_bfcls_three_languages_from_the_heldout_slice(items):
     for category in LANGUAGE_FILES:
         names = {tool_name(fn["name"]) for it in bfcl_items(category) for fn in it["function"]}
         assert names and not names & catalogue
-    questions = set(heldout_questions(HELDOUT_FRACTION))  # dedup's references
+    questions = set(reserved_questions(HELDOUT_FRACTION))  # dedup's references
     assert {it["messages"][0]["content"] for it in simple if it["language"] != "python"} <= questions
 
 
@@ -231,16 +236,19 @@ def test_the_checker_loads_without_provider_sdks():
     assert proc.stdout.strip() == "[]"
 
 
-def test_the_dev_split_is_bfcls_live_slice_and_never_a_gated_item():
-    """Choices are made on BFCL's live items from the same held-out slice (functions
-    generation never sampled); the non-live items are only ever gated."""
+def test_the_dev_split_is_bfcls_dev_slice_of_the_gated_categories_and_never_a_gated_item():
+    """Choices are made on the dev slice: the gated categories (non-live: the live ones
+    did not track them), items the gate never scores and generation never samples."""
     recipe = load_recipe(ROOT / "recipes/tiny-cpu.yaml")
     cfg = tool_calls.Config(count=25)
     test = tool_calls.build_items(cfg, None, {"recipe": recipe})
     dev = tool_calls.build_items(cfg, None, {"recipe": recipe, "split": "dev"})
-    assert {it["test_category"] for it in dev} <= {c for files in tool_calls.DEV_CATEGORIES.values() for c in files}
-    assert all(it["test_category"].startswith("live_") for it in dev)
-    assert all(is_heldout(it["id"].removeprefix("bfcl/"), HELDOUT_FRACTION) for it in dev)
+    assert {it["test_category"] for it in dev} == {it["test_category"] for it in test}
+    assert all(is_dev(it["id"].removeprefix("bfcl/"), HELDOUT_FRACTION) for it in dev)
+    assert not any(is_heldout(it["id"].removeprefix("bfcl/"), HELDOUT_FRACTION) for it in dev)
     assert not {it["id"] for it in test} & {it["id"] for it in dev}
+    counts = tool_calls.score(dev, [""] * len(dev), cfg)["metrics"]["counts"]
+    assert counts == {"simple": 25 + 9 + 7, "multiple": 18, "parallel": 25, "parallel_multiple": 25, "irrelevance": 24,
+                      "simple_python": 25, "simple_java": 9, "simple_javascript": 7}
     scored = tool_calls.score(dev, [""] * len(dev), cfg)["metrics"]
     assert scored["irrelevance"] == 100.0 and scored["simple"] == 0.0  # dev items score like test items
