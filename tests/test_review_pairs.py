@@ -1,10 +1,10 @@
 """Human review of preference pairs: the pairs `posttrain prefs` really writes (the
-session's steerability and tool_use outputs -> dedup -> prefs, tests/test_prefs.py's
-fixture) go to a real local Argilla server and come back through the same buckets as
-SFT records: pushing twice adds nothing, reviewers who disagree send a pair to the
-disputed bucket instead of either answer winning, a swap exchanges chosen and
-rejected, counts are conserved, and without a server every pair is accepted
-automatically, as the DAG's dpo stage then trains on them."""
+session's steerability and tool_use outputs -> dedup -> prefs with code-built rejected
+answers, tests/test_prefs.py's fixtures) go to a real local Argilla server and come back
+through the same buckets as SFT records: pushing twice adds nothing, reviewers who
+disagree send a pair to the disputed bucket instead of either answer winning, a swap
+exchanges chosen and rejected, counts are conserved, and without a server every pair
+is accepted automatically, as the DAG's dpo stage then trains on them."""
 
 import argparse
 import copy
@@ -13,7 +13,7 @@ import json
 import uuid
 
 import pytest
-from test_prefs import prefs_run  # noqa: F401  (a fixture)
+from test_prefs import code_rejected_run, prefs_run  # noqa: F401  (fixtures)
 from test_review import argilla, free_port, prefix, sdk, submit  # noqa: F401  (argilla, sdk: fixtures)
 
 from posttrain.cli import main as posttrain
@@ -30,9 +30,12 @@ BUCKETS = ("accepted", "rejected", "corrected", "disputed", "pending")
 
 
 @pytest.fixture
-def pairs(prefs_run):  # noqa: F811
-    """(path, pairs): prefs' real pairs.jsonl and its pairs, as prefs wrote them."""
-    path = prefs_run / "prefs" / "pairs.jsonl"
+def pairs(code_rejected_run):  # noqa: F811
+    """(path, pairs): prefs' real pairs.jsonl and its pairs, as prefs wrote them, from
+    the run that also builds rejected tool_use answers by code: sampled pairs alone hang
+    on whether the teacher's two samples of one prompt split (the session's four tool_use
+    prompts gave one pair after the BFCL dev slice changed the draw)."""
+    path = code_rejected_run / "pairs.jsonl"
     found = read_jsonl(path)
     stats = read_json(path.parent / "prefs_stats.json")
     assert len(found) >= 2, f"prefs made {len(found)} pair(s); these tests need two: {stats}"
