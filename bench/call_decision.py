@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import sys
 from pathlib import Path
 
@@ -35,7 +36,13 @@ from scipy.stats import mannwhitneyu  # noqa: E402
 
 from evals import tool_calls  # noqa: E402
 from evals.evaluate import load_model  # noqa: E402
-from pipeline.bfcl import bfcl_items, heldout_fraction, is_heldout, openai_tool  # noqa: E402
+from pipeline.bfcl import (  # noqa: E402
+    bfcl_items,
+    heldout_fraction,
+    is_heldout,
+    language_function_doc,
+    openai_tool,
+)
 from pipeline.chat_template import prompt_text  # noqa: E402
 from pipeline.recipe import load_recipe  # noqa: E402
 
@@ -45,10 +52,14 @@ LIVE = {"simple": "live_simple", "multiple": "live_multiple", "irrelevance": "li
 def items(recipe, split: str, count: int) -> list[tuple[str, list, list]]:
     """(category, messages, tools) for simple, multiple and irrelevance items."""
     if split == "live":
-        fraction = heldout_fraction(recipe)
-        return [(name, [dict(t) for t in it["question"][0]], [openai_tool(fn) for fn in it["function"]])
-                for name, category in LIVE.items()
-                for it in [it for it in bfcl_items(category) if is_heldout(it["id"], fraction)][:count]]
+        # Drawn and shown as the eval did when they were its dev split (seed 0).
+        fraction, out = heldout_fraction(recipe), []
+        for name, category in LIVE.items():
+            pool = [it for it in bfcl_items(category) if is_heldout(it["id"], fraction)]
+            for i in sorted(random.Random(f"0-{category}").sample(range(len(pool)), min(count, len(pool)))):
+                out.append((name, [dict(t) for t in pool[i]["question"][0]],
+                            [openai_tool(language_function_doc(fn, category)) for fn in pool[i]["function"]]))
+        return out
     cfg = tool_calls.Config(count=count, categories=["simple", "multiple", "irrelevance"])
     return [(it["category"], it["messages"], it["tools"])
             for it in tool_calls.build_items(cfg, None, {"recipe": recipe, "split": split})]
